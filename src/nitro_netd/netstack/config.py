@@ -1,0 +1,48 @@
+"""The netstack's configuration: address plan, limits and timeouts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from typing import Final
+
+from nitro_netd.frames.ethernet import MacAddress
+
+DEFAULT_MTU: Final = 65520
+"""The largest 802.3 MTU rounded to 32-bit words, as passt uses: big frames cost nothing on
+a reliable stream and save per-frame work."""
+MIN_MTU: Final = 576
+MAX_MTU: Final = 65521
+"""MTU + 14 must fit the gvproxy framing's 16-bit length."""
+
+
+@dataclass(frozen=True, slots=True)
+class StackConfig:
+    """Everything the sans-IO netstack needs to know; the shell builds it from the CLI."""
+
+    subnet: IPv4Network = IPv4Network("192.168.127.0/24")
+    """The link's subnet."""
+    gateway_ip: IPv4Address = IPv4Address("192.168.127.1")
+    """The parent's address on the link: default route, DNS server, ping target."""
+    gateway_mac: MacAddress = field(default_factory=lambda: MacAddress.parse("5a:94:ef:e4:0c:dd"))
+    """The MAC the stack answers ARP with and sends from."""
+    enclave_ip: IPv4Address = IPv4Address("192.168.127.2")
+    """The enclave's address (where exposed ports are forwarded)."""
+    enclave_mac: MacAddress = field(default_factory=lambda: MacAddress.parse("5a:94:ef:e4:0c:ee"))
+    """The enclave's MAC, used until ARP teaches us another."""
+    host_alias_ip: IPv4Address = IPv4Address("192.168.127.254")
+    """The address that stands for the parent's 127.0.0.1."""
+    mtu: int = DEFAULT_MTU
+    """The link MTU (IP packet size) in both directions."""
+
+    def __post_init__(self) -> None:
+        if not MIN_MTU <= self.mtu <= MAX_MTU:
+            raise ValueError(f"MTU {self.mtu} outside {MIN_MTU}..{MAX_MTU}")
+        for name in ("gateway_ip", "enclave_ip", "host_alias_ip"):
+            if getattr(self, name) not in self.subnet:
+                raise ValueError(f"{name} {getattr(self, name)} is outside {self.subnet}")
+
+    @property
+    def local_ips(self) -> frozenset[IPv4Address]:
+        """Addresses on the link that the stack itself owns."""
+        return frozenset({self.gateway_ip, self.host_alias_ip})

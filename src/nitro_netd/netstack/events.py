@@ -1,0 +1,115 @@
+"""The seam between the sans-IO netstack and its I/O shell.
+
+Commands go out of the netstack (`commands_to_send()`); the shell executes them on real
+host sockets and feeds what happens back in as events (`handle_host_event()`). Both are
+small frozen values. Flows are named by an integer the netstack allocates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+FlowId = int
+
+
+# --- commands: netstack -> shell -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TcpConnect:
+    """Open a host TCP connection for `flow` to `address:port`, giving up after `timeout`."""
+
+    flow: FlowId
+    address: IPv4Address
+    port: int
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class TcpSend:
+    """Write `data` to the flow's host socket (the shell buffers what the kernel won't take)."""
+
+    flow: FlowId
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class TcpShutdown:
+    """Half-close the host socket: shutdown(SHUT_WR) once queued data is written."""
+
+    flow: FlowId
+
+
+@dataclass(frozen=True, slots=True)
+class TcpClose:
+    """Close the host socket; with `reset`, abort it (SO_LINGER 0, so the peer sees RST)."""
+
+    flow: FlowId
+    reset: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class UdpSend:
+    """Send one datagram from the flow's host socket to `address:port`."""
+
+    flow: FlowId
+    address: IPv4Address
+    port: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class UdpClose:
+    """Close the flow's host UDP socket (idle expiry)."""
+
+    flow: FlowId
+
+
+HostCommand = TcpConnect | TcpSend | TcpShutdown | TcpClose | UdpSend | UdpClose
+
+
+# --- events: shell -> netstack ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TcpConnected:
+    """The host connect of `flow` succeeded."""
+
+    flow: FlowId
+
+
+@dataclass(frozen=True, slots=True)
+class TcpData:
+    """Bytes arrived on the flow's host socket."""
+
+    flow: FlowId
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class TcpEof:
+    """The host peer half-closed (recv returned 0)."""
+
+    flow: FlowId
+
+
+@dataclass(frozen=True, slots=True)
+class TcpFailed:
+    """The host socket failed: refused, unreachable, timed out or reset (`errno`)."""
+
+    flow: FlowId
+    errno: int
+
+
+@dataclass(frozen=True, slots=True)
+class UdpDatagram:
+    """A datagram arrived on the flow's host UDP socket from `address:port`."""
+
+    flow: FlowId
+    address: IPv4Address
+    port: int
+    data: bytes
+
+
+HostEvent = TcpConnected | TcpData | TcpEof | TcpFailed | UdpDatagram
