@@ -127,14 +127,23 @@ class FrameDecoder:
         self._end += nbytes
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Append bytes from the stream (any amount)."""
+        """Append bytes from the stream (any amount: the buffer grows if they do not fit)."""
         view = memoryview(data)
-        while view:
-            free = self.get_buffer()
-            n = min(len(free), len(view))
-            free[:n] = view[:n]
-            self.buffer_updated(n)
-            view = view[n:]
+        free = self.get_buffer()
+        if len(free) < len(view):
+            self._grow(self.pending + len(view))
+            free = self._view[self._end :]
+        free[: len(view)] = view
+        self.buffer_updated(len(view))
+
+    def _grow(self, needed: int) -> None:
+        """Move the pending bytes into a new buffer with room for `needed` bytes and a frame."""
+        size = max(2 * len(self._buffer), needed + self.max_frame + self.protocol.header_size)
+        buffer = bytearray(size)
+        pending = self.pending
+        buffer[:pending] = self._view[self._start : self._end]
+        self._buffer, self._view = buffer, memoryview(buffer)
+        self._start, self._end = 0, pending
 
     def maybe_next_frame(self) -> memoryview | None:
         """Return the next whole frame, or None if more bytes are needed.
@@ -213,9 +222,10 @@ class HttpHeadReader:
             LinkError: the head is too long or not HTTP/1.x.
         """
         self._data += data
-        end = self._data.find(b"\r\n\r\n")
+        # Look for the blank line only where a head of at most MAX_HANDSHAKE bytes can end.
+        end = self._data.find(b"\r\n\r\n", 0, MAX_HANDSHAKE + 4)
         if end < 0:
-            if len(self._data) > MAX_HANDSHAKE:
+            if len(self._data) >= MAX_HANDSHAKE + 4:
                 raise LinkError(f"HTTP head longer than {MAX_HANDSHAKE} bytes")
             return None
         self.rest = bytes(self._data[end + 4 :])

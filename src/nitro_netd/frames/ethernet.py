@@ -11,6 +11,7 @@ from nitro_netd.frames.errors import DropReason, FrameError
 
 ETHERNET_HEADER_LEN: Final = 14
 _HEADER: Final = struct.Struct("!6s6sH")
+_HEX_DIGITS: Final = frozenset("0123456789abcdefABCDEF")
 
 
 class EtherType(enum.IntEnum):
@@ -36,7 +37,7 @@ class MacAddress:
     def parse(cls, text: str) -> MacAddress:
         """Parse `aa:bb:cc:dd:ee:ff` (or with dashes); raise ValueError otherwise."""
         parts = text.replace("-", ":").split(":")
-        if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        if len(parts) != 6 or not all(len(p) == 2 and _HEX_DIGITS.issuperset(p) for p in parts):
             raise ValueError(f"not a MAC address: {text!r}")
         return cls(bytes(int(p, 16) for p in parts))
 

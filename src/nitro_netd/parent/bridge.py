@@ -1,0 +1,114 @@
+"""The bridge: the one place that drives the sans-IO netstack.
+
+Theory of operation
+-------------------
+The bridge owns the `NetStack`, the current `LinkSession` and (later) the host sockets.
+Every input reaches the stack through here (frames from the link, events from host
+sockets, timer expiry) and after each batch of input the bridge *flushes*: it drains the
+stack's frames into the link in one write, hands its commands to the host side, and
+re-arms a single timer at `stack.get_timer()` (the aioquic `transmit()` pattern).
+
+At most one link is live. A new link replaces the old one: the old session is closed and
+the stack forgets the old link's state (flows of the old link are reset).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+from nitro_netd.netstack import NetStack, StackConfig
+from nitro_netd.netstack.events import HostCommand
+from nitro_netd.parent.session import LinkSession
+
+logger = logging.getLogger(__name__)
+
+
+class Bridge:
+    """Connects the netstack to the link (and to host sockets)."""
+
+    def __init__(self, config: StackConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.loop = loop
+        self.stack = NetStack(config)
+        self.session: LinkSession | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+
+    # --- LinkOwner -------------------------------------------------------------
+
+    def new_session(self) -> LinkSession:
+        """Protocol factory for the link listener."""
+        return LinkSession(self, max_frame=self.config.mtu + 14)
+
+    def link_plan(self) -> Mapping[str, str]:
+        """The network plan, for agents that ask for a reply."""
+        c = self.config
+        return {
+            "Nitro-Netd-Mtu": str(c.mtu),
+            "Nitro-Netd-Address": f"{c.enclave_ip}/{c.subnet.prefixlen}",
+            "Nitro-Netd-Gateway": str(c.gateway_ip),
+            "Nitro-Netd-Mac": str(c.enclave_mac),
+        }
+
+    def on_link_up(self, session: LinkSession) -> None:
+        """Make `session` the live link, replacing any older one."""
+        old, self.session = self.session, session
+        if old is not None and not old.closed:
+            old.close("replaced by a new link")
+        self.stack.handle_link_reset()
+        self.flush()
+
+    def on_frame(self, session: LinkSession, frame: memoryview) -> None:
+        """Feed one frame of the live link to the stack."""
+        if session is self.session:
+            self.stack.receive_frame(frame, now=self.loop.time())
+
+    def on_frames_done(self, session: LinkSession) -> None:
+        """A batch of frames was fed: send the answers."""
+        self.flush()
+
+    def on_link_down(self, session: LinkSession, reason: str) -> None:
+        """Forget the link if it was the live one."""
+        if session is self.session:
+            self.session = None
+            self.stack.handle_link_reset()
+            self.flush()
+
+    # --- output --------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Drain the stack: frames to the link, commands to the host, re-arm the timer."""
+        frames = self.stack.frames_to_send()
+        if frames and self.session is not None:
+            self.session.send_frames(frames)
+        for command in self.stack.commands_to_send():
+            self.execute(command)
+        self._arm_timer(self.stack.get_timer())
+
+    def execute(self, command: HostCommand) -> None:
+        """Carry out a host command (no flow layer yet: log it)."""
+        logger.debug("no host side for %r yet", command)
+
+    def _arm_timer(self, when: float | None) -> None:
+        if when == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = when
+        if when is not None:
+            self._timer = self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.stack.handle_timer(now=self.loop.time())
+        self.flush()
+
+    def close(self) -> None:
+        """Close the live link and stop the timer."""
+        if self.session is not None:
+            self.session.close("daemon stopping")
+        self._arm_timer(None)

@@ -1,0 +1,198 @@
+"""The parent daemon's link handling over a real unix socket, with a fake enclave."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+from nitro_netd.frames.icmp import IcmpType
+from nitro_netd.link import (
+    HEADER_WANT_REPLY,
+    FrameDecoder,
+    HttpHeadReader,
+    LinkProtocol,
+    build_connect_request,
+    check_connect_reply,
+    encode_frame,
+)
+from nitro_netd.parent import DaemonConfig, serve
+from nitro_netd.transport import parse_endpoint
+from tests.support.fake_enclave import FakeEnclave
+
+GATEWAY = IPv4Address("192.168.127.1")
+TIMEOUT = 10.0
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(path: Path) -> AsyncIterator[None]:
+    stop, ready = asyncio.Event(), asyncio.Event()
+    config = DaemonConfig(listen=parse_endpoint(f"unix://{path}"))
+    task = asyncio.create_task(serve(config, stop, ready.set))
+    await asyncio.wait_for(ready.wait(), TIMEOUT)
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, TIMEOUT)
+
+
+class Agent:
+    """A minimal agent speaking the link protocol from the test."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, protocol: LinkProtocol
+    ) -> None:
+        self.reader, self.writer, self.protocol = reader, writer, protocol
+        self.decoder = FrameDecoder(protocol)
+
+    @classmethod
+    async def connect(
+        cls, path: Path, protocol: LinkProtocol, *, want_reply: bool = False
+    ) -> Agent:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        agent = cls(reader, writer, protocol)
+        if protocol is LinkProtocol.GVPROXY:
+            headers = {HEADER_WANT_REPLY: "1"} if want_reply else {}
+            writer.write(build_connect_request(headers))
+            if want_reply:
+                await agent.read_reply()
+        return agent
+
+    async def read_reply(self) -> dict[str, str]:
+        head_reader = HttpHeadReader()
+        async with asyncio.timeout(TIMEOUT):
+            while (head := head_reader.receive_data(await self.reader.read(1))) is None:
+                pass
+        check_connect_reply(head)
+        return dict(head.headers)
+
+    def send(self, frame: bytes) -> None:
+        self.writer.write(encode_frame(self.protocol, frame))
+
+    async def receive(self) -> bytes:
+        async with asyncio.timeout(TIMEOUT):
+            while (frame := self.decoder.maybe_next_frame()) is None:
+                data = await self.reader.read(65536)
+                if not data:
+                    raise EOFError("daemon closed the link")
+                self.decoder.receive_data(data)
+        return bytes(frame)
+
+    async def closed_by_daemon(self) -> bool:
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                return await self.reader.read(65536) == b""
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def ping_roundtrip(agent: Agent, sequence: int = 1) -> None:
+    enclave = FakeEnclave()
+    agent.send(enclave.ping(GATEWAY, sequence=sequence))
+    source, message = enclave.parse_icmp_reply(await agent.receive())
+    assert (source, message.type, message.sequence) == (GATEWAY, IcmpType.ECHO_REPLY, sequence)
+
+
+@pytest.mark.parametrize("protocol", list(LinkProtocol))
+async def test_ping_gateway_over_link(tmp_path: Path, protocol: LinkProtocol) -> None:
+    path = tmp_path / "link.sock"
+    async with running_daemon(path):
+        agent = await Agent.connect(path, protocol)
+        await ping_roundtrip(agent)
+        agent.close()
+
+
+async def test_silent_request_gets_no_reply_only_frames(tmp_path: Path) -> None:
+    path = tmp_path / "link.sock"
+    async with running_daemon(path):
+        agent = await Agent.connect(path, LinkProtocol.GVPROXY, want_reply=False)
+        await ping_roundtrip(agent)  # the first bytes back decode as a frame, not HTTP
+        agent.close()
+
+
+async def test_reply_carries_network_plan_when_asked(tmp_path: Path) -> None:
+    path = tmp_path / "link.sock"
+    async with running_daemon(path):
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(build_connect_request({HEADER_WANT_REPLY: "1"}))
+        agent = Agent(reader, writer, LinkProtocol.GVPROXY)
+        headers = await agent.read_reply()
+        assert headers["nitro-netd-mtu"] == "65520"
+        assert headers["nitro-netd-address"] == "192.168.127.2/24"
+        await ping_roundtrip(agent)
+        agent.close()
+
+
+async def test_request_and_frames_in_one_write_are_both_used(tmp_path: Path) -> None:
+    path = tmp_path / "link.sock"
+    async with running_daemon(path):
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        enclave = FakeEnclave()
+        writer.write(
+            build_connect_request() + encode_frame(LinkProtocol.GVPROXY, enclave.ping(GATEWAY))
+        )
+        agent = Agent(reader, writer, LinkProtocol.GVPROXY)
+        _, message = enclave.parse_icmp_reply(await agent.receive())
+        assert message.type == IcmpType.ECHO_REPLY
+        agent.close()
+
+
+async def test_bad_frame_length_closes_only_that_link(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    path = tmp_path / "link.sock"
+    async with running_daemon(path):
+        bad = await Agent.connect(path, LinkProtocol.GVPROXY)
+        bad.writer.write(b"\x05\x00hello")  # a 5-byte "frame": shorter than Ethernet
+        assert await bad.closed_by_daemon()
+        assert "invalid frame length 5" in caplog.text
+        good = await Agent.connect(path, LinkProtocol.GVPROXY)
+        await ping_roundtrip(good)
+        good.close()
+
+
+async def test_garbage_handshake_closes_link_with_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    path = tmp_path / "link.sock"
+    async with running_daemon(path):
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(b"POST /elsewhere HTTP/1.1\r\n\r\n")
+        assert await Agent(reader, writer, LinkProtocol.GVPROXY).closed_by_daemon()
+        assert "expected 'POST /connect HTTP/1.1'" in caplog.text
+
+
+async def test_new_link_replaces_old(tmp_path: Path) -> None:
+    path = tmp_path / "link.sock"
+    async with running_daemon(path):
+        first = await Agent.connect(path, LinkProtocol.GVPROXY)
+        await ping_roundtrip(first)
+        second = await Agent.connect(path, LinkProtocol.QEMU)
+        await ping_roundtrip(second, sequence=2)
+        assert await first.closed_by_daemon()
+        second.close()
+
+
+async def test_stale_socket_file_is_replaced_and_removed_at_exit(tmp_path: Path) -> None:
+    path = tmp_path / "link.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()
+    async with running_daemon(path):
+        agent = await Agent.connect(path, LinkProtocol.GVPROXY)
+        await ping_roundtrip(agent)
+        agent.close()
+    assert not os.path.exists(path)
