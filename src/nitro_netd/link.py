@@ -31,6 +31,11 @@ MAX_FRAME_GVPROXY: Final = 0xFFFF
 """The 16-bit length field's limit (MTU + 14 must fit)."""
 MAX_FRAME_QEMU: Final = 65550
 """A generous bound for the 32-bit framing (65535-byte IP packet + headers + VLAN)."""
+DEFAULT_MTU: Final = 65520
+"""The default link MTU; the same value as ``nitro_netd.netstack.config.DEFAULT_MTU``, kept
+here so the agent need not import the netstack."""
+MAX_MTU: Final = MAX_FRAME_GVPROXY - 14
+"""The largest MTU whose frames (MTU + 14) fit the gvproxy framing's 16-bit length."""
 MAX_HANDSHAKE: Final = 16384
 """Bytes of HTTP request or response head we accept before giving up."""
 PROTOCOL_VERSION: Final = "1"

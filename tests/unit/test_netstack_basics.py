@@ -11,7 +11,6 @@ from nitro_netd.frames.arp import ArpOp
 from nitro_netd.frames.errors import DropReason
 from nitro_netd.frames.ethernet import EtherType, MacAddress, build_ethernet
 from nitro_netd.frames.icmp import IcmpType
-from nitro_netd.frames.ipv4 import IpProto
 from nitro_netd.netstack import NetStack, StackConfig
 from tests.support.fake_enclave import FakeEnclave
 
@@ -70,10 +69,10 @@ def test_ping_to_gateway_gets_echo_reply_with_same_id_seq_and_data() -> None:
     assert message.payload == b"x" * 56
 
 
-def test_tcp_and_udp_are_counted_as_not_implemented_for_now() -> None:
+def test_unhandled_ip_protocol_is_counted_as_unsupported() -> None:
     stack, enclave = make()
-    stack.receive_frame(enclave.ipv4(IPv4Address("198.18.0.2"), IpProto.UDP, bytes(12)), now=1.0)
-    assert stack.stats.drops[DropReason.NOT_IMPLEMENTED] == 1
+    stack.receive_frame(enclave.ipv4(IPv4Address("198.18.0.2"), 132, bytes(12)), now=1.0)
+    assert stack.stats.drops[DropReason.UNSUPPORTED_PROTOCOL] == 1
 
 
 def test_ipv6_frames_are_dropped_as_unsupported_ethertype() -> None:

@@ -36,7 +36,8 @@ class UnreachableCode(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class IcmpMessage:
-    """An ICMP message. For echo, `rest` holds identifier and sequence number."""
+    """An ICMP message. `identifier` and `sequence` are the second 32-bit word's halves
+    (echo identifier and sequence; for errors, the unused field or next-hop MTU)."""
 
     type: int
     code: int

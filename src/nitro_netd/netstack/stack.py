@@ -5,42 +5,43 @@ Theory of operation
 The enclave's kernel believes it sits on an Ethernet segment with a router at
 192.168.127.1. Every frame it sends arrives here through `receive_frame()`; every frame
 this stack wants delivered is queued and drained by the shell with `frames_to_send()`.
-The stack owns the link's "router side": ARP and ICMP echo for its own addresses, and
-(in later layers) the translation of TCP and UDP flows onto host sockets, which it asks
-the shell to open and drive through commands drained with `commands_to_send()`; what
-happens on those sockets comes back through `handle_host_event()`.
+The stack owns the link's "router side": ARP for its own addresses, and one *layer* per
+IP protocol (ICMP, TCP, UDP) that translates the enclave's packets into commands on host
+sockets (drained with `commands_to_send()`) and host events (`handle_host_event()`) back
+into packets.
 
 Time is an argument (`now`, seconds on any monotonic clock); the stack asks to be called
 again at `get_timer()` through `handle_timer()`. Nothing here does I/O or reads a clock,
 so every path can be driven by hand in a unit test.
 
-Dispatch is by table: EtherType -> handler, then IP protocol -> handler. Decoding errors
-raise `FrameError` inside a handler and are caught in exactly one place,
+Dispatch is by table: EtherType -> handler, IP protocol -> layer, event type -> layer.
+Decoding errors raise `FrameError` anywhere below and are caught in exactly one place,
 `receive_frame()`, which counts the drop by reason. Enclave input never raises out.
+Work a layer defers to the end of a batch (coalesced ACKs) is emitted when the shell
+drains `frames_to_send()`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from ipaddress import IPv4Address
 from typing import Final
 
 from nitro_netd.frames.arp import build_arp
 from nitro_netd.frames.errors import DropReason, FrameError
-from nitro_netd.frames.ethernet import EtherType, MacAddress, build_ethernet, parse_ethernet
-from nitro_netd.frames.ipv4 import IpProto, IPv4Header, build_ipv4_header, parse_ipv4
+from nitro_netd.frames.ethernet import EtherType, parse_ethernet
+from nitro_netd.frames.ipv4 import IpProto, parse_ipv4
 from nitro_netd.netstack.arp import handle_arp
 from nitro_netd.netstack.config import StackConfig
 from nitro_netd.netstack.events import HostCommand, HostEvent
-from nitro_netd.netstack.icmp import answer_echo
+from nitro_netd.netstack.icmp import IcmpLayer
+from nitro_netd.netstack.layer import Layer
+from nitro_netd.netstack.output import StackOutput
 from nitro_netd.netstack.stats import StackStats
 
 logger = logging.getLogger(__name__)
 
 _Handler = Callable[["NetStack", memoryview, float], None]
-_IpHandler = Callable[["NetStack", IPv4Header, memoryview, float], None]
-_ETHERNET_MIN_PAYLOAD: Final = 46
 
 
 class NetStack:
@@ -49,10 +50,15 @@ class NetStack:
     def __init__(self, config: StackConfig | None = None) -> None:
         self.config = config or StackConfig()
         self.stats = StackStats()
-        self._frames: list[bytes] = []
-        self._commands: list[HostCommand] = []
-        self._neighbours: dict[IPv4Address, MacAddress] = {}
-        self._ip_identification = 0
+        self.output = StackOutput(self.config, self.stats)
+        self.layers: dict[int, Layer] = {IpProto.ICMP: IcmpLayer(self.output)}
+        self.event_routes: dict[type, Layer] = {}
+
+    def add_layer(self, protocol: int, layer: Layer, events: tuple[type, ...]) -> None:
+        """Register the layer for an IP protocol and the host events it consumes."""
+        self.layers[protocol] = layer
+        for event_type in events:
+            self.event_routes[event_type] = layer
 
     # --- input -------------------------------------------------------------------
 
@@ -67,16 +73,11 @@ class NetStack:
         self.stats.bytes_in += len(frame)
         try:
             header, payload = parse_ethernet(frame)
-            if (
-                header.destination != self.config.gateway_mac
-                and not header.destination.is_multicast
-            ):
+            if header.destination != self.config.gateway_mac and not header.destination.is_multicast:
                 raise FrameError(DropReason.NOT_FOR_US, f"to MAC {header.destination}")
             handler = _ETHER_HANDLERS.get(header.ethertype)
             if handler is None:
-                raise FrameError(
-                    DropReason.UNSUPPORTED_ETHERTYPE, f"ethertype {header.ethertype:#06x}"
-                )
+                raise FrameError(DropReason.UNSUPPORTED_ETHERTYPE, f"ethertype {header.ethertype:#06x}")
             handler(self, payload, now)
         except FrameError as exc:
             self.stats.count_drop(exc.reason)
@@ -84,94 +85,64 @@ class NetStack:
 
     def handle_host_event(self, event: HostEvent, *, now: float) -> None:
         """React to something that happened on a host socket. May queue frames and commands."""
-        logger.debug("host event with no flow layer yet: %r", event)
+        layer = self.event_routes.get(type(event))
+        if layer is None:
+            logger.warning("host event with no layer to take it: %r", event)
+            return
+        layer.handle_event(event, now)
 
     def handle_timer(self, *, now: float) -> None:
         """Run whatever timers are due at `now`. May queue frames and commands."""
+        for layer in self.layers.values():
+            when = layer.get_timer()
+            if when is not None and when <= now:
+                layer.handle_timer(now)
 
     def get_timer(self) -> float | None:
         """Return when `handle_timer()` should next be called, or None for never."""
-        return None
+        times = [t for t in (layer.get_timer() for layer in self.layers.values()) if t is not None]
+        return min(times, default=None)
 
     def handle_link_reset(self) -> None:
         """Forget everything tied to the old link (a new enclave link replaced it)."""
-        self._neighbours.clear()
+        self.output.neighbours.clear()
+        for layer in self.layers.values():
+            layer.reset()
 
     # --- output ------------------------------------------------------------------
 
-    def frames_to_send(self) -> list[bytes]:
+    def frames_to_send(self) -> list[bytes | bytearray]:
         """Return and clear the frames queued for the enclave, oldest first."""
-        frames, self._frames = self._frames, []
+        for layer in self.layers.values():
+            layer.before_flush()
+        frames, self.output.frames = self.output.frames, []
         return frames
 
     def commands_to_send(self) -> list[HostCommand]:
         """Return and clear the commands queued for the shell, oldest first."""
-        commands, self._commands = self._commands, []
+        commands, self.output.commands = self.output.commands, []
         return commands
-
-    # --- helpers for protocol handlers ----------------------------------------------
-
-    def enclave_mac(self) -> MacAddress:
-        """The enclave's MAC: learned from ARP, else the configured one."""
-        return self._neighbours.get(self.config.enclave_ip, self.config.enclave_mac)
-
-    def send_ethernet(self, ethertype: int, payload: bytes) -> None:
-        """Queue a frame to the enclave from the gateway MAC."""
-        frame = build_ethernet(self.enclave_mac(), self.config.gateway_mac, ethertype, payload)
-        if len(frame) < 14 + _ETHERNET_MIN_PAYLOAD:
-            frame += bytes(14 + _ETHERNET_MIN_PAYLOAD - len(frame))
-        self.stats.frames_out += 1
-        self.stats.bytes_out += len(frame)
-        self._frames.append(frame)
-
-    def send_ipv4(
-        self, source: IPv4Address, destination: IPv4Address, protocol: int, payload: bytes
-    ) -> None:
-        """Queue an IPv4 packet to the enclave."""
-        self._ip_identification = (self._ip_identification + 1) & 0xFFFF
-        header = build_ipv4_header(
-            source, destination, protocol, len(payload), identification=self._ip_identification
-        )
-        self.send_ethernet(EtherType.IPV4, header + payload)
 
     # --- handlers ----------------------------------------------------------------
 
     def _on_arp(self, payload: memoryview, now: float) -> None:
         """Answer ARP for our addresses and learn the enclave's MAC."""
-        reply = handle_arp(self.config, payload, self._neighbours)
+        reply = handle_arp(self.config, payload, self.output.neighbours)
         if reply is not None:
-            self.send_ethernet(EtherType.ARP, build_arp(reply))
+            self.output.send_ethernet(EtherType.ARP, build_arp(reply))
 
     def _on_ipv4(self, payload: memoryview, now: float) -> None:
-        """Validate an IPv4 packet from the enclave and dispatch it by protocol."""
+        """Validate an IPv4 packet from the enclave and hand it to its protocol's layer."""
         header, body = parse_ipv4(payload)
         if header.source != self.config.enclave_ip:
             raise FrameError(DropReason.BAD_SOURCE, f"IPv4 from {header.source}")
-        handler = _IP_HANDLERS.get(header.protocol)
-        if handler is None:
+        layer = self.layers.get(header.protocol)
+        if layer is None:
             raise FrameError(DropReason.UNSUPPORTED_PROTOCOL, f"IP protocol {header.protocol}")
-        handler(self, header, body, now)
-
-    def _on_icmp(self, header: IPv4Header, body: memoryview, now: float) -> None:
-        """Answer pings to our own addresses."""
-        if header.destination not in self.config.local_ips:
-            raise FrameError(DropReason.NOT_IMPLEMENTED, f"ICMP to {header.destination}")
-        reply = answer_echo(body)
-        self.send_ipv4(header.destination, header.source, IpProto.ICMP, reply)
-
-    def _on_unimplemented(self, header: IPv4Header, body: memoryview, now: float) -> None:
-        """Count TCP and UDP until the flow layers land."""
-        raise FrameError(
-            DropReason.NOT_IMPLEMENTED, f"IP protocol {header.protocol} to {header.destination}"
-        )
+        layer.receive(header, body, now)
 
 
 _ETHER_HANDLERS: Final[dict[int, _Handler]] = {
     EtherType.ARP: NetStack._on_arp,
     EtherType.IPV4: NetStack._on_ipv4,
-}
-_IP_HANDLERS: Final[dict[int, _IpHandler]] = {
-    IpProto.ICMP: NetStack._on_icmp,
-    IpProto.TCP: NetStack._on_unimplemented,
-    IpProto.UDP: NetStack._on_unimplemented,
 }

@@ -145,7 +145,7 @@ class LinkSession(asyncio.BufferedProtocol):
 
     # --- output and control ------------------------------------------------------
 
-    def send_frames(self, frames: list[bytes]) -> None:
+    def send_frames(self, frames: list[bytes | bytearray]) -> None:
         """Write frames to the agent in one go, each with its length prefix."""
         if self.transport is None or self.closed or not self._up or not frames:
             return

@@ -1,0 +1,132 @@
+"""The agent's side of the link handshake, as a pure state machine (sans-IO).
+
+Theory of operation: with the ``qemu`` framing there is no handshake, the link is up at
+once. With ``gvproxy`` the agent sends ``POST /connect`` asking for a reply, then listens
+for a short while:
+
+* bytes starting ``HTTP/1.`` are our daemon's reply: the head is read whole and checked
+  (a refusal is a `LinkError`); whatever follows the head is already frames;
+* any other bytes are frames from a peer that does not reply: go at once, keeping them;
+* nothing before the wait expires means a stock gvproxy, which never replies and can
+  swallow bytes sent right behind the request, hence the pause: go.
+
+A partial ``HTTP/1.`` prefix when the wait expires keeps the handshake waiting for the rest;
+the caller bounds that with its own deadline. No real frame can start with ``HTTP/1.``: its
+destination MAC would be ``54:50:2f:31:2e:..``, neither ours nor a group address.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from nitro_netd.link import (
+    HEADER_VERSION,
+    HEADER_WANT_REPLY,
+    PROTOCOL_VERSION,
+    HttpHead,
+    HttpHeadReader,
+    LinkError,
+    LinkProtocol,
+    build_connect_request,
+    check_connect_reply,
+)
+
+REPLY_PREFIX: Final = b"HTTP/1."
+REQUEST_HEADERS: Final[Mapping[str, str]] = {
+    HEADER_VERSION: PROTOCOL_VERSION,
+    HEADER_WANT_REPLY: "1",
+}
+
+
+class PeerKind(enum.Enum):
+    """What answered the agent's connection."""
+
+    NITRO_NETD = "nitro-netd"
+    """Our daemon: it answered the request."""
+    GVPROXY = "gvproxy"
+    """A peer that never answers (a stock gvproxy)."""
+    QEMU = "qemu"
+    """The qemu framing: no handshake at all."""
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeResult:
+    """How the handshake ended: the peer's kind and the first frame bytes, if any."""
+
+    peer: PeerKind
+    initial: bytes = b""
+    """Stream bytes received after the handshake: the start of the frame stream."""
+    reply: HttpHead | None = None
+    """Our daemon's reply head (its ``Nitro-Netd-*`` headers carry the network plan)."""
+
+    def describe(self) -> str:
+        """Return the peer's kind for the operator's log."""
+        if self.peer is PeerKind.NITRO_NETD and self.reply is not None:
+            version = self.reply.get(HEADER_VERSION) or "?"
+            return f"nitro-netd (protocol version {version})"
+        if self.peer is PeerKind.GVPROXY:
+            return "gvproxy-compatible (no reply)"
+        return "qemu stream (no handshake)"
+
+
+class Handshake:
+    """Decide from the parent's first bytes what kind of peer it is."""
+
+    def __init__(self, protocol: LinkProtocol) -> None:
+        self.protocol = protocol
+        self.result: HandshakeResult | None = None
+        """Set once the link is up; at once for the qemu framing."""
+        self._prefix = b""
+        self._reader: HttpHeadReader | None = None
+        if protocol is LinkProtocol.QEMU:
+            self.result = HandshakeResult(PeerKind.QEMU)
+
+    def request(self) -> bytes:
+        """Return the bytes to send first (nothing for the qemu framing)."""
+        if self.protocol is LinkProtocol.QEMU:
+            return b""
+        return build_connect_request(REQUEST_HEADERS)
+
+    def receive_data(self, data: bytes) -> HandshakeResult | None:
+        """Add bytes from the parent; return the result once decided.
+
+        Raises:
+            LinkError: the reply is malformed or refuses the link.
+        """
+        if self.result is not None:
+            raise RuntimeError("handshake already finished")
+        if self._reader is not None:
+            return self._receive_reply(data)
+        self._prefix += data
+        probe = self._prefix[: len(REPLY_PREFIX)]
+        if probe == REPLY_PREFIX:
+            self._reader = HttpHeadReader()
+            prefix, self._prefix = self._prefix, b""
+            return self._receive_reply(prefix)
+        if not REPLY_PREFIX.startswith(probe):
+            self.result = HandshakeResult(PeerKind.GVPROXY, initial=self._prefix)
+        return self.result
+
+    def wait_expired(self) -> HandshakeResult | None:
+        """The short wait for a reply is over: a silent peer is a stock gvproxy.
+
+        Returns None while part of a reply is buffered: keep reading, within a deadline.
+        """
+        if self.result is None and not self._prefix and self._reader is None:
+            self.result = HandshakeResult(PeerKind.GVPROXY)
+        return self.result
+
+    def _receive_reply(self, data: bytes) -> HandshakeResult | None:
+        assert self._reader is not None
+        head = self._reader.receive_data(data)
+        if head is None:
+            return None
+        check_connect_reply(head)
+        self.result = HandshakeResult(PeerKind.NITRO_NETD, self._reader.rest, head)
+        return self.result
+
+
+__all__ = ["Handshake", "HandshakeResult", "LinkError", "PeerKind"]

@@ -1,0 +1,104 @@
+"""Configure the TAP and loopback through netlink (pyroute2), never by running ``ip``.
+
+Every step first reads the current state and changes only what differs, so running it
+again on a configured interface is harmless. The MAC is set while the link is down: a TAP
+refuses an address change while it is up.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+from dataclasses import dataclass
+from typing import Any, Final
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from nitro_netd.link import DEFAULT_MTU
+
+ENCLAVE_MAC: Final = "5a:94:ef:e4:0c:ee"
+ENCLAVE_ADDRESS: Final = ipaddress.IPv4Interface("192.168.127.2/24")
+GATEWAY: Final = ipaddress.IPv4Address("192.168.127.1")
+NAMESERVER: Final = GATEWAY
+TXQUEUELEN: Final = 10000
+"""The TAP drops instead of pushing back: its queue is the only buffer (PERF-NOTES.md)."""
+
+
+class NetConfigError(Exception):
+    """The interface cannot be configured; the message says what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class InterfacePlan:
+    """What the enclave's interface should look like."""
+
+    name: str = "tap0"
+    mac: str = ENCLAVE_MAC
+    mtu: int = DEFAULT_MTU
+    txqueuelen: int = TXQUEUELEN
+    address: ipaddress.IPv4Interface = ENCLAVE_ADDRESS
+    gateway: ipaddress.IPv4Address = GATEWAY
+
+
+def configure_interface(plan: InterfacePlan) -> None:
+    """Bring `plan.name` and ``lo`` up with the plan's MAC, MTU, address and default route.
+
+    Raises:
+        NetConfigError: the interface is missing or netlink refused a change.
+    """
+    try:
+        with IPRoute() as ipr:
+            index = _lookup(ipr, plan.name)
+            _set_link(ipr, index, plan)
+            _ensure_address(ipr, index, plan.address)
+            _set_up(ipr, _lookup(ipr, "lo"))
+            _ensure_default_route(ipr, index, plan.gateway)
+    except NetlinkError as exc:
+        raise NetConfigError(_describe(exc, plan.name)) from exc
+
+
+def _lookup(ipr: Any, name: str) -> int:
+    indexes = ipr.link_lookup(ifname=name)
+    if not indexes:
+        raise NetConfigError(f"interface {name} does not exist")
+    return int(indexes[0])
+
+
+def _set_link(ipr: Any, index: int, plan: InterfacePlan) -> None:
+    """Set MAC (while down), MTU and queue length, then bring the link up."""
+    link = ipr.link("get", index=index)[0]
+    if str(link.get_attr("IFLA_ADDRESS")).lower() != plan.mac.lower():
+        ipr.link("set", index=index, state="down")
+        ipr.link("set", index=index, address=plan.mac)
+    if link.get_attr("IFLA_MTU") != plan.mtu:
+        ipr.link("set", index=index, mtu=plan.mtu)
+    if link.get_attr("IFLA_TXQLEN") != plan.txqueuelen:
+        ipr.link("set", index=index, txqlen=plan.txqueuelen)
+    _set_up(ipr, index)
+
+
+def _set_up(ipr: Any, index: int) -> None:
+    ipr.link("set", index=index, state="up")
+
+
+def _ensure_address(ipr: Any, index: int, address: ipaddress.IPv4Interface) -> None:
+    present = {
+        (msg.get_attr("IFA_ADDRESS"), msg["prefixlen"])
+        for msg in ipr.get_addr(index=index, family=2)
+    }
+    if (str(address.ip), address.network.prefixlen) not in present:
+        ipr.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
+
+
+def _ensure_default_route(ipr: Any, index: int, gateway: ipaddress.IPv4Address) -> None:
+    ipr.route("replace", dst="0.0.0.0/0", gateway=str(gateway), oif=index)
+
+
+def _describe(exc: NetlinkError, name: str) -> str:
+    code = exc.code
+    if code in (errno.EPERM, errno.EACCES):
+        return f"configuring {name} needs root (CAP_NET_ADMIN): run as root"
+    if code == errno.EINVAL:
+        return f"the kernel rejected a setting for {name} (is the --mtu too large?)"
+    return f"cannot configure {name}: {errno.errorcode.get(code, code)} {exc}"

@@ -1,0 +1,89 @@
+"""Point the enclave's resolver at the gateway's DNS server.
+
+Nitro enclave images often ship ``/etc/resolv.conf`` as a symlink to
+``/run/resolvconf/resolv.conf`` whose directory does not exist: the writer follows the link,
+creates the missing directory and writes the target. It writes a temporary file and renames
+it over the target; where renaming is impossible (a bind-mounted file, as ``ip netns exec``
+makes of ``/etc/netns/NAME/resolv.conf``) it rewrites the file in place.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from typing import Final
+
+DEFAULT_RESOLV_CONF: Final = "/etc/resolv.conf"
+DEFAULT_NAMESERVER: Final = "192.168.127.1"
+
+
+class ResolvConfError(Exception):
+    """resolv.conf cannot be written; the message says what to do."""
+
+
+def render_resolv_conf(nameserver: str = DEFAULT_NAMESERVER) -> str:
+    """Return the resolv.conf text the agent writes."""
+    return f"# written by nitro-netd-enclave\nnameserver {nameserver}\n"
+
+
+def write_resolv_conf(
+    path: str = DEFAULT_RESOLV_CONF, nameserver: str = DEFAULT_NAMESERVER
+) -> str:
+    """Write resolv.conf at `path` (following symlinks) and return the file written.
+
+    Raises:
+        ResolvConfError: the file or its directory cannot be written.
+    """
+    target = os.path.realpath(path)
+    data = render_resolv_conf(nameserver).encode("ascii")
+    try:
+        os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+        _write_atomically(target, data)
+    except OSError as exc:
+        raise ResolvConfError(
+            f"cannot write {target}: {exc.strerror or exc}; "
+            "pass --resolv-conf PATH or --no-resolv-conf"
+        ) from exc
+    return target
+
+
+_NO_RENAME: Final = frozenset({errno.EBUSY, errno.EXDEV, errno.EPERM, errno.EACCES, errno.EROFS})
+"""Errors after which a rename cannot work but an in-place write may."""
+
+
+def _write_atomically(target: str, data: bytes) -> None:
+    """Rename a complete temporary file over `target`; rewrite in place if rename fails."""
+    try:
+        temporary = _write_temporary(os.path.dirname(target), data)
+    except OSError as exc:
+        if exc.errno not in _NO_RENAME:
+            raise
+        _write_in_place(target, data)
+        return
+    try:
+        os.replace(temporary, target)
+    except OSError as exc:
+        os.unlink(temporary)
+        if exc.errno not in _NO_RENAME:
+            raise
+        _write_in_place(target, data)
+
+
+def _write_temporary(directory: str, data: bytes) -> str:
+    fd, temporary = tempfile.mkstemp(prefix=".resolv.conf.", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, 0o644)
+    except OSError:
+        os.unlink(temporary)
+        raise
+    return temporary
+
+
+def _write_in_place(target: str, data: bytes) -> None:
+    with open(target, "wb") as handle:
+        handle.write(data)

@@ -1,0 +1,67 @@
+"""The stack's output queues, shared by every protocol layer.
+
+Layers never build Ethernet or hold queues themselves: they call `send_ipv4()` and
+`send_command()` here, and the shell drains both after each call into the stack.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+from typing import Final
+
+from nitro_netd.frames.ethernet import EtherType, MacAddress, build_ethernet
+from nitro_netd.frames.ipv4 import build_ipv4_header
+from nitro_netd.netstack.config import StackConfig
+from nitro_netd.netstack.events import HostCommand
+from nitro_netd.netstack.stats import StackStats
+
+_MIN_FRAME: Final = 60
+"""Ethernet's minimum frame without FCS; shorter frames are zero-padded."""
+
+
+class StackOutput:
+    """Frames for the enclave and commands for the host, in the order they were queued."""
+
+    def __init__(self, config: StackConfig, stats: StackStats) -> None:
+        self.config = config
+        self.stats = stats
+        self.frames: list[bytes | bytearray] = []
+        self.commands: list[HostCommand] = []
+        self.neighbours: dict[IPv4Address, MacAddress] = {}
+        self._identification = 0
+
+    def enclave_mac(self) -> MacAddress:
+        """The enclave's MAC: learned from ARP, else the configured one."""
+        return self.neighbours.get(self.config.enclave_ip, self.config.enclave_mac)
+
+    def ethernet_header(self, ethertype: int) -> bytes:
+        """The 14-byte header of a frame from the gateway to the enclave."""
+        return build_ethernet(self.enclave_mac(), self.config.gateway_mac, ethertype, b"")
+
+    def send_frame(self, frame: bytes | bytearray) -> None:
+        """Queue a whole frame (already addressed) for the enclave."""
+        if len(frame) < _MIN_FRAME:
+            frame = bytes(frame) + bytes(_MIN_FRAME - len(frame))
+        self.stats.frames_out += 1
+        self.stats.bytes_out += len(frame)
+        self.frames.append(frame)
+
+    def send_ethernet(self, ethertype: int, payload: bytes) -> None:
+        """Queue a frame to the enclave from the gateway MAC."""
+        self.send_frame(self.ethernet_header(ethertype) + payload)
+
+    def next_identification(self) -> int:
+        """A fresh IPv4 identification value."""
+        self._identification = (self._identification + 1) & 0xFFFF
+        return self._identification
+
+    def send_ipv4(self, source: IPv4Address, destination: IPv4Address, protocol: int, payload: bytes) -> None:
+        """Queue an IPv4 packet to the enclave."""
+        header = build_ipv4_header(
+            source, destination, protocol, len(payload), identification=self.next_identification()
+        )
+        self.send_ethernet(EtherType.IPV4, header + payload)
+
+    def send_command(self, command: HostCommand) -> None:
+        """Queue a command for the shell."""
+        self.commands.append(command)
