@@ -56,14 +56,14 @@ class FakeEnclave:
         message = IcmpMessage(IcmpType.ECHO_REQUEST, 0, identifier, sequence, data)
         return self.ipv4(destination, IpProto.ICMP, build_icmp(message))
 
-    def parse_arp_reply(self, frame: bytes) -> ArpPacket:
+    def parse_arp_reply(self, frame: bytes | bytearray) -> ArpPacket:
         """Decode a frame that must be an ARP packet to us."""
         header, payload = parse_ethernet(frame)
         assert header.ethertype == EtherType.ARP
         assert header.destination == self.mac
         return parse_arp(payload)
 
-    def parse_icmp_reply(self, frame: bytes) -> tuple[IPv4Address, IcmpMessage]:
+    def parse_icmp_reply(self, frame: bytes | bytearray) -> tuple[IPv4Address, IcmpMessage]:
         """Decode a frame that must be ICMP to us; return (source, message)."""
         header, payload = parse_ethernet(frame)
         assert header.ethertype == EtherType.IPV4

@@ -34,6 +34,26 @@ class StackConfig:
     """The address that stands for the parent's 127.0.0.1."""
     mtu: int = DEFAULT_MTU
     """The link MTU (IP packet size) in both directions."""
+    dns_servers: tuple[IPv4Address, ...] = ()
+    """Upstream resolvers (the parent's resolv.conf) that DNS queries to the gateway go to."""
+    host_names: tuple[str, ...] = ("host.containers.internal", "host.docker.internal")
+    """Names the gateway's DNS answers itself with `host_alias_ip`."""
+    connect_timeout: float = 10.0
+    """Seconds a host TCP connect may take before the enclave gets a RST."""
+    dns_timeout: float = 3.0
+    """Seconds to wait for an upstream resolver before trying the next (then SERVFAIL)."""
+    udp_idle_timeout: float = 120.0
+    """Seconds without traffic after which a UDP flow's host socket is closed."""
+    ping_idle_timeout: float = 30.0
+    """Seconds without traffic after which a ping flow's socket is closed."""
+    max_tcp_flows: int = 16384
+    """Concurrent TCP flows; SYNs beyond it get a RST (counted as `limit`)."""
+    max_pending_connects: int = 1024
+    """Host connects in flight at once; SYNs beyond it get a RST (counted as `limit`)."""
+    max_udp_flows: int = 4096
+    """Concurrent UDP and ping flows; datagrams beyond it are dropped (counted as `limit`)."""
+    tcp_buffer: int = 4 << 20
+    """Bytes per flow and direction the stack lets wait (receive window, send buffer)."""
 
     def __post_init__(self) -> None:
         if not MIN_MTU <= self.mtu <= MAX_MTU:

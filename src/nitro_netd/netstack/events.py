@@ -50,6 +50,20 @@ class TcpClose:
 
 
 @dataclass(frozen=True, slots=True)
+class TcpPauseReading:
+    """Stop reading the flow's host socket: the enclave is not taking data fast enough."""
+
+    flow: FlowId
+
+
+@dataclass(frozen=True, slots=True)
+class TcpResumeReading:
+    """Read the flow's host socket again."""
+
+    flow: FlowId
+
+
+@dataclass(frozen=True, slots=True)
 class UdpSend:
     """Send one datagram from the flow's host socket to `address:port`."""
 
@@ -66,7 +80,38 @@ class UdpClose:
     flow: FlowId
 
 
-HostCommand = TcpConnect | TcpSend | TcpShutdown | TcpClose | UdpSend | UdpClose
+@dataclass(frozen=True, slots=True)
+class PingSend:
+    """Send an ICMP echo request from the flow's unprivileged ping socket to `address`.
+
+    The kernel picks the identifier; replies come back as `PingReply` for the same flow.
+    """
+
+    flow: FlowId
+    address: IPv4Address
+    sequence: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PingClose:
+    """Close the flow's ping socket (idle expiry)."""
+
+    flow: FlowId
+
+
+HostCommand = (
+    TcpConnect
+    | TcpSend
+    | TcpShutdown
+    | TcpClose
+    | TcpPauseReading
+    | TcpResumeReading
+    | UdpSend
+    | UdpClose
+    | PingSend
+    | PingClose
+)
 
 
 # --- events: shell -> netstack ---------------------------------------------------------
@@ -112,4 +157,54 @@ class UdpDatagram:
     data: bytes
 
 
-HostEvent = TcpConnected | TcpData | TcpEof | TcpFailed | UdpDatagram
+@dataclass(frozen=True, slots=True)
+class TcpWriteBlocked:
+    """The shell holds more unwritten bytes for the flow than its high-water mark."""
+
+    flow: FlowId
+
+
+@dataclass(frozen=True, slots=True)
+class TcpWriteUnblocked:
+    """The flow's unwritten bytes fell below the low-water mark."""
+
+    flow: FlowId
+
+
+@dataclass(frozen=True, slots=True)
+class UdpFailed:
+    """The flow's host UDP socket reported an error (`errno`), e.g. ECONNREFUSED from ICMP."""
+
+    flow: FlowId
+    errno: int
+
+
+@dataclass(frozen=True, slots=True)
+class PingReply:
+    """An ICMP echo reply arrived on the flow's ping socket."""
+
+    flow: FlowId
+    sequence: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PingFailed:
+    """The flow's ping socket reported an error (unreachable, or no permission to open it)."""
+
+    flow: FlowId
+    errno: int
+
+
+HostEvent = (
+    TcpConnected
+    | TcpData
+    | TcpEof
+    | TcpFailed
+    | TcpWriteBlocked
+    | TcpWriteUnblocked
+    | UdpDatagram
+    | UdpFailed
+    | PingReply
+    | PingFailed
+)

@@ -17,8 +17,12 @@ def answer_echo(payload: memoryview) -> bytes:
     """
     message = parse_icmp(payload)
     if message.type != IcmpType.ECHO_REQUEST or message.code != 0:
-        raise FrameError(DropReason.UNSUPPORTED_ICMP, f"ICMP type={message.type} code={message.code}")
-    reply = IcmpMessage(IcmpType.ECHO_REPLY, 0, message.identifier, message.sequence, message.payload)
+        raise FrameError(
+            DropReason.UNSUPPORTED_ICMP, f"ICMP type={message.type} code={message.code}"
+        )
+    reply = IcmpMessage(
+        IcmpType.ECHO_REPLY, 0, message.identifier, message.sequence, message.payload
+    )
     return build_icmp(reply)
 
 

@@ -55,7 +55,9 @@ class StackOutput:
         self._identification = (self._identification + 1) & 0xFFFF
         return self._identification
 
-    def send_ipv4(self, source: IPv4Address, destination: IPv4Address, protocol: int, payload: bytes) -> None:
+    def send_ipv4(
+        self, source: IPv4Address, destination: IPv4Address, protocol: int, payload: bytes
+    ) -> None:
         """Queue an IPv4 packet to the enclave."""
         header = build_ipv4_header(
             source, destination, protocol, len(payload), identification=self.next_identification()

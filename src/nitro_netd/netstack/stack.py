@@ -73,11 +73,16 @@ class NetStack:
         self.stats.bytes_in += len(frame)
         try:
             header, payload = parse_ethernet(frame)
-            if header.destination != self.config.gateway_mac and not header.destination.is_multicast:
+            if (
+                header.destination != self.config.gateway_mac
+                and not header.destination.is_multicast
+            ):
                 raise FrameError(DropReason.NOT_FOR_US, f"to MAC {header.destination}")
             handler = _ETHER_HANDLERS.get(header.ethertype)
             if handler is None:
-                raise FrameError(DropReason.UNSUPPORTED_ETHERTYPE, f"ethertype {header.ethertype:#06x}")
+                raise FrameError(
+                    DropReason.UNSUPPORTED_ETHERTYPE, f"ethertype {header.ethertype:#06x}"
+                )
             handler(self, payload, now)
         except FrameError as exc:
             self.stats.count_drop(exc.reason)
