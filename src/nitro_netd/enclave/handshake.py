@@ -127,6 +127,3 @@ class Handshake:
         check_connect_reply(head)
         self.result = HandshakeResult(PeerKind.NITRO_NETD, self._reader.rest, head)
         return self.result
-
-
-__all__ = ["Handshake", "HandshakeResult", "LinkError", "PeerKind"]

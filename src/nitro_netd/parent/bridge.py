@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from nitro_netd.netstack import NetStack, StackConfig
-from nitro_netd.netstack.events import HostCommand
+from nitro_netd.netstack.events import HostCommand, HostEvent
+from nitro_netd.parent.host import HostSide
 from nitro_netd.parent.session import LinkSession
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,8 @@ class Bridge:
         self.loop = loop
         self.stack = NetStack(config)
         self.session: LinkSession | None = None
+        self.host_sides: list[HostSide] = []
+        self._executors: dict[type, Callable[[Any], None]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
 
@@ -75,6 +79,8 @@ class Bridge:
             self.session = None
             self.stack.handle_link_reset()
             self.flush()
+            for side in self.host_sides:
+                side.close_all()
 
     # --- output --------------------------------------------------------------------
 
@@ -87,9 +93,24 @@ class Bridge:
             self.execute(command)
         self._arm_timer(self.stack.get_timer())
 
+    def add_host_side(self, side: HostSide) -> None:
+        """Route the commands `side` declares to it."""
+        self.host_sides.append(side)
+        for command_type in side.command_types:
+            self._executors[command_type] = side.execute
+
+    def post_event(self, event: HostEvent) -> None:
+        """Feed one host event to the stack and flush (the host sides' callback)."""
+        self.stack.handle_host_event(event, now=self.loop.time())
+        self.flush()
+
     def execute(self, command: HostCommand) -> None:
-        """Carry out a host command (no flow layer yet: log it)."""
-        logger.debug("no host side for %r yet", command)
+        """Carry out a host command through the side that owns its type."""
+        executor = self._executors.get(type(command))
+        if executor is None:
+            logger.error("no host side executes %s", type(command).__name__)
+            return
+        executor(command)
 
     def _arm_timer(self, when: float | None) -> None:
         if when == self._timer_at:
@@ -111,4 +132,6 @@ class Bridge:
         """Close the live link and stop the timer."""
         if self.session is not None:
             self.session.close("daemon stopping")
+        for side in self.host_sides:
+            side.close_all()
         self._arm_timer(None)
