@@ -10,8 +10,8 @@ from nitro_netd.frames.errors import DropReason, FrameError
 from nitro_netd.frames.ethernet import (
     BROADCAST_MAC,
     ETHERNET_HEADER_LEN,
-    EtherType,
     EthernetHeader,
+    EtherType,
     MacAddress,
     build_ethernet,
     parse_ethernet,
@@ -39,14 +39,15 @@ def test_ethernet_build_then_parse(
 @settings(max_examples=300)
 @given(data=st.binary(max_size=64))
 def test_ethernet_arbitrary_bytes_parse_or_frame_error(data: bytes) -> None:
-    try:
-        header, rest = parse_ethernet(data)
-    except FrameError as exc:
-        assert exc.reason is DropReason.TRUNCATED
-        assert len(data) < ETHERNET_HEADER_LEN
-    else:
-        assert header.destination.octets == data[:6]
-        assert bytes(rest) == data[ETHERNET_HEADER_LEN:]
+    if len(data) < ETHERNET_HEADER_LEN:
+        with pytest.raises(FrameError) as info:
+            parse_ethernet(data)
+        assert info.value.reason is DropReason.TRUNCATED
+        return
+    header, rest = parse_ethernet(data)
+    assert header.destination.octets == data[:6]
+    assert header.source.octets == data[6:12]
+    assert bytes(rest) == data[ETHERNET_HEADER_LEN:]
 
 
 def test_ethernet_known_frame() -> None:

@@ -136,8 +136,9 @@ def test_ipv4_total_length_past_the_data() -> None:
 
 
 def test_ipv4_total_length_below_the_header() -> None:
-    with pytest.raises(FrameError):
+    with pytest.raises(FrameError) as info:
         parse_ipv4(raw_header(total=19, payload=b"x"))
+    assert info.value.reason is DropReason.TRUNCATED
 
 
 @pytest.mark.parametrize(("version", "ihl"), [(6, 5), (0, 5), (4, 0), (4, 4)])

@@ -23,6 +23,23 @@ PR_SET_PDEATHSIG: Final = 1
 _REPORT_LIMIT: Final = 4096
 
 
+class Stopped(BaseException):
+    """Raised in a child by SIGTERM from its parent: finish up and report."""
+
+
+def raise_stopped(signum: int, frame: object) -> None:
+    """Signal handler for children: turn SIGTERM into `Stopped`."""
+    raise Stopped
+
+
+def install_child_signals() -> None:
+    """SIGTERM stops the child; terminal signals are left to the parent to act on."""
+    signal.signal(signal.SIGTERM, raise_stopped)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.set_wakeup_fd(-1)
+
+
 @dataclass(slots=True)
 class Child:
     """A forked child and the read end of its report pipe."""
@@ -54,11 +71,14 @@ def spawn(name: str, target: Callable[[], str], keep_fds: Iterable[int]) -> Chil
 def _child_main(target: Callable[[], str], write_fd: int, keep: set[int]) -> None:
     status = 1
     try:
+        install_child_signals()
         close_other_fds(keep)
         die_with_parent()
         report = target()
         status = 0
-    except BaseException as exc:  # noqa: BLE001 - a child must never unwind into the parent's code
+    except Stopped:
+        report = "stopped"
+    except BaseException as exc:  # a child must never unwind into the parent's code
         report = f"internal error: {exc!r}"
     try:
         os.write(write_fd, report.encode("utf-8", "replace")[:_REPORT_LIMIT] + b"\n")
@@ -105,6 +125,7 @@ def finish(child: Child, grace: float) -> str:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child.pid, signal.SIGKILL)
         report = read_report(child, grace) or "killed"
-    os.waitpid(child.pid, 0) if child.exit_status is None else None
+    if child.exit_status is None:
+        _, child.exit_status = os.waitpid(child.pid, 0)
     os.close(child.report_fd)
     return report or f"exited with status {child.exit_status}"

@@ -28,7 +28,6 @@ from nitro_netd.link import (
     PROTOCOL_VERSION,
     HttpHead,
     HttpHeadReader,
-    LinkError,
     LinkProtocol,
     build_connect_request,
     check_connect_reply,

@@ -27,9 +27,7 @@ def render_resolv_conf(nameserver: str = DEFAULT_NAMESERVER) -> str:
     return f"# written by nitro-netd-enclave\nnameserver {nameserver}\n"
 
 
-def write_resolv_conf(
-    path: str = DEFAULT_RESOLV_CONF, nameserver: str = DEFAULT_NAMESERVER
-) -> str:
+def write_resolv_conf(path: str = DEFAULT_RESOLV_CONF, nameserver: str = DEFAULT_NAMESERVER) -> str:
     """Write resolv.conf at `path` (following symlinks) and return the file written.
 
     Raises:

@@ -32,6 +32,10 @@ class DropReason(enum.Enum):
     """A protocol this version of the stack does not forward yet."""
     NO_FLOW = "no_flow"
     """A segment or datagram that matches no flow and cannot open one."""
+    OUT_OF_ORDER = "out_of_order"
+    """TCP data beyond the next expected byte (a gap): dropped, answered with a duplicate ACK."""
+    OUT_OF_WINDOW = "out_of_window"
+    """TCP data past the window we advertised: the excess is dropped."""
     LIMIT = "limit"
     """A resource bound (flows, pending connects, buffered bytes) was hit."""
 

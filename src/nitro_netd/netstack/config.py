@@ -36,6 +36,8 @@ class StackConfig:
     """The link MTU (IP packet size) in both directions."""
     dns_servers: tuple[IPv4Address, ...] = ()
     """Upstream resolvers (the parent's resolv.conf) that DNS queries to the gateway go to."""
+    dns_port: int = 53
+    """The upstream resolvers' port (always 53 in service; tests point it at a fake server)."""
     host_names: tuple[str, ...] = ("host.containers.internal", "host.docker.internal")
     """Names the gateway's DNS answers itself with `host_alias_ip`."""
     connect_timeout: float = 10.0

@@ -38,6 +38,7 @@ from nitro_netd.netstack.icmp import IcmpLayer
 from nitro_netd.netstack.layer import Layer
 from nitro_netd.netstack.output import StackOutput
 from nitro_netd.netstack.stats import StackStats
+from nitro_netd.netstack.tcp import TCP_EVENTS, TcpLayer
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +48,15 @@ _Handler = Callable[["NetStack", memoryview, float], None]
 class NetStack:
     """The sans-IO network stack. See the module docstring for the theory of operation."""
 
-    def __init__(self, config: StackConfig | None = None) -> None:
+    def __init__(self, config: StackConfig | None = None, *, isn_seed: int = 0) -> None:
+        """Create a stack; `isn_seed` varies TCP initial sequence numbers (pass randomness)."""
         self.config = config or StackConfig()
         self.stats = StackStats()
         self.output = StackOutput(self.config, self.stats)
         self.layers: dict[int, Layer] = {IpProto.ICMP: IcmpLayer(self.output)}
         self.event_routes: dict[type, Layer] = {}
+        self.tcp = TcpLayer(self.output, isn_seed=isn_seed)
+        self.add_layer(IpProto.TCP, self.tcp, TCP_EVENTS)
 
     def add_layer(self, protocol: int, layer: Layer, events: tuple[type, ...]) -> None:
         """Register the layer for an IP protocol and the host events it consumes."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,7 +34,7 @@ class Bridge:
     def __init__(self, config: StackConfig, loop: asyncio.AbstractEventLoop) -> None:
         self.config = config
         self.loop = loop
-        self.stack = NetStack(config)
+        self.stack = NetStack(config, isn_seed=secrets.randbits(32))
         self.session: LinkSession | None = None
         self.host_sides: list[HostSide] = []
         self._executors: dict[type, Callable[[Any], None]] = {}
@@ -73,10 +74,18 @@ class Bridge:
         """A batch of frames was fed: send the answers."""
         self.flush()
 
+    def on_link_writable(self, session: LinkSession, writable: bool) -> None:
+        """Backpressure: stop reading host sockets while the link is backed up."""
+        paused = not writable and session is self.session
+        for side in self.host_sides:
+            side.set_link_paused(paused)
+
     def on_link_down(self, session: LinkSession, reason: str) -> None:
         """Forget the link if it was the live one."""
         if session is self.session:
             self.session = None
+            for side in self.host_sides:
+                side.set_link_paused(False)
             self.stack.handle_link_reset()
             self.flush()
             for side in self.host_sides:

@@ -19,11 +19,15 @@ PostEvent = Callable[[HostEvent], None]
 class HostSide(Protocol):
     """Executes one protocol's commands on host sockets."""
 
-    command_types: tuple[type, ...]
-    """The command classes this side executes."""
+    @property
+    def command_types(self) -> tuple[type, ...]:
+        """The command classes this side executes."""
 
     def execute(self, command: Any) -> None:
         """Carry out one command (never raises on host errors: they become events)."""
+
+    def set_link_paused(self, paused: bool) -> None:
+        """Stop (or restart) reading host sockets while the link to the enclave is backed up."""
 
     def close_all(self) -> None:
         """Close every socket (link replaced, or the daemon stopping)."""

@@ -36,6 +36,8 @@ from nitro_netd.link import (
 logger = logging.getLogger(__name__)
 
 _HANDSHAKE_CHUNK: Final = 4096
+WRITE_HIGH_WATER: Final = 4 << 20
+"""Bytes queued towards the agent above which host sockets stop being read."""
 
 
 class LinkOwner(Protocol):
@@ -55,6 +57,9 @@ class LinkOwner(Protocol):
 
     def link_plan(self) -> Mapping[str, str]:
         """Headers describing the network plan, sent to agents that ask for a reply."""
+
+    def on_link_writable(self, session: LinkSession, writable: bool) -> None:
+        """The link's write buffer crossed its high (False) or low (True) water mark."""
 
 
 class LinkSession(asyncio.BufferedProtocol):
@@ -79,6 +84,7 @@ class LinkSession(asyncio.BufferedProtocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.peer = _describe_peer(transport)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_HIGH_WATER // 4)
         logger.info("link from %s: connected", self.peer)
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -96,6 +102,12 @@ class LinkSession(asyncio.BufferedProtocol):
                 self._deliver_frames(self._decoder)
         except LinkError as exc:
             self.close(f"protocol error: {exc}")
+
+    def pause_writing(self) -> None:
+        self.owner.on_link_writable(self, False)
+
+    def resume_writing(self) -> None:
+        self.owner.on_link_writable(self, True)
 
     def eof_received(self) -> bool:
         self.close("agent closed the link")

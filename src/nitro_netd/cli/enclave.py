@@ -1,0 +1,334 @@
+"""``nitro-netd-enclave``: give an AWS Nitro Enclave a network over vsock.
+
+Plain invocation creates and configures the TAP, writes resolv.conf and keeps the link to
+the parent up forever (SIGTERM or SIGINT exits 0). ``run [options] -- CMD ARGS...`` does
+the same in a child process, waits for the first link-up, runs CMD, forwards SIGTERM,
+SIGINT and SIGHUP to it, and exits with its status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Final
+
+from nitro_netd.cli.common import LOG_LEVELS, fail, setup_logging
+from nitro_netd.enclave import _process
+from nitro_netd.enclave.agent import Agent, AgentConfig, AgentError
+from nitro_netd.enclave.netconfig import InterfacePlan, NetConfigError
+from nitro_netd.enclave.resolv import DEFAULT_RESOLV_CONF, ResolvConfError
+from nitro_netd.enclave.setup import bring_up_network
+from nitro_netd.enclave.tap import DEFAULT_TAP_NAME, TapError, build_ifreq, open_tap
+from nitro_netd.link import DEFAULT_MTU, MAX_MTU, LinkProtocol
+from nitro_netd.transport import Endpoint, EndpointError, Scheme, parse_endpoint
+
+PROG: Final = "nitro-netd-enclave"
+DEFAULT_PARENT: Final = "vsock://3:1024"
+MIN_MTU: Final = 68
+DEFAULT_LINK_TIMEOUT: Final = 30.0
+AGENT_STOP_GRACE: Final = 5.0
+FORWARDED_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+EPILOG: Final = """\
+examples:
+  nitro-netd-enclave                         # in the enclave: tap0, link to vsock://3:1024
+  nitro-netd-enclave --mtu 9001 --log-level debug
+  nitro-netd-enclave --parent unix:///run/nitro-netd/sim.sock --resolv-conf /tmp/resolv.conf
+  nitro-netd-enclave run -- python3 app.py   # network up, then run the app; exit with its status
+  nitro-netd-enclave run --link-timeout 10 -- curl -sS https://example.com
+
+The agent reconnects forever (backoff 0.05 s doubling to 2 s), keeping the TAP and its
+address 192.168.127.2/24 (gateway and DNS 192.168.127.1). "link up: ..." in the log marks
+each new link. Needs root and /dev/net/tun.
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class EnclaveOptions:
+    """Everything the command line asks for, parsed and checked."""
+
+    agent: AgentConfig
+    plan: InterfacePlan
+    resolv_conf: str | None
+    log_level: str = "info"
+    command: tuple[str, ...] | None = None
+    """For ``run``: the command to start once the link is up; None for the plain agent."""
+    link_timeout: float = DEFAULT_LINK_TIMEOUT
+    link_up_fd: int | None = None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    try:
+        options = parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:  # argparse has printed usage and a one-line error, or --help
+        return exc.code if isinstance(exc.code, int) else 2
+    setup_logging(PROG, options.log_level)
+    try:
+        tap_fd = bring_up_network(options.plan, options.resolv_conf, tap_opener=open_tap)
+    except (TapError, NetConfigError, ResolvConfError) as exc:
+        return fail(PROG, str(exc))
+    try:
+        if options.command is None:
+            return run_agent(options, tap_fd)
+        return run_command(options, tap_fd)
+    finally:
+        os.close(tap_fd)
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    raise SystemExit(main())
+
+
+# --- parsing ---------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str]) -> EnclaveOptions:
+    """Parse the command line (plain or ``run`` form) into options.
+
+    Raises:
+        SystemExit: bad arguments (after argparse printed a one-line error) or --help.
+    """
+    args = list(argv)
+    if args[:1] == ["run"]:
+        parser = build_run_parser()
+        own, command = _split_command(args[1:])
+        ns = parser.parse_args(own)
+        command = command if command is not None else ns.command
+        if not command:
+            parser.error("run needs a command: nitro-netd-enclave run [OPTIONS] -- CMD [ARGS...]")
+        return _options(ns, tuple(command))
+    ns = build_parser().parse_args(args)
+    return _options(ns, None)
+
+
+def _split_command(args: list[str]) -> tuple[list[str], list[str] | None]:
+    """Split ``OPTIONS -- CMD ARGS`` at the first ``--``."""
+    if "--" in args:
+        index = args.index("--")
+        return args[:index], args[index + 1 :]
+    return args, None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the parser of the plain (run forever) form."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        usage=f"{PROG} [OPTIONS]\n       {PROG} run [OPTIONS] [--link-timeout S] -- CMD [ARGS...]",
+        description="Give an AWS Nitro Enclave IP networking through its parent instance: "
+        "create a TAP device, configure it and pump its frames over vsock to "
+        "nitro-netd-parent (or a gvproxy).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common_options(parser)
+    return parser
+
+
+def build_run_parser() -> argparse.ArgumentParser:
+    """Return the parser of the ``run -- CMD`` form."""
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} run",
+        usage=f"{PROG} run [OPTIONS] [--link-timeout S] -- CMD [ARGS...]",
+        description="Bring the network up, wait for the link to the parent, run CMD, and "
+        "exit with CMD's status (128+N if killed by signal N). SIGTERM, SIGINT and SIGHUP "
+        "are forwarded to CMD.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common_options(parser)
+    parser.add_argument(
+        "--link-timeout",
+        type=_positive_float,
+        default=DEFAULT_LINK_TIMEOUT,
+        metavar="SECONDS",
+        help="give up if the link is not up within this time (default: %(default)s)",
+    )
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run")
+    return parser
+
+
+def _add_common_options(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--parent", type=_parent_endpoint, default=DEFAULT_PARENT, metavar="URL",
+        help="where nitro-netd-parent listens: vsock://CID:PORT or unix:///PATH "
+        "(default: %(default)s)")  # fmt: skip
+    add("--mtu", type=_mtu, default=DEFAULT_MTU, metavar="N",
+        help=f"TAP MTU, {MIN_MTU}..{MAX_MTU}; must match the parent's (default: %(default)s)")  # fmt: skip
+    add("--protocol", choices=[p.value for p in LinkProtocol], default=LinkProtocol.GVPROXY.value,
+        help="link framing: gvproxy (HTTP handshake, 16-bit lengths) or qemu "
+        "(32-bit lengths) (default: %(default)s)")  # fmt: skip
+    add("--tap", type=_tap_name, default=DEFAULT_TAP_NAME, metavar="NAME",
+        help="TAP interface name (default: %(default)s)")  # fmt: skip
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resolv-conf", default=DEFAULT_RESOLV_CONF, metavar="PATH",
+        help="resolv.conf to point at the gateway's DNS (default: %(default)s)")  # fmt: skip
+    group.add_argument("--no-resolv-conf", action="store_true",
+        help="leave resolv.conf alone")  # fmt: skip
+    add("--link-up-fd", type=_link_up_fd, default=None, metavar="FD",
+        help="write one byte to this open descriptor each time the link comes up "
+        "(for supervisors)")  # fmt: skip
+    add("--log-level", choices=LOG_LEVELS, default="info",
+        help="log verbosity (default: %(default)s)")  # fmt: skip
+
+
+def _options(ns: argparse.Namespace, command: tuple[str, ...] | None) -> EnclaveOptions:
+    agent = AgentConfig(endpoint=ns.parent, protocol=LinkProtocol(ns.protocol), mtu=ns.mtu)
+    return EnclaveOptions(
+        agent=agent,
+        plan=InterfacePlan(name=ns.tap, mtu=ns.mtu),
+        resolv_conf=None if ns.no_resolv_conf else ns.resolv_conf,
+        log_level=ns.log_level,
+        command=command,
+        link_timeout=getattr(ns, "link_timeout", DEFAULT_LINK_TIMEOUT),
+        link_up_fd=ns.link_up_fd,
+    )
+
+
+def _parent_endpoint(text: str) -> Endpoint:
+    try:
+        endpoint = parse_endpoint(text)
+    except EndpointError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if endpoint.scheme is Scheme.VSOCK and endpoint.cid is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is a listen address; the agent connects: use vsock://3:{endpoint.port}"
+        )
+    return endpoint
+
+
+def _mtu(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not MIN_MTU <= value <= MAX_MTU:
+        raise argparse.ArgumentTypeError(f"{value} outside {MIN_MTU}..{MAX_MTU}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be positive")
+    return value
+
+
+def _tap_name(text: str) -> str:
+    try:
+        build_ifreq(text)
+    except TapError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _link_up_fd(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a descriptor number")
+    try:
+        os.fstat(int(text))
+    except OSError:
+        raise argparse.ArgumentTypeError(f"descriptor {text} is not open") from None
+    return int(text)
+
+
+# --- running ---------------------------------------------------------------------------
+
+
+def run_agent(options: EnclaveOptions, tap_fd: int) -> int:
+    """Run the agent in this process until SIGTERM or SIGINT; return the exit status."""
+    agent = Agent(options.agent, tap_fd, link_up_fd=options.link_up_fd)
+    stop: Callable[[int, object], None] = lambda signum, frame: agent.stop()  # noqa: E731
+    try:
+        with _signal_handlers((signal.SIGTERM, signal.SIGINT), stop):
+            agent.run_forever()
+    except AgentError as exc:
+        return fail(PROG, str(exc))
+    finally:
+        agent.close()
+    return 0
+
+
+def run_command(options: EnclaveOptions, tap_fd: int) -> int:
+    """Start the agent in a child, wait for the link, run the command; return its status."""
+    assert options.command is not None
+    read_fd, write_fd = os.pipe()
+    agent = _process.spawn(
+        "agent", lambda: _agent_child(options, tap_fd, write_fd), (tap_fd, write_fd)
+    )
+    os.close(write_fd)
+    try:
+        problem = _wait_link_up(read_fd, agent, options)
+        if problem is not None:
+            return fail(PROG, problem)
+        return _run_child_command(options.command)
+    finally:
+        _process.finish(agent, AGENT_STOP_GRACE)
+        os.close(read_fd)
+
+
+def _agent_child(options: EnclaveOptions, tap_fd: int, link_up_fd: int) -> str:
+    """The agent process of ``run``: runs until SIGTERM, reports how it ended."""
+    os.set_blocking(link_up_fd, False)
+    agent = Agent(replace(options.agent), tap_fd, link_up_fd=link_up_fd)
+    signal.signal(signal.SIGTERM, lambda signum, frame: agent.stop())
+    try:
+        agent.run_forever()
+    except AgentError as exc:
+        return str(exc)
+    return "stopped"
+
+
+def _wait_link_up(read_fd: int, agent: _process.Child, options: EnclaveOptions) -> str | None:
+    """Wait for the agent's first link-up byte; return an error message if none came."""
+    deadline = time.monotonic() + options.link_timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        if not select.select([read_fd], [], [], remaining)[0]:
+            continue
+        if os.read(read_fd, 1):
+            return None
+        report = _process.read_report(agent, AGENT_STOP_GRACE) or "no reason given"
+        return f"the agent exited before the link came up: {report}"
+    return (
+        f"the link to {options.agent.endpoint} did not come up within "
+        f"{options.link_timeout:g} s: start nitro-netd-parent (or check --parent), "
+        "or raise --link-timeout"
+    )
+
+
+def _run_child_command(command: Sequence[str]) -> int:
+    """Run `command`, forwarding signals to it; return its shell-style exit status."""
+    try:
+        child = subprocess.Popen(command)
+    except FileNotFoundError:
+        return fail(PROG, f"{command[0]}: command not found", 127)
+    except PermissionError:
+        return fail(PROG, f"{command[0]}: permission denied", 126)
+    forward: Callable[[int, object], None] = lambda signum, frame: child.send_signal(signum)  # noqa: E731
+    with _signal_handlers(FORWARDED_SIGNALS, forward):
+        status = child.wait()
+    return status if status >= 0 else 128 - status
+
+
+@contextlib.contextmanager
+def _signal_handlers(
+    signals: Sequence[int], handler: Callable[[int, object], None]
+) -> Iterator[None]:
+    previous = {signum: signal.signal(signum, handler) for signum in signals}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)

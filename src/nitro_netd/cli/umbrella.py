@@ -1,0 +1,240 @@
+"""`nitro-netd`: the umbrella command (the local simulator and a demo).
+
+The daemon and the agent have their own commands, `nitro-netd-parent` and
+`nitro-netd-enclave`; this one is for trying them out on one Linux machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Final
+
+from nitro_netd.cli.common import fail
+from nitro_netd.sim import (
+    ENCLAVE_ADDRESS,
+    GATEWAY_ADDRESS,
+    PARENT_ADDRESS,
+    WORLD_ADDRESS,
+    Role,
+    SimError,
+    Simulator,
+    cleanup_stale,
+    describe,
+    destroy,
+    list_states,
+    load_state,
+    require_host,
+)
+
+PROG: Final = "nitro-netd"
+LINK_TIMEOUT: Final = 15.0
+
+EPILOG: Final = f"""\
+examples:
+  sudo nitro-netd demo                         build a simulator, ping through the bridge, clean up
+  sudo nitro-netd sim up --bridge              leave a simulator running with daemon and agent
+  sudo nitro-netd sim exec NAME enclave -- ping -c 3 {GATEWAY_ADDRESS}
+  sudo nitro-netd sim list
+  sudo nitro-netd sim down NAME                (or: sim down --all)
+
+The simulator is three network namespaces: "enclave" (the agent makes tap0 there,
+{ENCLAVE_ADDRESS}/24, gateway {GATEWAY_ADDRESS}), "parent" (the daemon; eth0 {PARENT_ADDRESS}) and
+"world" ({WORLD_ADDRESS}, standing in for the internet). A unix socket replaces vsock.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser (kept separate so it can be tested)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Try nitro-netd on one Linux machine with network namespaces (needs root).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = commands.add_parser("demo", help="build a simulator, ping the gateway, tear down")
+    demo.add_argument("--mtu", type=int, help="link MTU for the daemon and the agent")
+    sim = commands.add_parser("sim", help="manage simulators").add_subparsers(
+        dest="sim_command", required=True, metavar="SUBCOMMAND"
+    )
+    up = sim.add_parser("up", help="build a simulator and leave it running")
+    up.add_argument("--bridge", action="store_true", help="also start the daemon and the agent")
+    down = sim.add_parser("down", help="remove a simulator")
+    down.add_argument("name", nargs="?", help="simulator name (see `sim list`)")
+    down.add_argument("--all", action="store_true", help="remove every detached or stale one")
+    down.add_argument("--force", action="store_true", help="even if its owner process runs")
+    run = sim.add_parser("exec", help="run a command inside one of a simulator's namespaces")
+    run.add_argument("name", help="simulator name (see `sim list`)")
+    run.add_argument("role", choices=[role.value for role in Role])
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
+    sim.add_parser("list", help="list simulators and their status")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `nitro-netd`; return its exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            return demo(args.mtu)
+        handler = {"up": sim_up, "down": sim_down, "exec": sim_exec, "list": sim_list}
+        return handler[args.sim_command](args)
+    except SimError as exc:
+        return fail(PROG, str(exc).splitlines()[0])
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; cleaned up", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        return fail(PROG, f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    raise SystemExit(main())
+
+
+# -- sim subcommands -------------------------------------------------------------------
+
+
+def sim_up(args: argparse.Namespace) -> int:
+    """Build a simulator, optionally start the bridge, and leave it running."""
+    require_host()
+    _report_stale(cleanup_stale())
+    with Simulator() as sim:
+        if args.bridge:
+            sim.start_parent()
+            sim.start_agent().wait_for_log("link up", LINK_TIMEOUT)
+        state = sim.detach()
+    print(f"simulator {state.name} is up")
+    for role, netns in state.namespaces.items():
+        print(f"  {role.value:<8} netns {netns}")
+    print(f"  link     {state.link_url}")
+    print(f"  logs     {state.workdir}/logs/")
+    print(f"run in it: {PROG} sim exec {state.name} enclave -- ip addr")
+    print(f"remove it: {PROG} sim down {state.name}")
+    return 0
+
+
+def sim_down(args: argparse.Namespace) -> int:
+    """Remove one simulator, or every detached and stale one."""
+    require_host()
+    if args.all:
+        removed = cleanup_stale(include_detached=True)
+        print("removed: " + (", ".join(removed) if removed else "nothing"))
+        return 0
+    if not args.name:
+        return fail(PROG, "name a simulator (see `nitro-netd sim list`) or use --all", 2)
+    problems = destroy(args.name, force=args.force)
+    for problem in problems:
+        print(f"{PROG}: warning: {problem}", file=sys.stderr)
+    print(f"removed {args.name}")
+    return 1 if problems else 0
+
+
+def sim_exec(args: argparse.Namespace) -> int:
+    """Run a command in a namespace of a simulator, passing its exit status through."""
+    require_host()
+    command = list(args.argv)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        return fail(PROG, "give the command after --, e.g. `-- ip addr`", 2)
+    state = load_state(args.name)
+    if state is None:
+        return fail(PROG, f"no simulator named {args.name!r}: see `nitro-netd sim list`")
+    netns = state.namespaces[Role(args.role)]
+    status = subprocess.run(["ip", "netns", "exec", netns, *command], check=False).returncode
+    return 128 - status if status < 0 else status
+
+
+def sim_list(args: argparse.Namespace) -> int:
+    """Print each simulator with its status, owner and work dir."""
+    states = list_states()
+    if not states:
+        print("no simulators")
+        return 0
+    print(f"{'NAME':<12} {'STATUS':<9} {'OWNER':<8} WORKDIR")
+    for state in states:
+        owner = str(state.owner_pid) if state.owner_pid is not None else "-"
+        print(f"{state.name:<12} {describe(state):<9} {owner:<8} {state.workdir}")
+    return 0
+
+
+def _report_stale(removed: list[str]) -> None:
+    if removed:
+        print(f"(removed leftovers of dead simulators: {', '.join(removed)})")
+
+
+# -- demo ------------------------------------------------------------------------------
+
+
+def demo(mtu: int | None) -> int:
+    """Walk a newcomer through the bridge: build, start, ping, tear down."""
+    require_host(["ping"])
+    _report_stale(cleanup_stale())
+    extra = ["--mtu", str(mtu)] if mtu else []
+    step = _Steps()
+    with Simulator() as sim:
+        step(
+            f"Built simulator {sim.name}: three network namespaces on this machine.",
+            f"enclave  {sim.netns('enclave')}: only lo for now; plays the Nitro Enclave (no NIC)",
+            f"parent   {sim.netns('parent')}: plays the EC2 instance, eth0 {PARENT_ADDRESS}",
+            f"world    {sim.netns('world')}: plays the internet, {WORLD_ADDRESS}",
+            f"The link is the unix socket {sim.link_path} in place of vsock.",
+        )
+        parent = sim.start_parent(extra)
+        step(
+            f"Started the parent daemon in the parent namespace (pid {parent.pid}).",
+            f"It listens on {sim.link_url} and answers for the gateway {GATEWAY_ADDRESS}.",
+        )
+        agent = sim.start_agent(extra)
+        try:
+            agent.wait_for_log("link up", LINK_TIMEOUT)
+        except SimError as exc:
+            return _demo_failed(sim, f"the agent did not bring the link up: {exc}")
+        tap = sim.run(Role.ENCLAVE, ["ip", "-brief", "address", "show", "tap0"]).stdout.strip()
+        step(
+            f"Started the agent in the enclave namespace (pid {agent.pid}); the link is up.",
+            "It created tap0 and moves its Ethernet frames over the link:",
+            tap or "(tap0 not found)",
+        )
+        ping_argv = ["ping", "-c", "3", "-W", "2", GATEWAY_ADDRESS]
+        result = sim.run(Role.ENCLAVE, ping_argv)
+        step(
+            f"Ran `{' '.join(ping_argv)}` inside the enclave namespace:",
+            *result.stdout.strip().splitlines(),
+            *result.stderr.strip().splitlines(),
+        )
+        if result.returncode != 0:
+            return _demo_failed(sim, f"ping exited with status {result.returncode}")
+        print(f"\n{step.number + 1}. Tearing down: stopping both processes, removing namespaces.")
+    print("\nResult: OK. The enclave reached its gateway through the userspace bridge.")
+    return 0
+
+
+def _demo_failed(sim: Simulator, reason: str) -> int:
+    print(f"\nResult: FAILED: {reason.splitlines()[0]}\nLogs of the processes:")
+    print(sim.logs_tail())
+    print("Tearing down.")
+    return 1
+
+
+class _Steps:
+    """Prints numbered steps with indented details."""
+
+    def __init__(self) -> None:
+        self.number = 0
+
+    def __call__(self, headline: str, *details: str) -> None:
+        self.number += 1
+        print(f"\n{self.number}. {headline}")
+        for line in details:
+            print(f"     {line}")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,275 @@
+"""The agent's outer loop: connect, handshake, pump, and reconnect forever.
+
+Theory of operation
+-------------------
+The TAP is created and configured once, before the agent starts, and its descriptor is
+kept for the agent's whole life, so the interface and its addresses survive every link
+session. Each session connects to the parent, runs the `Handshake`, announces "link up"
+(a log line, an optional callback and a byte on an optional descriptor), then runs the
+two-process pump until either direction ends. Between sessions the agent waits with capped
+exponential backoff; the backoff starts again after a session whose link stayed up for
+`AgentConfig.stable_after` seconds, so a parent that accepts and at once drops or garbles
+the link does not make the agent spin.
+
+Every wait (backoff, handshake, pump) also watches a self-pipe, so `Agent.stop` (safe to
+call from a signal handler) ends the agent promptly. Operator log lines, one per event::
+
+    connecting to unix:///run/nitro-netd.sock (gvproxy framing)
+    link up: nitro-netd (protocol version 1) at unix:///run/nitro-netd.sock
+    link lost: parent closed the link
+    retry in 0.05 s
+
+Repeats of the same connect failure are logged at debug level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from nitro_netd.enclave.backoff import Backoff
+from nitro_netd.enclave.handshake import Handshake, HandshakeResult
+from nitro_netd.enclave.pump import run_pump
+from nitro_netd.link import DEFAULT_MTU, LinkError, LinkProtocol
+from nitro_netd.transport import Endpoint, connect
+
+logger = logging.getLogger("nitro_netd.enclave")
+
+ETHERNET_HEADER: Final = 14
+_FATAL_CONNECT_ERRNOS: Final = frozenset({errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT})
+"""Connect errors no retry can fix (no vsock in this kernel)."""
+
+
+class AgentError(Exception):
+    """The agent cannot run at all; the message says what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """How the agent reaches its parent; the CLI builds it from the command line."""
+
+    endpoint: Endpoint
+    """Where the parent listens (``vsock://3:1024`` in an enclave, ``unix://`` in tests)."""
+    protocol: LinkProtocol = LinkProtocol.GVPROXY
+    """The link framing."""
+    mtu: int = DEFAULT_MTU
+    """The TAP's MTU: frames read from it are at most MTU + 14 bytes."""
+    connect_timeout: float = 5.0
+    """Seconds a connect may take."""
+    reply_wait: float = 0.25
+    """Seconds to wait for our daemon's reply before taking the peer for a stock gvproxy."""
+    handshake_timeout: float = 5.0
+    """Seconds to finish reading a reply once it has started."""
+    stable_after: float = 1.0
+    """Seconds a link must stay up for the backoff to start again from its first delay."""
+    backoff: Callable[[], Backoff] = field(default=Backoff)
+    """Makes the backoff schedule (0.05 s doubling to 2 s by default)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOutcome:
+    """How one link session ended."""
+
+    reason: str
+    up_seconds: float | None = None
+    """How long the link was up; None if it never came up."""
+
+
+class _StopRequested(Exception):
+    """The agent was asked to stop during a session."""
+
+
+class Agent:
+    """Keep a link to the parent up, pumping frames between it and the TAP."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        tap_fd: int,
+        *,
+        on_link_up: Callable[[HandshakeResult], None] | None = None,
+        link_up_fd: int | None = None,
+    ) -> None:
+        """Args:
+        config: where and how to connect.
+        tap_fd: the TAP (or, in tests, any boundary-keeping descriptor); not closed here.
+        on_link_up: called in the agent's process each time the link comes up.
+        link_up_fd: a descriptor (e.g. a pipe) that gets one byte each time the link comes
+            up, for a parent process; written without blocking.
+        """
+        self.config = config
+        self.tap_fd = tap_fd
+        self.on_link_up = on_link_up
+        self.link_up_fd = link_up_fd
+        self.sessions = 0
+        """Sessions whose link came up."""
+        self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._last_failure = ""
+        self._quiet = False
+
+    def stop(self) -> None:
+        """Ask the agent to stop; safe from a signal handler or another thread."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._stop_w, b"x")
+
+    @property
+    def stopping(self) -> bool:
+        """True once `stop` was called."""
+        return bool(select.select([self._stop_r], [], [], 0)[0])
+
+    def close(self) -> None:
+        """Release the stop pipe (the TAP belongs to the caller)."""
+        for fd in (self._stop_r, self._stop_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def run_forever(self) -> None:
+        """Run sessions until `stop`, waiting with backoff between them.
+
+        Raises:
+            AgentError: the endpoint can never work (e.g. no vsock in this kernel).
+        """
+        backoff = self.config.backoff()
+        while not self.stopping:
+            outcome = self.run_session()
+            if self.stopping:
+                break
+            if outcome.up_seconds is not None and outcome.up_seconds >= self.config.stable_after:
+                backoff.reset()
+            delay = backoff.next_delay()
+            self._log_progress(f"retry in {delay:.2f} s")
+            if self._wait_stop(delay):
+                break
+        logger.info("stopped")
+
+    def run_session(self) -> SessionOutcome:
+        """Connect, handshake and pump once; return why the session ended.
+
+        Raises:
+            AgentError: a connect error no retry can fix.
+        """
+        endpoint = self.config.endpoint
+        self._log_progress(f"connecting to {endpoint} ({self.config.protocol.value} framing)")
+        try:
+            sock = connect(endpoint, timeout=self.config.connect_timeout)
+        except OSError as exc:
+            return self._connect_failed(exc)
+        try:
+            return self._run_link(sock)
+        finally:
+            sock.close()
+
+    def _connect_failed(self, exc: OSError) -> SessionOutcome:
+        endpoint = self.config.endpoint
+        if exc.errno in _FATAL_CONNECT_ERRNOS:
+            raise AgentError(
+                f"cannot open {endpoint}: {exc.strerror}; vsock works only inside an "
+                "enclave (use --parent unix:///PATH elsewhere)"
+            ) from exc
+        reason = f"cannot connect to {endpoint}: {exc.strerror or exc}"
+        self._log_failure(reason)
+        return SessionOutcome(reason)
+
+    def _run_link(self, sock: socket.socket) -> SessionOutcome:
+        try:
+            result = self._handshake(sock)
+        except _StopRequested:
+            return SessionOutcome("agent stopping")
+        except (LinkError, OSError) as exc:
+            reason = f"handshake failed: {_describe(exc)}"
+            self._log_failure(reason)
+            return SessionOutcome(reason)
+        self._announce_link_up(result)
+        up_at = time.monotonic()
+        pumped = run_pump(
+            self.tap_fd,
+            sock,
+            self.config.protocol,
+            initial=result.initial,
+            stop_fd=self._stop_r,
+            max_frame=self.config.mtu + ETHERNET_HEADER,
+        )
+        up_seconds = time.monotonic() - up_at
+        if self.stopping:
+            logger.info("link closed: agent stopping")
+        else:
+            logger.warning("link lost: %s", pumped.reason)
+        logger.debug("tap→link %s; link→tap %s", pumped.tap_to_link.stats, pumped.link_to_tap.stats)
+        return SessionOutcome(pumped.reason, up_seconds)
+
+    def _handshake(self, sock: socket.socket) -> HandshakeResult:
+        """Send the request and decide the peer's kind (see `Handshake`).
+
+        Raises:
+            LinkError: a bad reply, a refusal, or no complete reply in time.
+            OSError: the link failed.
+            _StopRequested: `stop` was called meanwhile.
+        """
+        handshake = Handshake(self.config.protocol)
+        sock.sendall(handshake.request())
+        deadline = time.monotonic() + self.config.reply_wait
+        expired = False
+        while handshake.result is None:
+            if not self._wait_readable(sock, deadline - time.monotonic()):
+                if expired:
+                    raise LinkError("the parent's reply did not complete in time")
+                expired = True
+                deadline = time.monotonic() + self.config.handshake_timeout
+                handshake.wait_expired()
+                continue
+            data = sock.recv(65536)
+            if not data:
+                raise LinkError("the parent closed the link during the handshake")
+            handshake.receive_data(data)
+        return handshake.result
+
+    def _wait_readable(self, sock: socket.socket, timeout: float) -> bool:
+        """Wait for `sock` to be readable; False on timeout.
+
+        Raises:
+            _StopRequested: `stop` was called.
+        """
+        ready, _, _ = select.select([sock.fileno(), self._stop_r], [], [], max(0.0, timeout))
+        if self._stop_r in ready:
+            raise _StopRequested
+        return bool(ready)
+
+    def _wait_stop(self, timeout: float) -> bool:
+        """Sleep up to `timeout` seconds; True if `stop` was called."""
+        return bool(select.select([self._stop_r], [], [], timeout)[0])
+
+    def _announce_link_up(self, result: HandshakeResult) -> None:
+        self.sessions += 1
+        self._last_failure, self._quiet = "", False
+        logger.info("link up: %s at %s", result.describe(), self.config.endpoint)
+        if result.reply is not None:
+            logger.debug("parent's reply headers: %s", dict(result.reply.headers))
+        if self.on_link_up is not None:
+            self.on_link_up(result)
+        if self.link_up_fd is not None:
+            with contextlib.suppress(BlockingIOError, BrokenPipeError):
+                os.write(self.link_up_fd, b"U")
+
+    def _log_failure(self, message: str) -> None:
+        """Log a failure: a warning, or debug when it repeats the previous failure."""
+        self._quiet = message == self._last_failure
+        self._last_failure = message
+        logger.log(logging.DEBUG if self._quiet else logging.WARNING, "%s", message)
+
+    def _log_progress(self, message: str) -> None:
+        """Log a step: info, or debug while the same failure keeps repeating."""
+        logger.log(logging.DEBUG if self._quiet else logging.INFO, "%s", message)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)

@@ -1,0 +1,128 @@
+"""Flow tables for the datagram protocols (UDP, ping): lookup, budget and idle expiry.
+
+Theory of operation
+-------------------
+A datagram flow lives as long as traffic keeps it busy. The table keeps its flows in an
+`OrderedDict` in order of last activity: touching a flow moves it to the end, so the
+first entry is always the next to expire and both `next_expiry()` and expiry itself cost
+O(1) per flow, however many flows there are. UDP and ping share one `FlowBudget`
+(`StackConfig.max_udp_flows`), since every flow holds one host socket.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Hashable, MutableMapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from nitro_netd.netstack.events import FlowId
+
+
+class FlowLogger(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes every line with the flow, e.g. `[udp 192.168.127.2:5353→198.18.0.2:53]`."""
+
+    def process(
+        self, msg: Any, kwargs: MutableMapping[str, Any]
+    ) -> tuple[Any, MutableMapping[str, Any]]:
+        return f"[{self.extra['flow'] if self.extra else '?'}] {msg}", kwargs
+
+
+def flow_logger(logger: logging.Logger, name: str) -> FlowLogger:
+    """A logger adapter for the flow called `name`."""
+    return FlowLogger(logger, {"flow": name})
+
+
+class FlowBudget:
+    """How many datagram flows (host sockets) may exist at once, shared by UDP and ping."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def try_take(self) -> bool:
+        """Reserve one flow; False when the limit is reached."""
+        if self.used >= self.limit:
+            return False
+        self.used += 1
+        return True
+
+    def give_back(self) -> None:
+        """Release a flow reserved with `try_take()`."""
+        self.used -= 1
+
+
+@dataclass(slots=True)
+class DatagramFlow:
+    """What every datagram flow has: its id (for the host side) and its last activity."""
+
+    id: FlowId
+    last_active: float
+
+
+K = TypeVar("K", bound=Hashable)
+F = TypeVar("F", bound=DatagramFlow)
+
+
+class IdleTable(Generic[K, F]):
+    """Flows by key and by id, in order of last activity, with a shared budget."""
+
+    def __init__(self, idle_timeout: float, budget: FlowBudget) -> None:
+        self.idle_timeout = idle_timeout
+        self.budget = budget
+        self._by_key: dict[K, F] = {}
+        self._by_id: OrderedDict[FlowId, tuple[K, F]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def get(self, key: K) -> F | None:
+        """The flow for `key`, or None."""
+        return self._by_key.get(key)
+
+    def get_by_id(self, flow_id: FlowId) -> F | None:
+        """The flow with id `flow_id`, or None."""
+        entry = self._by_id.get(flow_id)
+        return entry[1] if entry is not None else None
+
+    def add(self, key: K, flow: F) -> None:
+        """Insert a new flow (the caller took its budget) as the most recently active."""
+        self._by_key[key] = flow
+        self._by_id[flow.id] = (key, flow)
+
+    def touch(self, flow: F, now: float) -> None:
+        """Record activity on `flow`, pushing its expiry back."""
+        flow.last_active = now
+        self._by_id.move_to_end(flow.id)
+
+    def remove(self, flow: F) -> None:
+        """Forget `flow` and give its budget back (no-op if already gone)."""
+        entry = self._by_id.pop(flow.id, None)
+        if entry is not None:
+            del self._by_key[entry[0]]
+            self.budget.give_back()
+
+    def next_expiry(self) -> float | None:
+        """When the least recently active flow expires, or None with no flows."""
+        for _key, flow in self._by_id.values():
+            return flow.last_active + self.idle_timeout
+        return None
+
+    def pop_expired(self, now: float) -> list[F]:
+        """Remove and return every flow idle for `idle_timeout` or more at `now`."""
+        expired: list[F] = []
+        while self._by_id:
+            _key, flow = next(iter(self._by_id.values()))
+            if flow.last_active + self.idle_timeout > now:
+                break
+            self.remove(flow)
+            expired.append(flow)
+        return expired
+
+    def pop_all(self) -> list[F]:
+        """Remove and return every flow."""
+        flows = [flow for _key, flow in self._by_id.values()]
+        for flow in flows:
+            self.remove(flow)
+        return flows

@@ -1,0 +1,452 @@
+"""One TCP flow between the enclave's kernel and a host socket.
+
+Theory of operation
+-------------------
+This is a translator, not a TCP stack (the approach of passt). The host kernel does real
+TCP with the world on a host socket; here we only speak TCP to the enclave's kernel over a
+link that is ordered and almost lossless (frames towards the enclave can be dropped when
+its TAP queue overflows). Per flow we track:
+
+* the enclave's sending side: `rcv_nxt` (next byte we expect) and the right edge of the
+  window we advertised. Bytes at `rcv_nxt` are handed to the host as `TcpSend` at once and
+  acknowledged at the end of the batch (`flush_ack`). The window is `tcp_buffer` bytes;
+  when the shell says its host socket is backed up (`TcpWriteBlocked`) the right edge
+  stops moving, so the advertised window shrinks to zero as bytes arrive — a slow world
+  slows the enclave and nothing is dropped. Bytes beyond `rcv_nxt` (a gap) are dropped and
+  answered with a duplicate ACK; bytes before it (a retransmit) are trimmed.
+* our sending side: the bytes the host gave us (`TcpData`) wait in `send_buffer`, which
+  starts at `snd_una`, until the enclave acknowledges them. Segments of at most the
+  enclave's MSS are sent within its (scaled) window. Loss is repaired by go-back-N on a
+  retransmission timeout and by a fast retransmit after three duplicate ACKs. When the
+  buffer holds more than `tcp_buffer` bytes the shell is told to stop reading the host
+  socket (`TcpPauseReading`) until the enclave catches up.
+* closing: an enclave FIN becomes `TcpShutdown` (SHUT_WR after queued bytes); a host EOF
+  becomes our FIN once everything before it was sent. When both FINs are acknowledged the
+  host socket is closed and the flow forgotten (no TIME-WAIT on our side). RST maps to RST
+  both ways; a failed connect becomes RST (refused) or ICMP unreachable (no route, timeout).
+
+Everything is driven by method calls with `now`; output goes to the shared `StackOutput`.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno as errnos
+import logging
+from collections.abc import Callable
+from ipaddress import IPv4Address
+from typing import Final
+
+from nitro_netd.frames.errors import DropReason
+from nitro_netd.frames.icmp import IcmpMessage, IcmpType, UnreachableCode, build_icmp
+from nitro_netd.frames.ipv4 import IpProto, build_ipv4_header
+from nitro_netd.frames.tcp import TcpFlags, TcpHeader, TcpOptions
+from nitro_netd.netstack.events import (
+    FlowId,
+    TcpClose,
+    TcpConnect,
+    TcpPauseReading,
+    TcpResumeReading,
+    TcpSend,
+    TcpShutdown,
+)
+from nitro_netd.netstack.output import StackOutput
+from nitro_netd.netstack.tcp.segments import SegmentBuilder
+from nitro_netd.netstack.tcp.seq import seq_add, seq_diff, seq_le, seq_lt
+
+logger = logging.getLogger("nitro_netd.netstack.tcp")
+
+INITIAL_RTO: Final = 0.2
+MAX_RTO: Final = 10.0
+MAX_RETRIES: Final = 12
+"""Retransmissions of the same data before the flow is declared dead and reset."""
+DUPACK_THRESHOLD: Final = 3
+DEFAULT_MSS: Final = 536
+"""RFC 9293 §3.7.1: the MSS to assume when the SYN carries none."""
+_UNREACHABLE_CODES: Final = {
+    errnos.ENETUNREACH: UnreachableCode.NET,
+    errnos.EHOSTUNREACH: UnreachableCode.HOST,
+    errnos.ETIMEDOUT: UnreachableCode.HOST,
+    errnos.EHOSTDOWN: UnreachableCode.HOST,
+}
+_ACK: Final = TcpFlags.ACK
+
+
+class TcpState(enum.Enum):
+    """Where a flow is in its life."""
+
+    CONNECTING = "connecting"
+    """The enclave's SYN was seen; the host connect is in flight."""
+    ESTABLISHED = "established"
+    """SYN-ACK sent; data flows (half-closes are tracked by flags)."""
+    CLOSED = "closed"
+    """Finished or reset; the layer forgets it."""
+
+
+def window_scale_for(buffer: int) -> int:
+    """The smallest shift that lets a 16-bit window field express `buffer` bytes."""
+    shift = 0
+    while buffer >> shift > 0xFFFF and shift < 14:
+        shift += 1
+    return shift
+
+
+class FlowLog(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes every line with the flow, e.g. `[tcp 192.168.127.2:41234→198.18.0.2:80]`."""
+
+    def process(self, msg: object, kwargs: object) -> tuple[str, object]:  # type: ignore[override]
+        return f"[{self.extra['flow'] if self.extra else '?'}] {msg}", kwargs
+
+
+class TcpConnection:
+    """The state of one flow. See the module docstring for the theory of operation."""
+
+    def __init__(
+        self,
+        flow: FlowId,
+        output: StackOutput,
+        builder: SegmentBuilder,
+        syn: TcpHeader,
+        *,
+        iss: int,
+        buffer: int,
+        mss: int,
+        on_timer_change: Callable[[TcpConnection], None],
+    ) -> None:
+        self.flow = flow
+        self.output = output
+        self.builder = builder
+        self.state = TcpState.CONNECTING
+        self.log = FlowLog(logger, {"flow": self._describe()})
+        self._on_timer_change = on_timer_change
+        self.buffer = buffer
+        self.our_mss = mss
+        # Receive side (enclave -> host).
+        self.irs = syn.seq
+        self.rcv_nxt = seq_add(syn.seq, 1)
+        self.rcv_right_edge = seq_add(self.rcv_nxt, buffer)
+        self.write_blocked = False
+        self.enclave_fin = False
+        self.ack_pending = False
+        # Send side (host -> enclave).
+        ws = syn.options.window_scale
+        self.scaling = ws is not None
+        self.enclave_ws = ws or 0
+        self.our_ws = window_scale_for(buffer) if self.scaling else 0
+        self.enclave_mss = min(syn.options.mss or DEFAULT_MSS, mss)
+        self.iss = iss
+        self.snd_una = iss
+        self.snd_nxt = iss
+        self.snd_max = iss
+        self.snd_wnd = syn.window
+        self.syn_acked = False
+        self.send_buffer = bytearray()
+        self.host_eof = False
+        self.fin_acked = False
+        self.reading_paused = False
+        self.dupacks = 0
+        self.rto = INITIAL_RTO
+        self.retries = 0
+        self.deadline: float | None = None
+        self.syn_quote = b""
+        """The first 8 bytes of the enclave's SYN, quoted in ICMP errors."""
+
+    def _describe(self) -> str:
+        b = self.builder
+        return f"tcp {self.output.config.enclave_ip}:{b.destination_port}→{IPv4Address(b._src)}:{b.source_port}"
+
+    @property
+    def closed(self) -> bool:
+        """True once the flow is finished or reset."""
+        return self.state is TcpState.CLOSED
+
+    # --- commands out --------------------------------------------------------------
+
+    def connect_command(self, address: IPv4Address, port: int, timeout: float) -> TcpConnect:
+        """The command that opens the host side."""
+        return TcpConnect(self.flow, address, port, timeout)
+
+    # --- events from the host ---------------------------------------------------------
+
+    def on_host_connected(self, now: float) -> None:
+        """The host socket connected: answer the enclave's SYN."""
+        if self.state is not TcpState.CONNECTING:
+            return
+        self.state = TcpState.ESTABLISHED
+        self.log.debug("connected")
+        self._send_syn_ack()
+        self.snd_nxt = self.snd_max = seq_add(self.iss, 1)
+        self._arm(now)
+
+    def on_host_failed(self, error: int, now: float) -> None:
+        """The host socket failed: tell the enclave with RST or ICMP, and finish."""
+        if self.state is TcpState.CONNECTING:
+            self.log.info("connect failed: %s", errnos.errorcode.get(error, error))
+            self._refuse(error)
+        elif self.state is TcpState.ESTABLISHED:
+            self.log.info("host reset: %s", errnos.errorcode.get(error, error))
+            self._send(self.snd_nxt, TcpFlags.RST | _ACK)
+        self._finish(reset=False)
+
+    def on_host_data(self, data: bytes, now: float) -> None:
+        """Bytes from the host: queue them and send what the enclave's window allows."""
+        if self.state is TcpState.CLOSED or self.host_eof:
+            return
+        self.send_buffer += data
+        if len(self.send_buffer) > self.buffer and not self.reading_paused:
+            self.reading_paused = True
+            self.output.send_command(TcpPauseReading(self.flow))
+        self._try_send(now)
+
+    def on_host_eof(self, now: float) -> None:
+        """The host half-closed: our FIN follows the queued bytes."""
+        if self.state is TcpState.CLOSED or self.host_eof:
+            return
+        self.host_eof = True
+        self._try_send(now)
+
+    def on_write_blocked(self, blocked: bool) -> None:
+        """The shell's buffer for this flow filled (or drained): freeze (or free) the window."""
+        self.write_blocked = blocked
+        if not blocked:
+            self.ack_pending = True
+
+    # --- segments from the enclave ---------------------------------------------------
+
+    def on_segment(self, header: TcpHeader, payload: memoryview, now: float) -> None:
+        """Process one segment of this flow from the enclave."""
+        flags = header.flags
+        if flags & TcpFlags.RST:
+            self._on_rst(header)
+            return
+        if flags & TcpFlags.SYN:
+            if header.seq != self.irs:
+                self.log.info("new SYN on a live flow: resetting it")
+                self._send(self.snd_nxt, TcpFlags.RST | _ACK)
+                self._finish(reset=True)
+            return  # a retransmitted SYN: the SYN-ACK (or its retransmit) answers it
+        if self.state is not TcpState.ESTABLISHED or not flags & _ACK:
+            return
+        self._on_ack(header, payload, now)
+        if self.closed:
+            return
+        if payload or flags & TcpFlags.FIN:
+            self._on_data(header.seq, payload, bool(flags & TcpFlags.FIN))
+        self._maybe_done()
+
+    def _on_rst(self, header: TcpHeader) -> None:
+        offset = seq_diff(header.seq, self.rcv_nxt)
+        if 0 <= offset <= max(self.buffer, 1) or self.state is TcpState.CONNECTING:
+            self.log.info("reset by enclave")
+            self._finish(reset=True)
+
+    def _on_ack(self, header: TcpHeader, payload: memoryview, now: float) -> None:
+        ack = header.ack
+        if not self.syn_acked:
+            if ack != seq_add(self.iss, 1):
+                return
+            self.syn_acked = True
+            self.snd_una = ack
+        elif not seq_le(ack, self.snd_max):
+            self.ack_pending = True  # acknowledges what we never sent
+            return
+        acked = seq_diff(ack, self.snd_una)
+        window = header.window << self.enclave_ws
+        if acked > 0:
+            self._advance(ack, acked, now)
+        elif (
+            acked == 0
+            and not payload
+            and window == self.snd_wnd
+            and self.snd_una != self.snd_max
+            and not header.flags & TcpFlags.FIN
+        ):
+            self._on_dupack(now)
+        self.snd_wnd = window
+        self._try_send(now)
+
+    def _advance(self, ack: int, acked: int, now: float) -> None:
+        data = min(acked, len(self.send_buffer))
+        del self.send_buffer[:data]
+        if acked > data and self.host_eof:
+            self.fin_acked = True
+        self.snd_una = ack
+        if seq_lt(self.snd_nxt, ack):
+            self.snd_nxt = ack
+        self.dupacks = 0
+        self.retries = 0
+        self.rto = INITIAL_RTO
+        self._arm(now)
+        if self.reading_paused and len(self.send_buffer) <= self.buffer // 2:
+            self.reading_paused = False
+            self.output.send_command(TcpResumeReading(self.flow))
+
+    def _on_dupack(self, now: float) -> None:
+        self.dupacks += 1
+        if self.dupacks == DUPACK_THRESHOLD:
+            self.log.debug("fast retransmit at %d", self.snd_una)
+            self._retransmit_first()
+
+    def _on_data(self, seq: int, payload: memoryview, fin: bool) -> None:
+        if self.enclave_fin:
+            self.ack_pending = True
+            return
+        offset = seq_diff(self.rcv_nxt, seq)
+        if offset < 0:
+            self.output.stats.count_drop(DropReason.OUT_OF_ORDER)
+            self._send_ack()  # a gap: ask again for rcv_nxt
+            return
+        self.ack_pending = True
+        new = payload[offset:] if offset < len(payload) else payload[:0]
+        room = seq_diff(self._right_edge(), self.rcv_nxt)
+        if len(new) > room:
+            self.output.stats.count_drop(DropReason.OUT_OF_WINDOW)
+            new, fin = new[: max(room, 0)], False
+        if new:
+            self.output.send_command(TcpSend(self.flow, bytes(new)))
+            self.rcv_nxt = seq_add(self.rcv_nxt, len(new))
+        if fin and seq_add(seq, len(payload)) == self.rcv_nxt:
+            self.rcv_nxt = seq_add(self.rcv_nxt, 1)
+            self.enclave_fin = True
+            self.log.debug("enclave FIN")
+            self.output.send_command(TcpShutdown(self.flow))
+
+    # --- sending -------------------------------------------------------------------
+
+    def _right_edge(self) -> int:
+        if not self.write_blocked:
+            edge = seq_add(self.rcv_nxt, self.buffer)
+            if seq_lt(self.rcv_right_edge, edge):
+                self.rcv_right_edge = edge
+        return self.rcv_right_edge
+
+    def _window_field(self) -> int:
+        window = max(seq_diff(self._right_edge(), self.rcv_nxt), 0) >> self.our_ws
+        return min(window, 0xFFFF)
+
+    def _send(self, seq: int, flags: TcpFlags, payload: memoryview | bytes = b"") -> None:
+        frame = self.builder.build(seq, self.rcv_nxt, flags, self._window_field(), payload)
+        self.output.send_frame(frame)
+        if flags & _ACK:
+            self.ack_pending = False
+
+    def _send_ack(self) -> None:
+        self._send(self.snd_nxt, _ACK)
+
+    def _send_syn_ack(self) -> None:
+        options = TcpOptions(mss=self.our_mss, window_scale=self.our_ws if self.scaling else None)
+        window = min(self.buffer, 0xFFFF)
+        frame = self.builder.build(
+            self.iss, self.rcv_nxt, TcpFlags.SYN | _ACK, window, options=options
+        )
+        self.output.send_frame(frame)
+
+    def flush_ack(self) -> None:
+        """Send the ACK deferred to the end of the batch, if one is owed."""
+        if self.ack_pending and self.state is TcpState.ESTABLISHED and self.syn_acked:
+            self._send_ack()
+
+    def _try_send(self, now: float) -> None:
+        if self.state is not TcpState.ESTABLISHED or not self.syn_acked:
+            return
+        buffered = len(self.send_buffer)
+        view = memoryview(self.send_buffer)
+        try:
+            while True:
+                offset = seq_diff(self.snd_nxt, self.snd_una)
+                n = min(self.enclave_mss, buffered - offset, self.snd_wnd - offset)
+                if n <= 0:
+                    break
+                last = offset + n == buffered
+                flags = _ACK | TcpFlags.PSH if last else _ACK
+                if last and self.host_eof:
+                    flags |= TcpFlags.FIN
+                self._send(self.snd_nxt, flags, view[offset : offset + n])
+                self._sent(seq_add(self.snd_nxt, n + (1 if flags & TcpFlags.FIN else 0)))
+            offset = seq_diff(self.snd_nxt, self.snd_una)
+            if self.host_eof and offset == buffered and not self.fin_acked:
+                self._send(self.snd_nxt, TcpFlags.FIN | _ACK)
+                self._sent(seq_add(self.snd_nxt, 1))
+        finally:
+            view.release()
+        self._arm(now)
+
+    def _sent(self, new_nxt: int) -> None:
+        self.snd_nxt = new_nxt
+        if seq_lt(self.snd_max, new_nxt):
+            self.snd_max = new_nxt
+
+    def _retransmit_first(self) -> None:
+        """Re-send the oldest unacknowledged segment (or FIN)."""
+        n = min(self.enclave_mss, len(self.send_buffer))
+        if n:
+            last = (
+                n == len(self.send_buffer)
+                and self.host_eof
+                and seq_diff(self.snd_max, self.snd_una) > n
+            )
+            flags = _ACK | TcpFlags.PSH | (TcpFlags.FIN if last else 0)
+            self._send(self.snd_una, flags, memoryview(self.send_buffer)[:n])
+        elif self.host_eof:
+            self._send(self.snd_una, TcpFlags.FIN | _ACK)
+
+    # --- timers ------------------------------------------------------------------------
+
+    def _arm(self, now: float) -> None:
+        outstanding = not self.syn_acked or self.snd_una != self.snd_max
+        deadline = now + self.rto if outstanding and self.state is TcpState.ESTABLISHED else None
+        if deadline != self.deadline:
+            self.deadline = deadline
+            self._on_timer_change(self)
+
+    def on_timer(self, now: float) -> None:
+        """The retransmission timer fired: go back to `snd_una` and send again."""
+        if self.deadline is None or now < self.deadline or self.state is not TcpState.ESTABLISHED:
+            return
+        self.retries += 1
+        if self.retries > MAX_RETRIES:
+            self.log.warning("enclave stopped acknowledging: resetting flow")
+            self._send(self.snd_nxt, TcpFlags.RST | _ACK)
+            self._finish(reset=True)
+            return
+        self.rto = min(self.rto * 2, MAX_RTO)
+        self.deadline = None
+        if not self.syn_acked:
+            self._send_syn_ack()
+        else:
+            self.snd_nxt = self.snd_una
+            self._try_send(now)
+        self._arm(now)
+
+    # --- ends --------------------------------------------------------------------------
+
+    def _refuse(self, error: int) -> None:
+        code = _UNREACHABLE_CODES.get(error)
+        if code is None:
+            self._send(0, TcpFlags.RST | _ACK)
+            return
+        config = self.output.config
+        quoted = (
+            build_ipv4_header(config.enclave_ip, IPv4Address(self.builder._src), IpProto.TCP, 20)
+            + self.syn_quote
+        )
+        message = build_icmp(IcmpMessage(IcmpType.DEST_UNREACHABLE, code, 0, 0, quoted))
+        self.output.send_ipv4(config.gateway_ip, config.enclave_ip, IpProto.ICMP, message)
+
+    def _maybe_done(self) -> None:
+        if self.enclave_fin and self.fin_acked:
+            self.log.debug("closed both ways")
+            self._finish(reset=False)
+
+    def _finish(self, *, reset: bool) -> None:
+        """Forget the flow and close its host socket (abortively with `reset`)."""
+        if self.state is TcpState.CLOSED:
+            return
+        self.state = TcpState.CLOSED
+        self.deadline = None
+        self.output.send_command(TcpClose(self.flow, reset=reset))
+        self._on_timer_change(self)
+
+    def reset(self) -> None:
+        """The link went away: abort the host side without telling the (gone) enclave."""
+        self._finish(reset=True)

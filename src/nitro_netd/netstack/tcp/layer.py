@@ -1,0 +1,266 @@
+"""The TCP layer: the flow table, SYN handling, event routing and the timer heap.
+
+Theory of operation
+-------------------
+Each enclave connection is a `TcpConnection` keyed by (enclave port, remote address,
+remote port) and named by a `FlowId` that the shell uses for its host socket. A SYN from
+the enclave opens a flow and asks the shell to connect (`TcpConnect`); everything after
+that is the connection's business. Segments matching no flow are answered with RST
+(RFC 9293 §3.10.7.1) and counted as `no_flow`.
+
+Every segment or event that touches a flow marks it; `before_flush()` lets each marked
+flow send the one ACK it owes for the whole batch. Retransmission deadlines live in a
+heap with lazy invalidation: at most one live entry per flow, checked against the flow's
+current deadline when it reaches the top, so re-arming on every ACK costs O(1) mostly.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from ipaddress import IPv4Address
+
+from nitro_netd.frames.errors import DropReason, FrameError
+from nitro_netd.frames.ipv4 import IPv4Header
+from nitro_netd.frames.tcp import TcpFlags, TcpHeader, parse_tcp
+from nitro_netd.netstack.config import StackConfig
+from nitro_netd.netstack.events import (
+    FlowId,
+    HostEvent,
+    TcpConnected,
+    TcpData,
+    TcpEof,
+    TcpFailed,
+    TcpWriteBlocked,
+    TcpWriteUnblocked,
+)
+from nitro_netd.netstack.nat import dns_upstream_for_tcp, nat_from_enclave
+from nitro_netd.netstack.output import StackOutput
+from nitro_netd.netstack.tcp.connection import TcpConnection, TcpState
+from nitro_netd.netstack.tcp.segments import SegmentBuilder
+from nitro_netd.netstack.tcp.seq import seq_add
+
+logger = logging.getLogger("nitro_netd.netstack.tcp")
+
+FlowKey = tuple[int, IPv4Address, int]
+"""(enclave port, remote address as the enclave sees it, remote port)."""
+TCP_EVENTS = (TcpConnected, TcpData, TcpEof, TcpFailed, TcpWriteBlocked, TcpWriteUnblocked)
+DNS_PORT = 53
+
+
+class TcpLayer:
+    """Owns every TCP flow. See the module docstring for the theory of operation."""
+
+    def __init__(self, output: StackOutput, *, isn_seed: int = 0) -> None:
+        self.output = output
+        self.config: StackConfig = output.config
+        self.flows: dict[FlowId, TcpConnection] = {}
+        self.by_key: dict[FlowKey, TcpConnection] = {}
+        self._keys: dict[FlowId, FlowKey] = {}
+        self._pending_connects: set[FlowId] = set()
+        self._touched: set[FlowId] = set()
+        self._heap: list[tuple[float, FlowId]] = []
+        self._heap_at: dict[FlowId, float] = {}
+        self._next_flow = 1
+        self._isn_seed = isn_seed & 0xFFFFFFFF
+
+    # --- enclave input --------------------------------------------------------------
+
+    def receive(self, header: IPv4Header, body: memoryview, now: float) -> None:
+        """Handle one TCP segment from the enclave."""
+        tcp, payload = parse_tcp(body, source=header.source, destination=header.destination)
+        key = (tcp.source_port, header.destination, tcp.destination_port)
+        conn = self.by_key.get(key)
+        if conn is None:
+            if tcp.flags & (TcpFlags.SYN | TcpFlags.ACK | TcpFlags.RST) == TcpFlags.SYN:
+                self._open(header, tcp, body, now)
+                return
+            self._reset_stray(header, tcp, len(payload))
+            raise FrameError(
+                DropReason.NO_FLOW,
+                f"TCP {tcp.flags!r} to {header.destination}:{tcp.destination_port}",
+            )
+        conn.on_segment(tcp, payload, now)
+        self._after(conn)
+
+    def _open(self, header: IPv4Header, tcp: TcpHeader, body: memoryview, now: float) -> None:
+        target = self._host_target(header.destination, tcp.destination_port)
+        if target is None or not self._has_room(header, tcp):
+            self._reset_stray(header, tcp, 0)
+            return
+        flow = self._next_flow
+        self._next_flow += 1
+        builder = SegmentBuilder(
+            self.output.enclave_mac(),
+            self.config.gateway_mac,
+            header.destination,
+            header.source,
+            tcp.destination_port,
+            tcp.source_port,
+        )
+        conn = TcpConnection(
+            flow,
+            self.output,
+            builder,
+            tcp,
+            iss=self._isn(flow),
+            buffer=self.config.tcp_buffer,
+            mss=self.config.mtu - 40,
+            on_timer_change=self._on_timer_change,
+        )
+        conn.syn_quote = bytes(body[:8])
+        key = (tcp.source_port, header.destination, tcp.destination_port)
+        self.flows[flow], self.by_key[key], self._keys[flow] = conn, conn, key
+        self._pending_connects.add(flow)
+        conn.log.debug("SYN: connecting to %s:%d", *target)
+        self.output.send_command(
+            conn.connect_command(target[0], target[1], self.config.connect_timeout)
+        )
+
+    def _host_target(self, destination: IPv4Address, port: int) -> tuple[IPv4Address, int] | None:
+        """Where a connection from the enclave goes on the host, or None to refuse it."""
+        if port == 0:
+            return None
+        if destination == self.config.gateway_ip:
+            upstream = dns_upstream_for_tcp(self.config) if port == DNS_PORT else None
+            return None if upstream is None else (upstream, port)
+        return nat_from_enclave(self.config, destination), port
+
+    def _has_room(self, header: IPv4Header, tcp: TcpHeader) -> bool:
+        if len(self.flows) >= self.config.max_tcp_flows:
+            limit = f"{self.config.max_tcp_flows} TCP flows"
+        elif len(self._pending_connects) >= self.config.max_pending_connects:
+            limit = f"{self.config.max_pending_connects} pending connects"
+        else:
+            return True
+        self.output.stats.count_drop(DropReason.LIMIT)
+        logger.warning(
+            "[tcp %s:%d→%s:%d] refused: limit of %s reached",
+            header.source,
+            tcp.source_port,
+            header.destination,
+            tcp.destination_port,
+            limit,
+        )
+        return False
+
+    def _reset_stray(self, header: IPv4Header, tcp: TcpHeader, payload_length: int) -> None:
+        """Answer a segment that has no flow with RST (never a RST to a RST)."""
+        if tcp.flags & TcpFlags.RST:
+            return
+        builder = SegmentBuilder(
+            self.output.enclave_mac(),
+            self.config.gateway_mac,
+            header.destination,
+            header.source,
+            tcp.destination_port,
+            tcp.source_port,
+        )
+        if tcp.flags & TcpFlags.ACK:
+            frame = builder.build(tcp.ack, 0, TcpFlags.RST, 0)
+        else:
+            length = (
+                payload_length
+                + (1 if tcp.flags & TcpFlags.SYN else 0)
+                + (1 if tcp.flags & TcpFlags.FIN else 0)
+            )
+            frame = builder.build(0, seq_add(tcp.seq, length), TcpFlags.RST | TcpFlags.ACK, 0)
+        self.output.send_frame(frame)
+
+    def _isn(self, flow: FlowId) -> int:
+        return (self._isn_seed + flow * 0x9E3779B9) & 0xFFFFFFFF
+
+    # --- host events ----------------------------------------------------------------
+
+    def handle_event(self, event: HostEvent, now: float) -> None:
+        """Route a host event to its flow (events for forgotten flows are ignored)."""
+        conn = self.flows.get(event.flow)
+        if conn is None:
+            return
+        if isinstance(event, TcpData):
+            conn.on_host_data(event.data, now)
+        elif isinstance(event, TcpConnected):
+            self._pending_connects.discard(event.flow)
+            conn.on_host_connected(now)
+        elif isinstance(event, TcpEof):
+            conn.on_host_eof(now)
+        elif isinstance(event, TcpFailed):
+            self._pending_connects.discard(event.flow)
+            conn.on_host_failed(event.errno, now)
+        elif isinstance(event, TcpWriteBlocked | TcpWriteUnblocked):
+            conn.on_write_blocked(isinstance(event, TcpWriteBlocked))
+        self._after(conn)
+
+    def _after(self, conn: TcpConnection) -> None:
+        if conn.state is TcpState.CLOSED:
+            self._forget(conn)
+        else:
+            self._touched.add(conn.flow)
+
+    def _forget(self, conn: TcpConnection) -> None:
+        self.flows.pop(conn.flow, None)
+        self._pending_connects.discard(conn.flow)
+        self._touched.discard(conn.flow)
+        key = self._keys.pop(conn.flow, None)
+        if key is not None and self.by_key.get(key) is conn:
+            del self.by_key[key]
+
+    # --- batching, timers, reset ------------------------------------------------------
+
+    def before_flush(self) -> None:
+        """Send the one ACK each touched flow owes for this batch."""
+        for flow in self._touched:
+            conn = self.flows.get(flow)
+            if conn is not None:
+                conn.flush_ack()
+        self._touched.clear()
+
+    def _on_timer_change(self, conn: TcpConnection) -> None:
+        deadline = conn.deadline
+        if deadline is None:
+            return
+        current = self._heap_at.get(conn.flow)
+        if current is None or deadline < current:
+            heapq.heappush(self._heap, (deadline, conn.flow))
+            self._heap_at[conn.flow] = deadline
+
+    def get_timer(self) -> float | None:
+        """The earliest live retransmission deadline."""
+        heap = self._heap
+        while heap:
+            when, flow = heap[0]
+            if self._heap_at.get(flow) != when:
+                heapq.heappop(heap)
+                continue
+            conn = self.flows.get(flow)
+            if conn is None or conn.deadline is None:
+                heapq.heappop(heap)
+                del self._heap_at[flow]
+                continue
+            if conn.deadline > when:
+                heapq.heapreplace(heap, (conn.deadline, flow))
+                self._heap_at[flow] = conn.deadline
+                continue
+            return when
+        return None
+
+    def handle_timer(self, now: float) -> None:
+        """Fire every retransmission deadline that is due."""
+        while (when := self.get_timer()) is not None and when <= now:
+            _, flow = heapq.heappop(self._heap)
+            del self._heap_at[flow]
+            conn = self.flows[flow]
+            conn.on_timer(now)
+            self._after(conn)
+
+    def reset(self) -> None:
+        """The link was replaced: abort every host socket and forget every flow."""
+        for conn in list(self.flows.values()):
+            conn.reset()
+        self.flows.clear()
+        self.by_key.clear()
+        self._keys.clear()
+        self._pending_connects.clear()
+        self._touched.clear()
+        self._heap.clear()
+        self._heap_at.clear()

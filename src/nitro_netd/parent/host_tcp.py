@@ -1,0 +1,319 @@
+"""Host TCP sockets for the netstack's TCP flows.
+
+Theory of operation
+-------------------
+One non-blocking socket per flow, driven by `loop.add_reader` / `add_writer` callbacks
+(no task per flow, no stream objects: a flow costs a socket and a small object).
+
+* connect: `connect_ex`, then wait for writability or the flow's timeout; the outcome is
+  `TcpConnected` or `TcpFailed(errno)`.
+* enclave -> host: `TcpSend` bytes are written at once where the kernel takes them; the
+  rest waits in the flow's `pending` buffer until the socket is writable. Above
+  `HIGH_WATER` pending bytes the stack is told `TcpWriteBlocked` (it stops opening the
+  enclave's window) and below `LOW_WATER` `TcpWriteUnblocked`. A `TcpShutdown` or a
+  graceful `TcpClose` takes effect only after `pending` is written: no byte is lost.
+* host -> enclave: each readable callback does one `recv_into` a shared buffer and posts
+  `TcpData` (or `TcpEof`). Reading stops while the stack asks (`TcpPauseReading`, the
+  enclave is slow) or while the link to the enclave is backed up (`set_link_paused`).
+
+Events caused by a command are posted with `call_soon`, never from inside `execute()`,
+so the stack is never re-entered while the bridge is draining it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import struct
+from typing import Any, Final
+
+from nitro_netd.netstack.events import (
+    FlowId,
+    HostEvent,
+    TcpClose,
+    TcpConnect,
+    TcpConnected,
+    TcpData,
+    TcpEof,
+    TcpFailed,
+    TcpPauseReading,
+    TcpResumeReading,
+    TcpSend,
+    TcpShutdown,
+    TcpWriteBlocked,
+    TcpWriteUnblocked,
+)
+from nitro_netd.parent.host import PostEvent
+
+logger = logging.getLogger(__name__)
+
+READ_SIZE: Final = 256 << 10
+HIGH_WATER: Final = 4 << 20
+LOW_WATER: Final = 1 << 20
+LINGER_TIMEOUT: Final = 60.0
+"""How long a gracefully closed socket may take to write its last bytes."""
+_LINGER_ABORT: Final = struct.pack("ii", 1, 0)
+
+
+class HostTcpFlow:
+    """The host socket of one flow and its unwritten bytes."""
+
+    def __init__(self, owner: HostTcp, flow: FlowId, sock: socket.socket) -> None:
+        self.owner = owner
+        self.flow = flow
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.connected = False
+        self.reading = False
+        self.paused = False
+        self.eof_seen = False
+        self.pending = bytearray()
+        self.writing = False
+        self.blocked = False
+        self.shutdown_wanted = False
+        self.close_wanted = False
+        self.closed = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    # --- connect ----------------------------------------------------------------------
+
+    def start_connect(self, address: str, port: int, timeout: float) -> None:
+        err = self.sock.connect_ex((address, port))
+        if err in (0, errno.EINPROGRESS):
+            self.owner.loop.add_writer(self.fd, self._on_connect_ready)
+            self.writing = True
+            self.timer = self.owner.loop.call_later(timeout, self._on_connect_timeout)
+        else:
+            self.owner.post_soon(TcpFailed(self.flow, err))
+            self.abort()
+
+    def _on_connect_ready(self) -> None:
+        self._stop_writing()
+        self._cancel_timer()
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.abort()
+            self.owner.post(TcpFailed(self.flow, err))
+            return
+        self.connected = True
+        self.owner.post(TcpConnected(self.flow))
+        if not self.closed:
+            self.update_reading()
+            self._flush_pending()
+
+    def _on_connect_timeout(self) -> None:
+        self.timer = None
+        self.abort()
+        self.owner.post(TcpFailed(self.flow, errno.ETIMEDOUT))
+
+    # --- reading ----------------------------------------------------------------------
+
+    def update_reading(self) -> None:
+        """Register or unregister the reader to match the pause flags."""
+        want = (
+            self.connected
+            and not self.closed
+            and not self.eof_seen
+            and not self.paused
+            and not self.owner.link_paused
+        )
+        if want and not self.reading:
+            self.owner.loop.add_reader(self.fd, self._on_readable)
+        elif not want and self.reading:
+            self.owner.loop.remove_reader(self.fd)
+        self.reading = want
+
+    def _on_readable(self) -> None:
+        try:
+            n = self.sock.recv_into(self.owner.read_buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fail(exc)
+            return
+        if n == 0:
+            self.eof_seen = True
+            self.update_reading()
+            self.owner.post(TcpEof(self.flow))
+        else:
+            self.owner.post(TcpData(self.flow, bytes(self.owner.read_view[:n])))
+
+    # --- writing ----------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        if self.pending or not self.connected:
+            self.pending += data
+        else:
+            try:
+                n = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as exc:
+                self._fail(exc, soon=True)
+                return
+            if n < len(data):
+                self.pending += memoryview(data)[n:]
+        if self.pending and self.connected and not self.writing:
+            self.owner.loop.add_writer(self.fd, self._on_writable)
+            self.writing = True
+        if len(self.pending) > HIGH_WATER and not self.blocked:
+            self.blocked = True
+            self.owner.post_soon(TcpWriteBlocked(self.flow))
+
+    def _flush_pending(self) -> None:
+        if self.pending:
+            if not self.writing:
+                self.owner.loop.add_writer(self.fd, self._on_writable)
+                self.writing = True
+        else:
+            self._after_drain()
+
+    def _on_writable(self) -> None:
+        try:
+            n = self.sock.send(self.pending)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fail(exc)
+            return
+        del self.pending[:n]
+        if self.blocked and len(self.pending) < LOW_WATER:
+            self.blocked = False
+            self.owner.post(TcpWriteUnblocked(self.flow))
+        if not self.pending and not self.closed:
+            self._stop_writing()
+            self._after_drain()
+
+    def _after_drain(self) -> None:
+        if self.shutdown_wanted and self.connected:
+            self.shutdown_wanted = False
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                logger.debug("flow %d: shutdown: %s", self.flow, exc)
+        if self.close_wanted:
+            self._close_now(abort=False)
+
+    def shutdown(self) -> None:
+        self.shutdown_wanted = True
+        if not self.pending:
+            self._after_drain()
+
+    def close(self) -> None:
+        """Close once pending bytes are written (bounded by LINGER_TIMEOUT)."""
+        self.close_wanted = True
+        self.paused = True
+        self.update_reading()
+        if not self.pending or not self.connected:
+            self._close_now(abort=False)
+        else:
+            self._cancel_timer()
+            self.timer = self.owner.loop.call_later(LINGER_TIMEOUT, self.abort)
+
+    # --- ends -------------------------------------------------------------------------
+
+    def _fail(self, exc: OSError, *, soon: bool = False) -> None:
+        code = exc.errno or errno.EIO
+        self.abort()
+        event = TcpFailed(self.flow, code)
+        if soon:
+            self.owner.post_soon(event)
+        else:
+            self.owner.post(event)
+
+    def abort(self) -> None:
+        """Close at once; the peer sees RST if the connection was up."""
+        self._close_now(abort=True)
+
+    def _close_now(self, *, abort: bool) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.update_reading()
+        self._stop_writing()
+        self._cancel_timer()
+        if abort:
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+        self.sock.close()
+        self.owner.forget(self)
+
+    def _stop_writing(self) -> None:
+        if self.writing:
+            self.owner.loop.remove_writer(self.fd)
+            self.writing = False
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class HostTcp:
+    """Executes the netstack's TCP commands. Implements `HostSide`."""
+
+    command_types = (TcpConnect, TcpSend, TcpShutdown, TcpClose, TcpPauseReading, TcpResumeReading)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, post_event: PostEvent) -> None:
+        self.loop = loop
+        self.post = post_event
+        self.flows: dict[FlowId, HostTcpFlow] = {}
+        self.read_buffer = bytearray(READ_SIZE)
+        self.read_view = memoryview(self.read_buffer)
+        self.link_paused = False
+
+    def post_soon(self, event: HostEvent) -> None:
+        """Post an event after the current drain of the stack (never re-entrantly)."""
+        self.loop.call_soon(self.post, event)
+
+    def execute(self, command: Any) -> None:
+        """Carry out one TCP command."""
+        if isinstance(command, TcpConnect):
+            self._connect(command)
+            return
+        flow = self.flows.get(command.flow)
+        if flow is None:
+            return
+        if isinstance(command, TcpSend):
+            flow.send(command.data)
+        elif isinstance(command, TcpShutdown):
+            flow.shutdown()
+        elif isinstance(command, TcpClose):
+            flow.abort() if command.reset else flow.close()
+        elif isinstance(command, TcpPauseReading | TcpResumeReading):
+            flow.paused = isinstance(command, TcpPauseReading)
+            flow.update_reading()
+
+    def _connect(self, command: TcpConnect) -> None:
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        except OSError as exc:
+            logger.warning("flow %d: cannot open a socket: %s", command.flow, exc)
+            self.post_soon(TcpFailed(command.flow, exc.errno or errno.EMFILE))
+            return
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        flow = HostTcpFlow(self, command.flow, sock)
+        self.flows[command.flow] = flow
+        flow.start_connect(str(command.address), command.port, command.timeout)
+
+    def forget(self, flow: HostTcpFlow) -> None:
+        """A flow's socket was closed."""
+        if self.flows.get(flow.flow) is flow:
+            del self.flows[flow.flow]
+
+    def set_link_paused(self, paused: bool) -> None:
+        """Stop (or restart) reading every host socket while the link is backed up."""
+        if paused == self.link_paused:
+            return
+        self.link_paused = paused
+        for flow in list(self.flows.values()):
+            flow.update_reading()
+
+    def close_all(self) -> None:
+        """Abort every socket."""
+        for flow in list(self.flows.values()):
+            flow.abort()

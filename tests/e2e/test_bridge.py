@@ -1,0 +1,90 @@
+"""The bridge end to end: our agent in the enclave namespace, our daemon in the parent's."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from nitro_netd.sim import GATEWAY_ADDRESS, Simulator
+
+from .helpers import LINK_TIMEOUT, assert_exit, wait_for_log, wait_for_ping
+
+pytestmark = [pytest.mark.netns("ping"), pytest.mark.timeout(90)]
+
+PING_3: tuple[str, ...] = ("ping", "-c", "3", "-W", "2", GATEWAY_ADDRESS)
+MACHINE_RESOLV_CONF = Path("/etc/resolv.conf")
+
+
+def test_enclave_pings_gateway_through_bridge(sim: Simulator) -> None:
+    sim.start_parent()
+    agent = sim.start_agent()
+    wait_for_log(sim, agent, "link up", LINK_TIMEOUT)
+    wait_for_ping(sim)
+
+    result = sim.run("enclave", PING_3)
+
+    assert_exit(sim, result, 0, "ping -c 3 to the gateway")
+    assert " 0% packet loss" in result.stdout
+
+
+def test_ping_works_after_parent_restart(sim: Simulator) -> None:
+    parent = sim.start_parent()
+    agent = sim.start_agent()
+    wait_for_ping(sim)
+    mark = agent.log_mark()
+
+    parent.stop(signal.SIGTERM)
+    sim.start_parent()
+
+    wait_for_log(sim, agent, "link up", LINK_TIMEOUT, after=mark)
+    wait_for_ping(sim)
+    assert_exit(sim, sim.run("enclave", PING_3), 0, "ping after the parent restarted")
+    assert agent.is_alive(), "the agent must survive the parent's restart\n" + sim.logs_tail()
+
+
+def test_parent_exits_zero_on_sigterm_and_removes_its_socket(sim: Simulator) -> None:
+    parent = sim.start_parent()
+    assert sim.link_path.exists()
+
+    status = parent.stop(signal.SIGTERM)
+
+    assert status == 0, f"exit status {status} after SIGTERM\n{sim.logs_tail()}"
+    assert not sim.link_path.exists(), "the link socket file is left behind"
+
+
+def test_agent_started_before_parent(sim: Simulator) -> None:
+    agent = sim.start_agent()
+    # Here the wait is the point of the test: the agent must keep retrying, alive, with no
+    # parent for a while (it is not synchronisation).
+    waited_until = time.monotonic() + 5.0
+    while time.monotonic() < waited_until:
+        assert agent.is_alive(), "the agent gave up while the parent was not there\n" + (
+            sim.logs_tail()
+        )
+        time.sleep(0.2)
+    assert "link up" not in agent.log_text()
+
+    sim.start_parent()
+
+    wait_for_log(sim, agent, "link up", LINK_TIMEOUT)
+    wait_for_ping(sim)
+    assert_exit(sim, sim.run("enclave", PING_3), 0, "ping once the late parent is up")
+
+
+def test_agent_writes_enclave_resolv_conf_not_the_machines(sim: Simulator) -> None:
+    machine_before = MACHINE_RESOLV_CONF.read_bytes()
+    sim.start_parent()
+    agent = sim.start_agent()
+    wait_for_log(sim, agent, "link up", LINK_TIMEOUT)
+
+    seen_inside = sim.run("enclave", ["cat", "/etc/resolv.conf"]).stdout
+
+    assert f"nameserver {GATEWAY_ADDRESS}" in seen_inside.splitlines(), seen_inside
+    assert sim.etc_path("enclave", "resolv.conf").read_text() == seen_inside
+    agent.stop()
+    assert MACHINE_RESOLV_CONF.read_bytes() == machine_before
+    leftovers = [p.name for p in Path("/etc").glob(".resolv.conf*")]
+    assert not leftovers, f"temporary files left in the machine's /etc: {leftovers}"

@@ -1,0 +1,274 @@
+"""The agent's frame pump, unprivileged: a SOCK_SEQPACKET socketpair stands in for the TAP
+and a unix stream socketpair for the link. Thousands of random frames of random sizes go
+both ways at once, in both framings, and must arrive intact and in order."""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from nitro_netd.enclave.pump import (
+    COALESCE_LIMIT,
+    DirectionStats,
+    PumpResult,
+    pump_tap_to_link,
+    run_pump,
+)
+from nitro_netd.link import MIN_FRAME, FrameDecoder, LinkProtocol, encode_frame
+
+FRAMES_PER_DIRECTION = 3000
+MAX_TEST_FRAME = 65535
+DEADLINE = 60.0
+
+
+def random_frames(seed: int, count: int) -> list[bytes]:
+    """Frames of random sizes, small ones most often, always including min and max."""
+    rng = random.Random(seed)
+    sizes = [MIN_FRAME, MAX_TEST_FRAME]
+    for _ in range(count - 2):
+        band = rng.random()
+        if band < 0.4:
+            sizes.append(rng.randint(MIN_FRAME, 200))
+        elif band < 0.7:
+            sizes.append(rng.randint(201, 9014))
+        else:
+            sizes.append(rng.randint(9015, MAX_TEST_FRAME))
+    rng.shuffle(sizes)
+    return [rng.randbytes(size) for size in sizes]
+
+
+@dataclass
+class PumpRig:
+    """The pump running in a thread between a fake TAP and a link socketpair."""
+
+    protocol: LinkProtocol
+    tap_agent: socket.socket
+    tap_test: socket.socket
+    link_agent: socket.socket
+    link_test: socket.socket
+    result: list[PumpResult] = field(default_factory=list)
+    thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        def run() -> None:
+            self.result.append(run_pump(self.tap_agent.fileno(), self.link_agent, self.protocol))
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def wait_result(self, timeout: float = 10.0) -> PumpResult:
+        assert self.thread is not None
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the pump did not stop"
+        return self.result[0]
+
+
+@pytest.fixture(params=list(LinkProtocol), ids=lambda p: p.value)
+def rig(request: pytest.FixtureRequest) -> Iterator[PumpRig]:
+    protocol: LinkProtocol = request.param
+    tap_agent, tap_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    link_agent, link_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for sock in (tap_agent, tap_test):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    rig = PumpRig(protocol, tap_agent, tap_test, link_agent, link_test)
+    yield rig
+    link_test.close()  # ends the pump if a test did not
+    if rig.thread is not None:
+        rig.thread.join(10)
+    for sock in (tap_agent, tap_test, link_agent):
+        sock.close()
+
+
+def send_frames_into_tap(tap: socket.socket, frames: list[bytes]) -> threading.Thread:
+    thread = threading.Thread(target=lambda: [tap.send(f) for f in frames], daemon=True)
+    thread.start()
+    return thread
+
+
+def send_stream_into_link(link: socket.socket, protocol: LinkProtocol, frames: list[bytes]) -> threading.Thread:
+    data = b"".join(encode_frame(protocol, frame) for frame in frames)
+    thread = threading.Thread(target=lambda: link.sendall(data), daemon=True)
+    thread.start()
+    return thread
+
+
+def receive_from_link(link: socket.socket, protocol: LinkProtocol, count: int) -> list[bytes]:
+    decoder = FrameDecoder(protocol)
+    frames: list[bytes] = []
+    link.settimeout(DEADLINE)
+    while len(frames) < count:
+        n = link.recv_into(decoder.get_buffer())
+        assert n, f"link closed after {len(frames)} of {count} frames"
+        decoder.buffer_updated(n)
+        while (frame := decoder.maybe_next_frame()) is not None:
+            frames.append(bytes(frame))
+    return frames
+
+
+def receive_from_tap(tap: socket.socket, count: int) -> list[bytes]:
+    tap.settimeout(DEADLINE)
+    return [tap.recv(MAX_TEST_FRAME + 100) for _ in range(count)]
+
+
+def test_pump_random_frames_both_ways_arrive_intact_and_in_order(rig: PumpRig) -> None:
+    outbound = random_frames(1, FRAMES_PER_DIRECTION)
+    inbound = random_frames(2, FRAMES_PER_DIRECTION)
+    rig.start()
+    senders = [
+        send_frames_into_tap(rig.tap_test, outbound),
+        send_stream_into_link(rig.link_test, rig.protocol, inbound),
+    ]
+    received_inbound: list[list[bytes]] = []
+    reader = threading.Thread(
+        target=lambda: received_inbound.append(receive_from_tap(rig.tap_test, len(inbound))),
+        daemon=True,
+    )
+    reader.start()
+    received_outbound = receive_from_link(rig.link_test, rig.protocol, len(outbound))
+    reader.join(DEADLINE)
+    for sender in senders:
+        sender.join(DEADLINE)
+    assert received_outbound == outbound
+    assert received_inbound == [inbound]
+
+    rig.link_test.close()
+    result = rig.wait_result()
+    assert result.reason == "parent closed the link"
+    assert result.link_to_tap.stats.frames == len(inbound)
+    assert result.tap_to_link.stats.frames == len(outbound)
+    assert result.tap_to_link.reason == "stopped"
+
+
+def test_pump_tap_closed_ends_the_session(rig: PumpRig) -> None:
+    rig.start()
+    rig.tap_test.send(b"\x01" * 60)
+    assert receive_from_link(rig.link_test, rig.protocol, 1) == [b"\x01" * 60]
+    rig.tap_test.close()
+    result = rig.wait_result()
+    assert result.reason == "tap closed"
+    assert result.link_to_tap.reason == "stopped"
+
+
+def test_pump_bad_length_from_parent_ends_the_session_with_reason(rig: PumpRig) -> None:
+    rig.start()
+    good = b"\x02" * 100
+    rig.link_test.sendall(encode_frame(rig.protocol, good) + b"\x05\x00\x00\x00" + b"x" * 20)
+    assert receive_from_tap(rig.tap_test, 1) == [good]
+    result = rig.wait_result()
+    assert result.reason.startswith("bad frame from the parent: invalid frame length")
+
+
+def test_pump_initial_bytes_are_delivered_first(rig: PumpRig) -> None:
+    first, second = b"\x03" * 50, b"\x04" * 70
+    rig.result.clear()
+
+    def run() -> None:
+        initial = encode_frame(rig.protocol, first)
+        rig.result.append(
+            run_pump(rig.tap_agent.fileno(), rig.link_agent, rig.protocol, initial=initial)
+        )
+
+    rig.thread = threading.Thread(target=run, daemon=True)
+    rig.thread.start()
+    rig.link_test.sendall(encode_frame(rig.protocol, second))
+    assert receive_from_tap(rig.tap_test, 2) == [first, second]
+
+
+def test_pump_stop_fd_stops_both_directions(rig: PumpRig) -> None:
+    import os
+
+    stop_r, stop_w = os.pipe()
+    try:
+
+        def run() -> None:
+            rig.result.append(
+                run_pump(rig.tap_agent.fileno(), rig.link_agent, rig.protocol, stop_fd=stop_r)
+            )
+
+        rig.thread = threading.Thread(target=run, daemon=True)
+        rig.thread.start()
+        os.write(stop_w, b"x")
+        result = rig.wait_result()
+        assert result.reason == "agent stopping"
+        assert result.tap_to_link.reason == result.link_to_tap.reason == "stopped"
+    finally:
+        os.close(stop_r)
+        os.close(stop_w)
+
+
+class RecordingSender:
+    """Stands in for the link socket: records each send's bytes."""
+
+    def __init__(self) -> None:
+        self.sends: list[bytes] = []
+
+    def sendall(self, data: memoryview, /) -> None:
+        self.sends.append(bytes(data))
+
+
+@pytest.mark.parametrize("protocol", list(LinkProtocol), ids=lambda p: p.value)
+def test_tap_to_link_coalesces_small_frames_and_sends_large_ones_alone(
+    protocol: LinkProtocol,
+) -> None:
+    frames = [b"\x05" * 100] * 500 + [b"\x06" * 40000] + [b"\x07" * 1500] * 30 + [b"\x08" * 65535]
+    tap_agent, tap_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with tap_agent, tap_test:
+        tap_test.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        tap_agent.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        for frame in frames:
+            tap_test.send(frame)
+        tap_test.close()
+        tap_agent.setblocking(False)
+        sender = RecordingSender()
+        stats = DirectionStats()
+        reason = pump_tap_to_link(tap_agent.fileno(), sender, protocol, stats)
+
+    assert reason == "tap closed"
+    assert stats.frames == len(frames)
+    assert len(sender.sends) < len(frames) // 10
+    header = protocol.header_size
+    for chunk in sender.sends:
+        decoder = FrameDecoder(protocol)
+        decoder.receive_data(chunk)
+        in_chunk = []
+        while (frame := decoder.maybe_next_frame()) is not None:
+            in_chunk.append(len(frame))
+        assert decoder.pending == 0
+        assert len(chunk) <= COALESCE_LIMIT or in_chunk == [len(chunk) - header]
+    decoder = FrameDecoder(protocol)
+    decoder.receive_data(b"".join(sender.sends))
+    assert [bytes(f) for f in iter(decoder.maybe_next_frame, None)] == frames
+
+
+def test_tap_to_link_drops_runt_frames() -> None:
+    tap_agent, tap_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with tap_agent, tap_test:
+        tap_test.send(b"\x01" * 5)
+        tap_test.send(b"\x02" * 20)
+        tap_test.close()
+        tap_agent.setblocking(False)
+        sender = RecordingSender()
+        stats = DirectionStats()
+        pump_tap_to_link(tap_agent.fileno(), sender, LinkProtocol.GVPROXY, stats)
+    assert (stats.frames, stats.dropped) == (1, 1)
+    assert sender.sends == [encode_frame(LinkProtocol.GVPROXY, b"\x02" * 20)]
+
+
+def test_pump_throughput_smoke(rig: PumpRig) -> None:
+    """Not a benchmark: checks that large frames move at a sane rate (> 100 Mbit/s)."""
+    frame = b"\x09" * 65000
+    count = 2000
+    rig.start()
+    start = time.monotonic()
+    sender = send_frames_into_tap(rig.tap_test, [frame] * count)
+    received = receive_from_link(rig.link_test, rig.protocol, count)
+    elapsed = time.monotonic() - start
+    sender.join(DEADLINE)
+    assert len(received) == count
+    assert count * len(frame) * 8 / elapsed > 100e6
