@@ -142,8 +142,8 @@ def make_agent(parent: FakeParent) -> Iterator[Callable[..., AgentRig]]:
 
     yield make
     for rig in rigs:
-        assert rig.errors == []
         stop_agent(rig)
+        assert rig.errors == []
 
 
 def stop_agent(rig: AgentRig) -> None:

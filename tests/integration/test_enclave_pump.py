@@ -91,7 +91,9 @@ def send_frames_into_tap(tap: socket.socket, frames: list[bytes]) -> threading.T
     return thread
 
 
-def send_stream_into_link(link: socket.socket, protocol: LinkProtocol, frames: list[bytes]) -> threading.Thread:
+def send_stream_into_link(
+    link: socket.socket, protocol: LinkProtocol, frames: list[bytes]
+) -> threading.Thread:
     data = b"".join(encode_frame(protocol, frame) for frame in frames)
     thread = threading.Thread(target=lambda: link.sendall(data), daemon=True)
     thread.start()
@@ -237,8 +239,8 @@ def test_tap_to_link_coalesces_small_frames_and_sends_large_ones_alone(
         decoder = FrameDecoder(protocol)
         decoder.receive_data(chunk)
         in_chunk = []
-        while (frame := decoder.maybe_next_frame()) is not None:
-            in_chunk.append(len(frame))
+        while (decoded := decoder.maybe_next_frame()) is not None:
+            in_chunk.append(len(decoded))
         assert decoder.pending == 0
         assert len(chunk) <= COALESCE_LIMIT or in_chunk == [len(chunk) - header]
     decoder = FrameDecoder(protocol)

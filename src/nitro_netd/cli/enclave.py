@@ -319,7 +319,12 @@ def _run_child_command(command: Sequence[str]) -> int:
     forward: Callable[[int, object], None] = lambda signum, frame: child.send_signal(signum)  # noqa: E731
     with _signal_handlers(FORWARDED_SIGNALS, forward):
         status = child.wait()
-    return status if status >= 0 else 128 - status
+    return _shell_status(status)
+
+
+def _shell_status(returncode: int) -> int:
+    """Return a shell's exit status for a child's return code (128+N if killed by N)."""
+    return returncode if returncode >= 0 else 128 - returncode
 
 
 @contextlib.contextmanager

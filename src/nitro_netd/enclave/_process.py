@@ -14,6 +14,7 @@ import ctypes
 import os
 import select
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -60,12 +61,22 @@ class Child:
 
 def spawn(name: str, target: Callable[[], str], keep_fds: Iterable[int]) -> Child:
     """Fork a child that runs `target` and reports the string it returns (one line)."""
+    keep = {0, 1, 2, *keep_fds, *_stdio_fds()}
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child, which leaves with os._exit
-        _child_main(target, write_fd, {0, 1, 2, write_fd, *keep_fds})
+        _child_main(target, write_fd, {write_fd, *keep})
     os.close(write_fd)
     return Child(pid, read_fd, name)
+
+
+def _stdio_fds() -> list[int]:
+    """Descriptors behind sys.stdout and sys.stderr (where log handlers write)."""
+    fds = []
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            fds.append(stream.fileno())
+    return fds
 
 
 def _child_main(target: Callable[[], str], write_fd: int, keep: set[int]) -> None:

@@ -15,9 +15,19 @@ import logging
 from collections import OrderedDict
 from collections.abc import Hashable, MutableMapping
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from ipaddress import IPv4Address
+from typing import Any, Final, Generic, TypeVar
 
+from nitro_netd.frames.errors import DropReason
+from nitro_netd.frames.ipv4 import IpProto
+from nitro_netd.frames.udp import build_udp
 from nitro_netd.netstack.events import FlowId
+from nitro_netd.netstack.output import StackOutput
+
+logger = logging.getLogger(__name__)
+
+UDP_OVERHEAD: Final = 28
+"""IPv4 and UDP headers around a UDP payload."""
 
 
 class FlowLogger(logging.LoggerAdapter[logging.Logger]):
@@ -40,11 +50,18 @@ class FlowBudget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+        self._warned = False
 
-    def try_take(self) -> bool:
-        """Reserve one flow; False when the limit is reached."""
+    def try_take(self, what: str) -> bool:
+        """Reserve one flow for `what`; False (logged once per episode) at the limit."""
         if self.used >= self.limit:
+            if not self._warned:
+                logger.warning(
+                    "flow limit %d reached: dropping %s and later ones", self.limit, what
+                )
+                self._warned = True
             return False
+        self._warned = False
         self.used += 1
         return True
 
@@ -126,3 +143,24 @@ class IdleTable(Generic[K, F]):
         for flow in flows:
             self.remove(flow)
         return flows
+
+
+def send_udp(
+    output: StackOutput,
+    source: IPv4Address,
+    source_port: int,
+    destination_port: int,
+    data: bytes,
+) -> bool:
+    """Queue a UDP datagram to the enclave; drop and count it if it exceeds the MTU.
+
+    Returns:
+        False if the datagram was too big for the link (counted as `limit`).
+    """
+    if len(data) + UDP_OVERHEAD > output.config.mtu:
+        output.stats.count_drop(DropReason.LIMIT)
+        return False
+    destination = output.config.enclave_ip
+    datagram = build_udp(source, destination, source_port, destination_port, data)
+    output.send_ipv4(source, destination, IpProto.UDP, datagram)
+    return True

@@ -206,7 +206,11 @@ def is_local_name(config: StackConfig, question: DnsQuestion) -> bool:
 
 
 def dns_upstream_for_tcp(config: StackConfig) -> IPv4Address | None:
-    """The resolver that TCP DNS to the gateway is relayed to (port `config.dns_port`)."""
+    """The resolver that TCP DNS to the gateway is relayed to, at `config.dns_port`.
+
+    Returns:
+        The first of the parent's resolvers, or None when it has none (refuse the connect).
+    """
     return config.dns_servers[0] if config.dns_servers else None
 
 

@@ -33,12 +33,14 @@ from nitro_netd.frames.ethernet import EtherType, parse_ethernet
 from nitro_netd.frames.ipv4 import IpProto, parse_ipv4
 from nitro_netd.netstack.arp import handle_arp
 from nitro_netd.netstack.config import StackConfig
+from nitro_netd.netstack.datagram import FlowBudget
 from nitro_netd.netstack.events import HostCommand, HostEvent
-from nitro_netd.netstack.icmp import IcmpLayer
+from nitro_netd.netstack.icmp import PING_EVENTS, IcmpLayer
 from nitro_netd.netstack.layer import Layer
 from nitro_netd.netstack.output import StackOutput
 from nitro_netd.netstack.stats import StackStats
 from nitro_netd.netstack.tcp import TCP_EVENTS, TcpLayer
+from nitro_netd.netstack.udp import UDP_EVENTS, UdpLayer
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +55,11 @@ class NetStack:
         self.config = config or StackConfig()
         self.stats = StackStats()
         self.output = StackOutput(self.config, self.stats)
-        self.layers: dict[int, Layer] = {IpProto.ICMP: IcmpLayer(self.output)}
+        self.layers: dict[int, Layer] = {}
         self.event_routes: dict[type, Layer] = {}
+        datagram_budget = FlowBudget(self.config.max_udp_flows)
+        self.add_layer(IpProto.ICMP, IcmpLayer(self.output, datagram_budget), PING_EVENTS)
+        self.add_layer(IpProto.UDP, UdpLayer(self.output, datagram_budget), UDP_EVENTS)
         self.tcp = TcpLayer(self.output, isn_seed=isn_seed)
         self.add_layer(IpProto.TCP, self.tcp, TCP_EVENTS)
 

@@ -24,6 +24,7 @@ from nitro_netd.frames.errors import DropReason, FrameError
 from nitro_netd.frames.ipv4 import IPv4Header
 from nitro_netd.frames.tcp import TcpFlags, TcpHeader, parse_tcp
 from nitro_netd.netstack.config import StackConfig
+from nitro_netd.netstack.dns import dns_upstream_for_tcp
 from nitro_netd.netstack.events import (
     FlowId,
     HostEvent,
@@ -34,7 +35,7 @@ from nitro_netd.netstack.events import (
     TcpWriteBlocked,
     TcpWriteUnblocked,
 )
-from nitro_netd.netstack.nat import dns_upstream_for_tcp, nat_from_enclave
+from nitro_netd.netstack.nat import nat_from_enclave
 from nitro_netd.netstack.output import StackOutput
 from nitro_netd.netstack.tcp.connection import TcpConnection, TcpState
 from nitro_netd.netstack.tcp.segments import SegmentBuilder

@@ -1,0 +1,108 @@
+"""``nitro-netd-enclave`` command-line parsing (no network, no root)."""
+
+from __future__ import annotations
+
+import pytest
+
+from nitro_netd.cli import enclave as cli
+from nitro_netd.link import DEFAULT_MTU, LinkProtocol
+from nitro_netd.transport import Scheme
+
+
+def test_cli_defaults() -> None:
+    options = cli.parse_args([])
+    assert str(options.agent.endpoint) == "vsock://3:1024"
+    assert options.agent.protocol is LinkProtocol.GVPROXY
+    assert options.agent.mtu == options.plan.mtu == DEFAULT_MTU == 65520
+    assert options.plan.name == "tap0"
+    assert options.plan.txqueuelen == 10000
+    assert options.resolv_conf == "/etc/resolv.conf"
+    assert options.command is None
+
+
+def test_cli_default_mtu_matches_the_netstack() -> None:
+    """link.DEFAULT_MTU duplicates the netstack's so that the agent never imports it."""
+    from nitro_netd.netstack.config import DEFAULT_MTU as NETSTACK_DEFAULT_MTU
+
+    assert DEFAULT_MTU == NETSTACK_DEFAULT_MTU
+
+
+def test_cli_all_options() -> None:
+    options = cli.parse_args(
+        ["--parent", "unix:///run/p.sock", "--mtu", "1500", "--protocol", "qemu",
+         "--tap", "nnd0", "--resolv-conf", "/tmp/r.conf", "--log-level", "debug"]
+    )  # fmt: skip
+    assert options.agent.endpoint.scheme is Scheme.UNIX
+    assert options.agent.endpoint.path == "/run/p.sock"
+    assert options.agent.protocol is LinkProtocol.QEMU
+    assert (options.agent.mtu, options.plan.mtu, options.plan.name) == (1500, 1500, "nnd0")
+    assert options.resolv_conf == "/tmp/r.conf"
+    assert options.log_level == "debug"
+
+
+def test_cli_no_resolv_conf() -> None:
+    assert cli.parse_args(["--no-resolv-conf"]).resolv_conf is None
+
+
+def test_cli_run_form_with_separator() -> None:
+    options = cli.parse_args(["run", "--link-timeout", "5", "--", "sh", "-c", "exit 3"])
+    assert options.command == ("sh", "-c", "exit 3")
+    assert options.link_timeout == 5.0
+
+
+def test_cli_run_form_command_options_are_not_ours() -> None:
+    options = cli.parse_args(["run", "--mtu", "9001", "--", "curl", "--mtu", "x"])
+    assert options.command == ("curl", "--mtu", "x")
+    assert options.plan.mtu == 9001
+
+
+def test_cli_run_form_without_separator() -> None:
+    options = cli.parse_args(["run", "--tap", "t1", "python3", "-V"])
+    assert options.command == ("python3", "-V")
+    assert options.link_timeout == cli.DEFAULT_LINK_TIMEOUT
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--parent", "tcp://1.2.3.4:1"], "unknown transport"),
+        (["--parent", "unix://relative"], "must be absolute"),
+        (["--parent", "vsock://:1024"], "use vsock://3:1024"),
+        (["--mtu", "65522"], "outside 68..65521"),
+        (["--mtu", "big"], "not a number"),
+        (["--protocol", "udp"], "invalid choice"),
+        (["--tap", "a-very-long-interface-name"], "interface name"),
+        (["--resolv-conf", "/x", "--no-resolv-conf"], "not allowed with"),
+        (["--link-up-fd", "999"], "not open"),
+        (["run"], "run needs a command"),
+        (["run", "--link-timeout", "0", "--", "true"], "must be positive"),
+        (["run", "--"], "run needs a command"),
+    ],
+)
+def test_cli_bad_input_is_one_line_error_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    error_lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1
+    assert message in error_lines[0]
+
+
+def test_cli_help_exits_0_with_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out
+    assert "run -- python3 app.py" in out
+
+
+def test_cli_run_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["run", "--help"]) == 0
+    assert "--link-timeout" in capsys.readouterr().out
+
+
+def test_cli_exit_status_of_killed_command() -> None:
+    assert cli._shell_status(0) == 0
+    assert cli._shell_status(3) == 3
+    assert cli._shell_status(-15) == 143

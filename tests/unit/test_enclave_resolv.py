@@ -1,0 +1,79 @@
+"""The agent's resolv.conf writer, on temporary paths."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from nitro_netd.enclave.resolv import ResolvConfError, render_resolv_conf, write_resolv_conf
+
+EXPECTED = "# written by nitro-netd-enclave\nnameserver 192.168.127.1\n"
+
+
+def test_resolv_conf_text() -> None:
+    assert render_resolv_conf() == EXPECTED
+
+
+def test_resolv_conf_symlink_into_missing_directory_creates_it(tmp_path: Path) -> None:
+    """The Nitro image quirk: /etc/resolv.conf -> /run/resolvconf/resolv.conf, no /run/resolvconf."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    target = tmp_path / "run" / "resolvconf" / "resolv.conf"
+    link = etc / "resolv.conf"
+    link.symlink_to(target)
+
+    written = write_resolv_conf(str(link))
+
+    assert written == str(target)
+    assert link.is_symlink()
+    assert target.read_text() == EXPECTED
+
+
+def test_resolv_conf_relative_symlink_is_followed(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    link = tmp_path / "etc" / "resolv.conf"
+    link.symlink_to("../run/resolvconf/resolv.conf")
+    write_resolv_conf(str(link))
+    assert (tmp_path / "run" / "resolvconf" / "resolv.conf").read_text() == EXPECTED
+
+
+def test_resolv_conf_plain_file_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "resolv.conf"
+    path.write_text("nameserver 10.0.0.1\nsearch example.org\n")
+    assert write_resolv_conf(str(path)) == str(path)
+    assert path.read_text() == EXPECTED
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["resolv.conf"]  # no temporary left
+
+
+def test_resolv_conf_missing_file_is_created(tmp_path: Path) -> None:
+    path = tmp_path / "resolv.conf"
+    write_resolv_conf(str(path), nameserver="10.1.2.3")
+    assert path.read_text().endswith("nameserver 10.1.2.3\n")
+
+
+def test_resolv_conf_rename_refused_rewrites_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bind-mounted file (``ip netns exec``) cannot be renamed over: EBUSY."""
+    path = tmp_path / "resolv.conf"
+    path.write_text("old\n")
+
+    def busy(src: str, dst: str) -> None:
+        raise OSError(errno.EBUSY, "Device or resource busy")
+
+    monkeypatch.setattr("nitro_netd.enclave.resolv.os.replace", busy)
+    write_resolv_conf(str(path))
+    assert path.read_text() == EXPECTED
+    assert [p.name for p in tmp_path.iterdir()] == ["resolv.conf"]
+
+
+def test_resolv_conf_unwritable_gives_one_line_advice(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ResolvConfError, match="--no-resolv-conf") as info:
+        write_resolv_conf(str(blocker / "sub" / "resolv.conf"))
+    assert "\n" not in str(info.value)

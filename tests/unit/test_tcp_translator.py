@@ -1,0 +1,359 @@
+"""The sans-IO TCP translator, driven by a hand-made enclave peer and an in-memory host."""
+
+from __future__ import annotations
+
+import errno
+from ipaddress import IPv4Address
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nitro_netd.frames.errors import DropReason
+from nitro_netd.frames.ethernet import parse_ethernet
+from nitro_netd.frames.icmp import IcmpType, UnreachableCode, parse_icmp
+from nitro_netd.frames.ipv4 import parse_ipv4
+from nitro_netd.frames.tcp import TcpFlags
+from nitro_netd.netstack import (
+    NetStack,
+    StackConfig,
+    TcpClose,
+    TcpConnect,
+    TcpConnected,
+    TcpData,
+    TcpEof,
+    TcpFailed,
+    TcpPauseReading,
+    TcpResumeReading,
+    TcpSend,
+    TcpShutdown,
+    TcpWriteBlocked,
+    TcpWriteUnblocked,
+)
+from nitro_netd.netstack.tcp.seq import seq_add
+from tests.support.tcp_peer import FakeHost, TcpPeer
+
+ACK = TcpFlags.ACK
+
+
+def make(**config: object) -> tuple[NetStack, TcpPeer, FakeHost]:
+    stack = NetStack(StackConfig(**config))  # type: ignore[arg-type]
+    return stack, TcpPeer(stack), FakeHost()
+
+
+def test_tcp_ipv4_enclave_syn_asks_host_to_connect_and_waits() -> None:
+    stack, peer, host = make()
+    peer.syn()
+    [command] = host.take(stack)
+    assert command == TcpConnect(command.flow, IPv4Address("198.18.0.2"), 80, 10.0)
+    assert peer.receive() == []
+
+
+def test_tcp_ipv4_syn_ack_carries_mss_and_window_scale_once_connected() -> None:
+    stack, peer, host = make(mtu=9001)
+    peer.syn()
+    [connect] = host.take(stack)
+    stack.handle_host_event(TcpConnected(connect.flow), now=1.0)
+    [(synack, _)] = peer.receive()
+    assert synack.flags == TcpFlags.SYN | ACK
+    assert synack.ack == peer.isn + 1
+    assert synack.options.mss == 9001 - 40
+    assert synack.options.window_scale is not None
+    assert synack.options.timestamps is None
+
+
+def test_tcp_ipv4_host_alias_connects_to_parent_loopback() -> None:
+    stack, peer, host = make()
+    peer.remote = IPv4Address("192.168.127.254")
+    peer.syn()
+    [command] = host.take(stack)
+    assert isinstance(command, TcpConnect)
+    assert command.address == IPv4Address("127.0.0.1")
+
+
+def test_tcp_ipv4_enclave_to_host_data_is_sent_and_acked_once_per_batch() -> None:
+    stack, peer, host = make()
+    flow = peer.establish(host)
+    for chunk in (b"a" * 100, b"b" * 200, b"c" * 300):
+        stack.receive_frame(peer.frame(ACK | TcpFlags.PSH, chunk), now=1.0)
+        peer.snd_nxt = seq_add(peer.snd_nxt, len(chunk))
+    sends = [c for c in host.take(stack) if isinstance(c, TcpSend)]
+    assert b"".join(c.data for c in sends) == b"a" * 100 + b"b" * 200 + b"c" * 300
+    assert all(c.flow == flow for c in sends)
+    acks = peer.receive()
+    assert len(acks) == 1
+    assert acks[0][0].ack == peer.snd_nxt
+
+
+def test_tcp_ipv4_host_to_enclave_data_is_segmented_by_mss_within_window() -> None:
+    stack, peer, host = make()
+    peer.mss = 1000
+    peer.window_scale = None
+    peer.window = 2500
+    flow = peer.establish(host)
+    stack.handle_host_event(TcpData(flow, bytes(range(256)) * 20), now=1.0)
+    segments = peer.receive()
+    assert [len(d) for _, d in segments] == [1000, 1000, 500]
+    peer.accept(segments)
+    peer.send(ACK, now=1.1)
+    segments = peer.receive()
+    assert [len(d) for _, d in segments] == [1000, 1000, 500]
+    peer.accept(segments)
+    peer.send(ACK, now=1.2)
+    peer.accept(peer.receive())
+    assert bytes(peer.received) == bytes(range(256)) * 20
+
+
+def test_tcp_ipv4_enclave_fin_first_then_host_eof_closes_gracefully() -> None:
+    stack, peer, host = make()
+    flow = peer.establish(host)
+    peer.send(ACK | TcpFlags.FIN)
+    assert TcpShutdown(flow) in host.take(stack)
+    [(ack, _)] = peer.receive()
+    assert ack.ack == peer.snd_nxt
+    stack.handle_host_event(TcpData(flow, b"bye"), now=1.0)
+    stack.handle_host_event(TcpEof(flow), now=1.0)
+    segments = peer.receive()
+    assert segments[-1][0].flags & TcpFlags.FIN
+    peer.accept(segments)
+    assert peer.received == b"bye"
+    peer.send(ACK)
+    assert TcpClose(flow, reset=False) in host.take(stack)
+    assert stack.tcp.flows == {}
+
+
+def test_tcp_ipv4_host_eof_first_keeps_enclave_direction_open() -> None:
+    stack, peer, host = make()
+    flow = peer.establish(host)
+    stack.handle_host_event(TcpEof(flow), now=1.0)
+    [(fin, _)] = peer.receive()
+    assert fin.flags & TcpFlags.FIN
+    peer.accept([(fin, b"")])
+    peer.send(ACK)
+    peer.send(ACK | TcpFlags.PSH, b"still talking")
+    commands = host.take(stack)
+    assert TcpSend(flow, b"still talking") in commands
+    assert not any(isinstance(c, TcpClose) for c in commands)
+    peer.send(ACK | TcpFlags.FIN)
+    assert TcpClose(flow, reset=False) in host.take(stack)
+
+
+def test_tcp_ipv4_connect_refused_answers_syn_with_rst() -> None:
+    stack, peer, host = make()
+    peer.syn()
+    [connect] = host.take(stack)
+    stack.handle_host_event(TcpFailed(connect.flow, errno.ECONNREFUSED), now=1.0)
+    [(rst, _)] = peer.receive()
+    assert rst.flags == TcpFlags.RST | ACK
+    assert rst.ack == peer.isn + 1
+    assert stack.tcp.flows == {}
+
+
+def test_tcp_ipv4_connect_timeout_answers_with_icmp_host_unreachable_quoting_syn() -> None:
+    stack, peer, host = make()
+    peer.syn()
+    [connect] = host.take(stack)
+    stack.handle_host_event(TcpFailed(connect.flow, errno.ETIMEDOUT), now=11.0)
+    [frame] = stack.frames_to_send()
+    _, payload = parse_ethernet(frame)
+    _, body = parse_ipv4(payload)
+    message = parse_icmp(body)
+    assert (message.type, message.code) == (IcmpType.DEST_UNREACHABLE, UnreachableCode.HOST)
+    quoted_ip, quoted_tcp = parse_ipv4(message.payload[:20] + bytes(20))[0], message.payload[20:28]
+    assert quoted_ip.destination == peer.remote
+    assert int.from_bytes(quoted_tcp[4:8], "big") == peer.isn
+
+
+def test_tcp_ipv4_rst_from_enclave_resets_host_socket() -> None:
+    stack, peer, host = make()
+    flow = peer.establish(host)
+    peer.send(TcpFlags.RST | ACK)
+    assert TcpClose(flow, reset=True) in host.take(stack)
+    assert stack.tcp.flows == {}
+
+
+def test_tcp_ipv4_host_reset_sends_rst_to_enclave() -> None:
+    stack, peer, host = make()
+    flow = peer.establish(host)
+    stack.handle_host_event(TcpFailed(flow, errno.ECONNRESET), now=1.0)
+    [(rst, _)] = peer.receive()
+    assert rst.flags & TcpFlags.RST
+    assert TcpClose(flow, reset=False) in host.take(stack)
+
+
+def test_tcp_ipv4_lost_segment_is_retransmitted_on_timeout() -> None:
+    stack, peer, host = make()
+    flow = peer.establish(host)
+    stack.handle_host_event(TcpData(flow, b"x" * 500), now=1.0)
+    [(first, data)] = peer.receive()  # "lost": not accepted
+    deadline = stack.get_timer()
+    assert deadline is not None
+    stack.handle_timer(now=deadline)
+    [(again, data2)] = peer.receive()
+    assert (again.seq, data2) == (first.seq, data)
+
+
+def test_tcp_ipv4_three_duplicate_acks_trigger_fast_retransmit() -> None:
+    stack, peer, host = make()
+    peer.mss = 100
+    flow = peer.establish(host)
+    stack.handle_host_event(TcpData(flow, b"y" * 500), now=1.0)
+    segments = peer.receive()
+    assert len(segments) == 5
+    for _ in range(3):
+        peer.send(ACK)
+    [(again, data)] = peer.receive()
+    assert again.seq == segments[0][0].seq
+    assert data == b"y" * 100
+
+
+def test_tcp_ipv4_zero_window_holds_data_until_update() -> None:
+    stack, peer, host = make()
+    flow = peer.establish(host)
+    peer.send(ACK, window=0)
+    stack.handle_host_event(TcpData(flow, b"z" * 10), now=1.0)
+    assert peer.receive() == []
+    peer.send(ACK, window=100)
+    [(_, data)] = peer.receive()
+    assert data == b"z" * 10
+
+
+def test_tcp_ipv4_write_blocked_freezes_window_then_update_reopens_it() -> None:
+    stack, peer, host = make(tcp_buffer=10000)
+    peer.window_scale = None
+    flow = peer.establish(host)
+    stack.handle_host_event(TcpWriteBlocked(flow), now=1.0)
+    peer.send(ACK | TcpFlags.PSH, b"q" * 4000)
+    [(ack, _)] = peer.receive()
+    assert ack.window == 6000
+    stack.handle_host_event(TcpWriteUnblocked(flow), now=1.0)
+    [(update, _)] = peer.receive()
+    assert update.window == 10000
+
+
+def test_tcp_ipv4_data_past_window_is_trimmed_and_counted() -> None:
+    stack, peer, host = make(tcp_buffer=1000)
+    peer.window_scale = None
+    flow = peer.establish(host)
+    stack.handle_host_event(TcpWriteBlocked(flow), now=1.0)
+    peer.send(ACK, b"w" * 1500)
+    sent = b"".join(c.data for c in host.take(stack) if isinstance(c, TcpSend))
+    assert sent == b"w" * 1000
+    assert stack.stats.drops[DropReason.OUT_OF_WINDOW] == 1
+
+
+def test_tcp_ipv4_gap_is_dropped_and_answered_with_duplicate_ack() -> None:
+    stack, peer, host = make()
+    peer.establish(host)
+    expected = peer.snd_nxt
+    peer.send(ACK, b"later", seq=seq_add(expected, 100))
+    assert not [c for c in host.take(stack) if isinstance(c, TcpSend)]
+    [(dup, _)] = peer.receive()
+    assert dup.ack == expected
+    assert stack.stats.drops[DropReason.OUT_OF_ORDER] == 1
+
+
+def test_tcp_ipv4_retransmitted_data_is_trimmed_not_duplicated() -> None:
+    stack, peer, host = make()
+    peer.establish(host)
+    start = peer.snd_nxt
+    peer.send(ACK, b"hello")
+    peer.send(ACK, b"hello world", seq=start)
+    sent = b"".join(c.data for c in host.take(stack) if isinstance(c, TcpSend))
+    assert sent == b"hello world"
+
+
+def test_tcp_ipv4_send_buffer_over_limit_pauses_and_resumes_host_reading() -> None:
+    stack, peer, host = make(tcp_buffer=4000)
+    peer.window = 1000
+    peer.window_scale = None
+    flow = peer.establish(host)
+    stack.handle_host_event(TcpData(flow, b"p" * 5000), now=1.0)
+    assert TcpPauseReading(flow) in host.take(stack)
+    for _ in range(5):
+        peer.accept(peer.receive())
+        peer.send(ACK)
+    assert TcpResumeReading(flow) in host.take(stack)
+
+
+def test_tcp_ipv4_segment_without_flow_gets_rst_and_is_counted() -> None:
+    stack, peer, _ = make()
+    peer.snd_nxt, peer.rcv_nxt = 5000, 777
+    peer.send(ACK, b"stray")
+    [(rst, _)] = peer.receive()
+    assert rst.flags == TcpFlags.RST
+    assert rst.seq == 777
+    assert stack.stats.drops[DropReason.NO_FLOW] == 1
+
+
+def test_tcp_ipv4_pending_connect_limit_refuses_with_rst_and_counts() -> None:
+    stack, peer, host = make(max_pending_connects=2)
+    for port in (1, 2, 3):
+        TcpPeer(stack, port=port).syn()
+    assert len(host.take(stack)) == 2
+    [(rst, _)] = TcpPeer(stack, port=3).receive()
+    assert rst.flags & TcpFlags.RST
+    assert stack.stats.drops[DropReason.LIMIT] == 1
+
+
+def test_tcp_ipv4_link_reset_aborts_every_host_socket() -> None:
+    stack, peer, host = make()
+    flow = peer.establish(host)
+    stack.handle_link_reset()
+    assert TcpClose(flow, reset=True) in host.take(stack)
+    assert stack.tcp.flows == {}
+
+
+def test_tcp_ipv4_retransmitted_syn_while_connecting_is_ignored() -> None:
+    stack, peer, host = make()
+    peer.syn()
+    peer.syn()
+    assert len([c for c in host.take(stack) if isinstance(c, TcpConnect)]) == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    chunks=st.lists(st.binary(min_size=1, max_size=3000), min_size=1, max_size=12),
+    losses=st.lists(st.booleans(), min_size=1, max_size=50),
+    mss=st.integers(min_value=100, max_value=1460),
+    window=st.integers(min_value=200, max_value=8000),
+)
+def test_tcp_ipv4_host_to_enclave_stream_survives_random_loss_exactly(
+    chunks: list[bytes], losses: list[bool], mss: int, window: int
+) -> None:
+    """Whatever frames the enclave's TAP drops, the stream arrives once, whole, in order."""
+    stack, peer, host = make()
+    peer.mss, peer.window, peer.window_scale = mss, window, None
+    flow = peer.establish(host)
+    now = 1.0
+    for chunk in chunks:
+        stack.handle_host_event(TcpData(flow, chunk), now=now)
+    stack.handle_host_event(TcpEof(flow), now=now)
+    expected = b"".join(chunks)
+    pattern = [*losses, False]  # every frame is eventually let through
+    for round_ in range(1000):
+        segments = peer.receive()
+        delivered = [s for i, s in enumerate(segments) if not pattern[(round_ + i) % len(pattern)]]
+        peer.accept(delivered)
+        if peer.fin_received:
+            break
+        peer.send(ACK, now=now)
+        if not segments and not stack.output.frames:
+            timer = stack.get_timer()
+            assert timer is not None, "data outstanding but no retransmission timer"
+            now = timer
+            stack.handle_timer(now=now)
+    assert peer.fin_received
+    assert bytes(peer.received) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=80), st.sampled_from(list(TcpFlags)))
+def test_tcp_ipv4_arbitrary_segments_on_live_flow_never_raise(
+    payload: bytes, flags: TcpFlags
+) -> None:
+    stack, peer, host = make()
+    peer.establish(host)
+    peer.send(flags | ACK, payload)
+    stack.frames_to_send()
+    host.take(stack)
+    assert stack.stats.frames_in >= 3
