@@ -286,7 +286,7 @@ def test_tcp_ipv4_segment_without_flow_gets_rst_and_is_counted() -> None:
 
 
 def test_tcp_ipv4_pending_connect_limit_refuses_with_rst_and_counts() -> None:
-    stack, peer, host = make(max_pending_connects=2)
+    stack, _, host = make(max_pending_connects=2)
     for port in (1, 2, 3):
         TcpPeer(stack, port=port).syn()
     assert len(host.take(stack)) == 2
