@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 import socket
 import sys
 import time
@@ -65,7 +64,7 @@ def one_run(size: int, direction: str, seconds: float, protocol: LinkProtocol) -
     else:
         fps, rate = measure(tap_test, seconds, messages=True)
     for proc in (feeder, pump):
-        os.kill(proc.pid, signal.SIGTERM)
+        proc.terminate()
         proc.join(5)
     for sock in (tap_agent, tap_test, link_agent, link_test):
         sock.close()

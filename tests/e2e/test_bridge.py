@@ -65,7 +65,9 @@ def test_agent_started_before_parent(sim: Simulator) -> None:
             sim.logs_tail()
         )
         time.sleep(0.2)
-    assert "link up" not in agent.log_text()
+    log = agent.log_text()
+    assert "link up" not in log
+    assert log.count("connecting to") >= 2, f"no sign of retrying:\n{sim.logs_tail()}"
 
     sim.start_parent()
 

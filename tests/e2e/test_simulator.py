@@ -20,6 +20,8 @@ from nitro_netd.sim import (
 )
 from nitro_netd.sim.host import is_alive, list_netns, netns_pids, process_start_time
 
+from .helpers import wait_until
+
 pytestmark = [pytest.mark.netns("ping"), pytest.mark.timeout(60)]
 
 Pid = tuple[int, int | None]
@@ -37,14 +39,8 @@ def _start_sleepers(sim: Simulator) -> list[Pid]:
         sim.spawn("sleeper", role, ["sh", "-c", "sleep 300 & sleep 300; wait"])
     sim.popen("world", ["sleep", "300"])
     expected = 3 * 3 + 1  # each sh and its two sleeps, plus one
-    deadline_pids: list[Pid] = []
-    for _ in range(100):
-        deadline_pids = _pids_in(sim)
-        if len(deadline_pids) >= expected:
-            break
-        subprocess.run(["sleep", "0.05"], check=True)
-    assert len(deadline_pids) >= expected, deadline_pids
-    return deadline_pids
+    wait_until(sim, lambda: len(_pids_in(sim)) >= expected, 10, "sleepers running")
+    return _pids_in(sim)
 
 
 def _assert_gone(name: str, state: SimState, pids: list[Pid]) -> None:

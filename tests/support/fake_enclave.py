@@ -18,6 +18,7 @@ from nitro_netd.frames.ethernet import (
 )
 from nitro_netd.frames.icmp import IcmpMessage, IcmpType, build_icmp, parse_icmp
 from nitro_netd.frames.ipv4 import IpProto, build_ipv4_header, parse_ipv4
+from nitro_netd.frames.udp import UdpHeader, build_udp, parse_udp
 from nitro_netd.netstack.config import StackConfig
 
 
@@ -56,6 +57,17 @@ class FakeEnclave:
         message = IcmpMessage(IcmpType.ECHO_REQUEST, 0, identifier, sequence, data)
         return self.ipv4(destination, IpProto.ICMP, build_icmp(message))
 
+    def udp(
+        self,
+        destination: IPv4Address,
+        source_port: int,
+        destination_port: int,
+        data: bytes = b"datagram",
+    ) -> bytes:
+        """A UDP datagram from the enclave's `source_port`."""
+        datagram = build_udp(self.ip, destination, source_port, destination_port, data)
+        return self.ipv4(destination, IpProto.UDP, datagram)
+
     def parse_arp_reply(self, frame: bytes | bytearray) -> ArpPacket:
         """Decode a frame that must be an ARP packet to us."""
         header, payload = parse_ethernet(frame)
@@ -72,3 +84,14 @@ class FakeEnclave:
         assert ip.protocol == IpProto.ICMP
         assert ip.destination == self.ip
         return ip.source, parse_icmp(body)
+
+    def parse_udp_reply(self, frame: bytes | bytearray) -> tuple[IPv4Address, UdpHeader, bytes]:
+        """Decode a frame that must be UDP to us; return (source, header, payload)."""
+        header, payload = parse_ethernet(frame)
+        assert header.ethertype == EtherType.IPV4
+        assert header.destination == self.mac
+        ip, body = parse_ipv4(payload)
+        assert ip.protocol == IpProto.UDP
+        assert ip.destination == self.ip
+        udp, data = parse_udp(body, source=ip.source, destination=ip.destination)
+        return ip.source, udp, bytes(data)

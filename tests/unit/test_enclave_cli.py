@@ -56,6 +56,31 @@ def test_cli_run_form_command_options_are_not_ours() -> None:
     assert options.plan.mtu == 9001
 
 
+def test_cli_run_form_after_options() -> None:
+    options = cli.parse_args(
+        ["--parent", "unix:///p.sock", "run", "--link-timeout", "2", "--", "sh"]
+    )
+    assert options.command == ("sh",)
+    assert options.agent.endpoint.path == "/p.sock"
+    assert options.link_timeout == 2.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "index"),
+    [
+        (["run"], 0),
+        (["--tap", "run"], None),
+        (["--tap", "run", "run"], 2),
+        (["--no-resolv-conf", "run"], 1),
+        (["--mtu=9000", "run"], 1),
+        (["--", "run"], None),
+        (["other"], None),
+    ],
+)
+def test_cli_finds_run_among_options(argv: list[str], index: int | None) -> None:
+    assert cli.find_subcommand(argv) == index
+
+
 def test_cli_run_form_without_separator() -> None:
     options = cli.parse_args(["run", "--tap", "t1", "python3", "-V"])
     assert options.command == ("python3", "-V")

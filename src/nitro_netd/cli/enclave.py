@@ -99,9 +99,10 @@ def parse_args(argv: Sequence[str]) -> EnclaveOptions:
         SystemExit: bad arguments (after argparse printed a one-line error) or --help.
     """
     args = list(argv)
-    if args[:1] == ["run"]:
+    where = find_subcommand(args)
+    if where is not None:
         parser = build_run_parser()
-        own, command = _split_command(args[1:])
+        own, command = _split_command(args[:where] + args[where + 1 :])
         ns = parser.parse_args(own)
         command = command if command is not None else ns.command
         if not command:
@@ -109,6 +110,28 @@ def parse_args(argv: Sequence[str]) -> EnclaveOptions:
         return _options(ns, tuple(command))
     ns = build_parser().parse_args(args)
     return _options(ns, None)
+
+
+_VALUE_OPTIONS: Final = frozenset(
+    {"--parent", "--mtu", "--protocol", "--tap", "--resolv-conf", "--link-up-fd", "--log-level",
+     "--link-timeout"}
+)  # fmt: skip
+"""Options that take the next argument as their value (abbreviations are not allowed)."""
+
+
+def find_subcommand(args: Sequence[str]) -> int | None:
+    """Return the index of ``run`` among our options (before any ``--``), or None."""
+    expect_value = False
+    for index, arg in enumerate(args):
+        if expect_value:
+            expect_value = False
+        elif arg == "--":
+            return None
+        elif arg.startswith("-"):
+            expect_value = arg in _VALUE_OPTIONS
+        else:
+            return index if arg == "run" else None
+    return None
 
 
 def _split_command(args: list[str]) -> tuple[list[str], list[str] | None]:
@@ -129,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         "nitro-netd-parent (or a gvproxy).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     _add_common_options(parser)
     return parser
@@ -144,6 +168,7 @@ def build_run_parser() -> argparse.ArgumentParser:
         "are forwarded to CMD.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     _add_common_options(parser)
     parser.add_argument(
@@ -337,3 +362,7 @@ def _signal_handlers(
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
+
+
+if __name__ == "__main__":
+    entry()

@@ -41,6 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--mtu", type=int, default=DEFAULT_MTU, help="link MTU (default: %(default)s)"
     )
     parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long an outbound TCP connect may take before the enclave is told the host is unreachable (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--udp-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="idle time after which a UDP flow is forgotten (default: %(default)s)",
+    )
+    parser.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info", help="default: %(default)s"
     )
     return parser
@@ -52,7 +66,13 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
     Raises:
         ValueError: an argument is invalid (message says which and why).
     """
-    return DaemonConfig(listen=parse_endpoint(args.listen), stack=StackConfig(mtu=args.mtu))
+    for name in ("connect_timeout", "udp_timeout"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive number of seconds")
+    stack = StackConfig(
+        mtu=args.mtu, connect_timeout=args.connect_timeout, udp_idle_timeout=args.udp_timeout
+    )
+    return DaemonConfig(listen=parse_endpoint(args.listen), stack=stack)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

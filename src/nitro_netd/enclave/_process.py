@@ -62,10 +62,16 @@ class Child:
 def spawn(name: str, target: Callable[[], str], keep_fds: Iterable[int]) -> Child:
     """Fork a child that runs `target` and reports the string it returns (one line)."""
     keep = {0, 1, 2, *keep_fds, *_stdio_fds()}
+    parent = os.getpid()
     read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child, which leaves with os._exit
-        _child_main(target, write_fd, {write_fd, *keep})
+    # SIGTERM stays blocked until the child has its handler, so an early stop is reported.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child, which leaves with os._exit
+            _child_main(target, write_fd, {write_fd, *keep}, parent)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     os.close(write_fd)
     return Child(pid, read_fd, name)
 
@@ -79,12 +85,15 @@ def _stdio_fds() -> list[int]:
     return fds
 
 
-def _child_main(target: Callable[[], str], write_fd: int, keep: set[int]) -> None:
+def _child_main(target: Callable[[], str], write_fd: int, keep: set[int], parent: int) -> None:
     status = 1
     try:
         install_child_signals()
         close_other_fds(keep)
         die_with_parent()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        if os.getppid() != parent:  # the parent died before the request took effect
+            raise Stopped
         report = target()
         status = 0
     except Stopped:
@@ -139,4 +148,4 @@ def finish(child: Child, grace: float) -> str:
     if child.exit_status is None:
         _, child.exit_status = os.waitpid(child.pid, 0)
     os.close(child.report_fd)
-    return report or f"exited with status {child.exit_status}"
+    return report or f"exited with status {os.waitstatus_to_exitcode(child.exit_status)}"

@@ -24,7 +24,7 @@ LOCAL_TTL: Final = 60
 """Seconds the enclave may cache a host name's local answer."""
 _HEADER: Final = struct.Struct("!HHHHHH")
 _QUESTION_TAIL: Final = struct.Struct("!HH")
-_A_RECORD: Final = struct.Struct("!HHHIH")
+_A_RECORD: Final = struct.Struct("!HHIH")
 _POINTER_TO_QUESTION: Final = b"\xc0\x0c"
 _MAX_POINTERS: Final = 16
 

@@ -49,7 +49,8 @@ UNREACHABLE_FOR_ERRNO: Final[dict[int, UnreachableCode]] = {
     errno.ENETUNREACH: UnreachableCode.NET,
 }
 """The ICMP destination unreachable code the enclave gets for a host socket's errno."""
-_DENIED: Final = frozenset({errno.EACCES, errno.EPERM})
+_DENIED: Final = errno.EACCES
+"""What opening a ping socket fails with when `ping_group_range` excludes us."""
 
 PING_EVENTS: Final = (PingReply, PingFailed)
 """The host events the ICMP layer consumes."""
@@ -195,7 +196,7 @@ class IcmpLayer:
 
     def _failed(self, flow: PingFlow, error: int) -> None:
         name = errno.errorcode.get(error, str(error))
-        if error in _DENIED:
+        if error == _DENIED:
             self._denied(flow)
             return
         flow.log.debug("host ping socket: %s", name)
@@ -208,6 +209,7 @@ class IcmpLayer:
         """The parent forbids ping sockets: the flow is gone; the alias is answered here."""
         self.host_ping_denied = True
         self.flows.remove(flow)
+        self.output.send_command(PingClose(flow.id))
         if flow.destination == self.config.host_alias_ip:
             self._reply(flow.destination, build_echo_reply(flow.last_request))
             return

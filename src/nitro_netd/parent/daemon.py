@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 
 from nitro_netd.netstack import StackConfig
 from nitro_netd.parent.bridge import Bridge
+from nitro_netd.parent.host_ping import HostPing
 from nitro_netd.parent.host_tcp import HostTcp
+from nitro_netd.parent.host_udp import HostUdp
+from nitro_netd.parent.resolvconf import with_parent_resolvers
 from nitro_netd.transport import Endpoint, open_listener, parse_endpoint
 
 logger = logging.getLogger(__name__)
@@ -38,8 +41,10 @@ async def serve(
     """
     loop = asyncio.get_running_loop()
     listener = open_listener(config.listen)
-    bridge = Bridge(config.stack, loop)
+    bridge = Bridge(with_parent_resolvers(config.stack), loop)
     bridge.add_host_side(HostTcp(loop, bridge.post_event))
+    bridge.add_host_side(HostUdp(loop, bridge.post_event))
+    bridge.add_host_side(HostPing(loop, bridge.post_event))
     server = await loop.create_server(bridge.new_session, sock=listener)
     logger.info("listening on %s (mtu %d)", config.listen, config.stack.mtu)
     if on_ready is not None:

@@ -1,0 +1,146 @@
+"""Outbound TCP end to end: the enclave's kernel TCP, through agent and daemon, to servers in
+the world namespace and on the parent's loopback. Every transfer is checksummed."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nitro_netd.sim import ManagedProcess, Simulator
+
+from .helpers import LINK_TIMEOUT, wait_for_log, wait_for_ping
+
+pytestmark = [pytest.mark.netns(), pytest.mark.timeout(240)]
+
+TOOL = str(Path(__file__).with_name("tcp_tool.py"))
+WORLD = "198.18.0.2"
+PORT = 7000
+MiB = 1 << 20
+
+
+@pytest.fixture
+def bridge(sim: Simulator) -> Simulator:
+    """A simulator with the daemon, the agent and the TCP test server in the world."""
+    start_bridge(sim)
+    return sim
+
+
+def start_bridge(sim: Simulator, parent_args: tuple[str, ...] = ()) -> None:
+    sim.start_parent(parent_args)
+    agent = sim.start_agent()
+    wait_for_log(sim, agent, "link up", LINK_TIMEOUT)
+    wait_for_ping(sim)
+    start_server(sim, "world", WORLD)
+
+
+def start_server(sim: Simulator, role: str, address: str, port: int = PORT) -> ManagedProcess:
+    server = sim.spawn("tcp-server", role, [sys.executable, TOOL, "server", address, str(port)])
+    wait_for_log(sim, server, '"listening"', LINK_TIMEOUT)
+    return server
+
+
+def client(sim: Simulator, *args: object, timeout: float = 180) -> dict[str, Any]:
+    argv = [sys.executable, TOOL, *map(str, args)]
+    result = sim.run("enclave", argv, timeout=timeout)
+    lines = result.stdout.strip().splitlines()
+    assert lines, f"client {args} printed nothing: {result.stderr}\n{sim.logs_tail()}"
+    outcome: dict[str, Any] = json.loads(lines[-1])
+    context = f"client {args}: {outcome}\n{result.stderr}\n{sim.logs_tail()}"
+    assert result.returncode == 0, context
+    assert outcome.get("ok"), context
+    return outcome
+
+
+def test_tcp_ipv4_enclave_uploads_256_mib_intact(bridge: Simulator) -> None:
+    outcome = client(bridge, "up", WORLD, PORT, 256 * MiB)
+    assert outcome["bytes"] == 256 * MiB
+
+
+def test_tcp_ipv4_enclave_downloads_256_mib_intact(bridge: Simulator) -> None:
+    outcome = client(bridge, "down", WORLD, PORT, 256 * MiB)
+    assert outcome["bytes"] == 256 * MiB
+
+
+def test_tcp_ipv4_200_concurrent_connections_random_sizes_and_half_closes(
+    bridge: Simulator,
+) -> None:
+    outcome = client(bridge, "mix", WORLD, PORT, 200, 7)
+    assert outcome["connections"] == 200
+
+
+def test_tcp_ipv4_server_that_speaks_first(bridge: Simulator) -> None:
+    assert client(bridge, "banner", WORLD, PORT)["banner"].startswith("220 ")
+
+
+def test_tcp_ipv4_server_that_closes_first(bridge: Simulator) -> None:
+    client(bridge, "closefirst", WORLD, PORT, 3 * MiB)
+
+
+def test_tcp_ipv4_world_half_close_keeps_enclave_direction_open(bridge: Simulator) -> None:
+    client(bridge, "downup", WORLD, PORT, 2 * MiB)
+
+
+def test_tcp_ipv4_enclave_half_close_keeps_world_direction_open(bridge: Simulator) -> None:
+    client(bridge, "up", WORLD, PORT, 5 * MiB)  # SHUT_WR first, then the answer comes back
+
+
+def test_tcp_ipv4_world_reset_reaches_enclave_as_reset(bridge: Simulator) -> None:
+    assert client(bridge, "rst", WORLD, PORT)["error"] == "ECONNRESET"
+
+
+def test_tcp_ipv4_enclave_reset_reaches_world_as_reset(bridge: Simulator) -> None:
+    catcher = start_server(bridge, "world", WORLD, PORT + 1)
+    client(bridge, "abort", WORLD, PORT + 1)
+    # The server's UP handler ends quietly on ECONNRESET; prove the daemon dropped the flow
+    # by reusing the world server: a fresh connection to it must work at once.
+    client(bridge, "up", WORLD, PORT + 1, 1000)
+    assert catcher.is_alive()
+
+
+def test_tcp_ipv4_connect_to_closed_port_is_refused_at_once(bridge: Simulator) -> None:
+    outcome = client(bridge, "refused", WORLD, 9)
+    assert "ConnectionRefusedError" in outcome["error"]
+    assert outcome["seconds"] < 5
+
+
+def test_tcp_ipv4_blackholed_connects_do_not_delay_a_live_transfer(sim: Simulator) -> None:
+    start_bridge(sim, ("--connect-timeout", "4"))
+    result = sim.run("world", ["ip", "route", "add", "blackhole", "198.18.99.0/24"])
+    assert result.returncode == 0, result.stderr
+    outcome = client(sim, "blackhole", "198.18.99.1", PORT, WORLD, 50, 64 * MiB, 30)
+    assert outcome["dead_still_pending_at_transfer_end"] == 50, outcome
+    assert outcome["dead_results"] == ["OSError"], outcome  # EHOSTUNREACH from our ICMP
+    assert outcome["dead_max_seconds"] < 15, outcome
+
+
+def test_tcp_ipv4_slow_world_reader_slows_enclave_writer_and_loses_nothing(
+    bridge: Simulator,
+) -> None:
+    client(bridge, "slowread", WORLD, PORT, 24 * MiB)
+
+
+def test_tcp_ipv4_slow_enclave_reader_slows_world_writer_and_loses_nothing(
+    bridge: Simulator,
+) -> None:
+    client(bridge, "slowdown", WORLD, PORT, 24 * MiB)
+
+
+def test_tcp_ipv4_host_alias_reaches_server_on_parent_loopback_only(bridge: Simulator) -> None:
+    start_server(bridge, "parent", "127.0.0.1", 7100)
+    client(bridge, "up", "192.168.127.254", 7100, 8 * MiB)
+    client(bridge, "down", "192.168.127.254", 7100, 8 * MiB)
+
+
+@pytest.mark.parametrize("mtu", [1500, 9001])
+def test_tcp_ipv4_transfers_at_smaller_mtus(sim: Simulator, mtu: int) -> None:
+    sim.start_parent(("--mtu", str(mtu)))
+    agent = sim.start_agent(("--mtu", str(mtu)))
+    wait_for_log(sim, agent, "link up", LINK_TIMEOUT)
+    wait_for_ping(sim)
+    start_server(sim, "world", WORLD)
+    client(sim, "up", WORLD, PORT, 32 * MiB)
+    client(sim, "down", WORLD, PORT, 32 * MiB)
