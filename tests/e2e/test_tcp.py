@@ -43,9 +43,12 @@ def start_server(sim: Simulator, role: str, address: str, port: int = PORT) -> M
     return server
 
 
-def client(sim: Simulator, *args: object, timeout: float = 180) -> dict[str, Any]:
+def client(
+    sim: Simulator, *args: object, timeout: float = 180, role: str = "enclave"
+) -> dict[str, Any]:
+    """Run a tcp_tool client command (in the enclave unless `role` says otherwise)."""
     argv = [sys.executable, TOOL, *map(str, args)]
-    result = sim.run("enclave", argv, timeout=timeout)
+    result = sim.run(role, argv, timeout=timeout)
     lines = result.stdout.strip().splitlines()
     assert lines, f"client {args} printed nothing: {result.stderr}\n{sim.logs_tail()}"
     outcome: dict[str, Any] = json.loads(lines[-1])

@@ -9,7 +9,14 @@ import pytest
 
 from nitro_netd.frames.errors import DropReason
 from nitro_netd.netstack import NetStack, StackConfig, UdpDatagram, UdpFailed, UdpSend
-from nitro_netd.netstack.dns import DnsQuestion, RCode, RRType, build_query, parse_header, parse_query
+from nitro_netd.netstack.dns import (
+    DnsQuestion,
+    RCode,
+    RRType,
+    build_query,
+    parse_header,
+    parse_query,
+)
 from tests.support.fake_datagram_host import FakeDatagramHost
 from tests.support.fake_enclave import FakeEnclave
 

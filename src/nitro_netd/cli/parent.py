@@ -9,6 +9,7 @@ from typing import Final
 from nitro_netd.cli.common import LOG_LEVELS, fail, setup_logging
 from nitro_netd.netstack.config import DEFAULT_MTU, StackConfig
 from nitro_netd.parent.daemon import DaemonConfig, run
+from nitro_netd.parent.expose import parse_exposes
 from nitro_netd.transport import EndpointError, parse_endpoint
 
 PROG: Final = "nitro-netd-parent"
@@ -17,6 +18,12 @@ EPILOG: Final = """\
 examples:
   nitro-netd-parent                                  listen on vsock port 1024 (the default)
   nitro-netd-parent --listen unix:///run/nnd.sock    listen on a unix socket (the simulator)
+  nitro-netd-parent -e 8080:80 -e 2222:22            parent ports 8080, 2222 -> enclave 80, 22
+
+--expose PARENT[:ENCLAVE]: the parent listens on PARENT on all its addresses and opens each
+accepted connection to 192.168.127.2:ENCLAVE inside the enclave, which sees the client's
+real address (a client on the parent's own loopback appears as 192.168.127.254).
+PARENT alone means the same port on both sides; ranges map in order (8000-8009:9000-9009).
 
 The agent inside the enclave (nitro-netd-enclave) or a stock gvforwarder connects to
 --listen; the framing (gvproxy POST /connect, or QEMU 4-byte lengths) is detected.
@@ -39,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--mtu", type=int, default=DEFAULT_MTU, help="link MTU (default: %(default)s)"
+    )
+    parser.add_argument(
+        "-e",
+        "--expose",
+        action="append",
+        default=[],
+        metavar="PARENT[:ENCLAVE]",
+        help="carry parent port PARENT (on all its addresses) to enclave port ENCLAVE; repeatable; "
+        "ranges (8000-8009:9000-9009) and udp:PORT[:PORT] accepted",
     )
     parser.add_argument(
         "--connect-timeout",
@@ -72,7 +88,9 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
     stack = StackConfig(
         mtu=args.mtu, connect_timeout=args.connect_timeout, udp_idle_timeout=args.udp_timeout
     )
-    return DaemonConfig(listen=parse_endpoint(args.listen), stack=stack)
+    return DaemonConfig(
+        listen=parse_endpoint(args.listen), stack=stack, exposes=parse_exposes(args.expose)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

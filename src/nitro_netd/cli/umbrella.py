@@ -212,6 +212,7 @@ def demo(mtu: int | None) -> int:
             return _demo_failed(sim, f"ping exited with status {result.returncode}")
         print(f"\n{step.number + 1}. Tearing down: stopping both processes, removing namespaces.")
     print("\nResult: OK. The enclave reached its gateway through the userspace bridge.")
+    print(f"To keep one running and explore: {PROG} sim up --bridge")
     return 0
 
 

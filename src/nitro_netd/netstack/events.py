@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 FlowId = int
+SHELL_FLOW_BASE = 1 << 48
+"""Flows the shell opens (accepted clients) take ids from here up; the stack's start at 1."""
 
 
 # --- commands: netstack -> shell -----------------------------------------------------
@@ -158,6 +160,20 @@ class UdpDatagram:
 
 
 @dataclass(frozen=True, slots=True)
+class TcpAccepted:
+    """A client connected to an exposed port; open a flow to the enclave's `enclave_port`.
+
+    The shell chose `flow` (from its own range, see `SHELL_FLOW_BASE`); the host socket is
+    not read until the stack sends `TcpResumeReading`.
+    """
+
+    flow: FlowId
+    address: IPv4Address
+    port: int
+    enclave_port: int
+
+
+@dataclass(frozen=True, slots=True)
 class TcpWriteBlocked:
     """The shell holds more unwritten bytes for the flow than its high-water mark."""
 
@@ -197,7 +213,8 @@ class PingFailed:
 
 
 HostEvent = (
-    TcpConnected
+    TcpAccepted
+    | TcpConnected
     | TcpData
     | TcpEof
     | TcpFailed

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from nitro_netd.netstack import StackConfig
 from nitro_netd.parent.bridge import Bridge
+from nitro_netd.parent.expose import ExposeSpec, TcpExposer
 from nitro_netd.parent.host_ping import HostPing
 from nitro_netd.parent.host_tcp import HostTcp
 from nitro_netd.parent.host_udp import HostUdp
@@ -29,6 +30,8 @@ class DaemonConfig:
     """Where agents connect."""
     stack: StackConfig = field(default_factory=StackConfig)
     """The netstack's address plan, MTU, limits and timeouts."""
+    exposes: tuple[ExposeSpec, ...] = ()
+    """Parent ports carried into the enclave (--expose)."""
 
 
 async def serve(
@@ -40,11 +43,20 @@ async def serve(
         OSError: the listener cannot be opened (message names the endpoint).
     """
     loop = asyncio.get_running_loop()
-    listener = open_listener(config.listen)
     bridge = Bridge(with_parent_resolvers(config.stack), loop)
-    bridge.add_host_side(HostTcp(loop, bridge.post_event))
+    host_tcp = HostTcp(loop, bridge.post_event)
+    bridge.add_host_side(host_tcp)
     bridge.add_host_side(HostUdp(loop, bridge.post_event))
     bridge.add_host_side(HostPing(loop, bridge.post_event))
+    exposer = TcpExposer(
+        loop, host_tcp.adopt, bridge.post_event, lambda: bridge.session is not None
+    )
+    exposer.open(config.exposes)
+    try:
+        listener = open_listener(config.listen)
+    except OSError:
+        exposer.close()
+        raise
     server = await loop.create_server(bridge.new_session, sock=listener)
     logger.info("listening on %s (mtu %d)", config.listen, config.stack.mtu)
     if on_ready is not None:
@@ -54,6 +66,7 @@ async def serve(
     finally:
         logger.info("stopping")
         server.close()
+        exposer.close()
         bridge.close()
         await server.wait_closed()
         _remove_unix_socket(config.listen)

@@ -300,6 +300,15 @@ class HostTcp:
         self.flows[command.flow] = flow
         flow.start_connect(str(command.address), command.port, command.timeout)
 
+    def adopt(self, flow_id: FlowId, sock: socket.socket) -> None:
+        """Take an accepted client socket as a flow; it is read once the stack resumes it."""
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        flow = HostTcpFlow(self, flow_id, sock)
+        flow.connected = True
+        flow.paused = True
+        self.flows[flow_id] = flow
+
     def forget(self, flow: HostTcpFlow) -> None:
         """A flow's socket was closed."""
         if self.flows.get(flow.flow) is flow:

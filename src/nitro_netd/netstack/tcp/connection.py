@@ -77,6 +77,8 @@ class TcpState(enum.Enum):
 
     CONNECTING = "connecting"
     """The enclave's SYN was seen; the host connect is in flight."""
+    SYN_SENT = "syn_sent"
+    """Inbound: our SYN went to the enclave; waiting for its SYN-ACK."""
     ESTABLISHED = "established"
     """SYN-ACK sent; data flows (half-closes are tracked by flags)."""
     CLOSED = "closed"
@@ -106,13 +108,14 @@ class TcpConnection:
         flow: FlowId,
         output: StackOutput,
         builder: SegmentBuilder,
-        syn: TcpHeader,
+        syn: TcpHeader | None,
         *,
         iss: int,
         buffer: int,
         mss: int,
         on_timer_change: Callable[[TcpConnection], None],
     ) -> None:
+        """Create a flow; `syn` is the enclave's SYN (None when we open it: see inbound.py)."""
         self.flow = flow
         self.output = output
         self.builder = builder
@@ -121,24 +124,23 @@ class TcpConnection:
         self._on_timer_change = on_timer_change
         self.buffer = buffer
         self.our_mss = mss
-        # Receive side (enclave -> host).
-        self.irs = syn.seq
-        self.rcv_nxt = seq_add(syn.seq, 1)
-        self.rcv_right_edge = seq_add(self.rcv_nxt, buffer)
+        # Receive side (enclave -> host); set from the enclave's SYN or SYN-ACK.
+        self.irs = 0
+        self.rcv_nxt = 0
+        self.rcv_right_edge = 0
         self.write_blocked = False
         self.enclave_fin = False
         self.ack_pending = False
         # Send side (host -> enclave).
-        ws = syn.options.window_scale
-        self.scaling = ws is not None
-        self.enclave_ws = ws or 0
-        self.our_ws = window_scale_for(buffer) if self.scaling else 0
-        self.enclave_mss = min(syn.options.mss or DEFAULT_MSS, mss)
+        self.scaling = False
+        self.enclave_ws = 0
+        self.our_ws = 0
+        self.enclave_mss = DEFAULT_MSS
         self.iss = iss
         self.snd_una = iss
         self.snd_nxt = iss
         self.snd_max = iss
-        self.snd_wnd = syn.window
+        self.snd_wnd = 0
         self.syn_acked = False
         self.send_buffer = bytearray()
         self.host_eof = False
@@ -150,6 +152,20 @@ class TcpConnection:
         self.deadline: float | None = None
         self.syn_quote = b""
         """The first 8 bytes of the enclave's SYN, quoted in ICMP errors."""
+        if syn is not None:
+            self.learn_peer(syn)
+
+    def learn_peer(self, syn: TcpHeader) -> None:
+        """Take the enclave's ISN, MSS, window and window scale from its SYN (or SYN-ACK)."""
+        self.irs = syn.seq
+        self.rcv_nxt = seq_add(syn.seq, 1)
+        self.rcv_right_edge = seq_add(self.rcv_nxt, self.buffer)
+        ws = syn.options.window_scale
+        self.scaling = ws is not None
+        self.enclave_ws = ws or 0
+        self.our_ws = window_scale_for(self.buffer) if self.scaling else 0
+        self.enclave_mss = min(syn.options.mss or DEFAULT_MSS, self.our_mss)
+        self.snd_wnd = syn.window
 
     def _describe(self) -> str:
         b = self.builder
@@ -183,7 +199,7 @@ class TcpConnection:
         if self.state is TcpState.CONNECTING:
             self.log.info("connect failed: %s", errnos.errorcode.get(error, error))
             self._refuse(error)
-        elif self.state is TcpState.ESTABLISHED:
+        elif self.state in (TcpState.ESTABLISHED, TcpState.SYN_SENT):
             self.log.info("host reset: %s", errnos.errorcode.get(error, error))
             self._send(self.snd_nxt, TcpFlags.RST | _ACK)
         self._finish(reset=False)
@@ -220,11 +236,8 @@ class TcpConnection:
             self._on_rst(header)
             return
         if flags & TcpFlags.SYN:
-            if header.seq != self.irs:
-                self.log.info("new SYN on a live flow: resetting it")
-                self._send(self.snd_nxt, TcpFlags.RST | _ACK)
-                self._finish(reset=True)
-            return  # a retransmitted SYN: the SYN-ACK (or its retransmit) answers it
+            self._on_repeated_syn(header)
+            return
         if self.state is not TcpState.ESTABLISHED or not flags & _ACK:
             return
         self._on_ack(header, payload, now)
@@ -233,6 +246,17 @@ class TcpConnection:
         if payload or flags & TcpFlags.FIN:
             self._on_data(header.seq, payload, bool(flags & TcpFlags.FIN))
         self._maybe_done()
+
+    def _on_repeated_syn(self, header: TcpHeader) -> None:
+        """A SYN on a known flow: a retransmit (answer it again) or a new connection."""
+        if header.seq != self.irs:
+            self.log.info("new SYN on a live flow: resetting it")
+            self._send(self.snd_nxt, TcpFlags.RST | _ACK)
+            self._finish(reset=True)
+        elif self.state is TcpState.ESTABLISHED and not self.syn_acked:
+            self._send_syn_ack()  # our SYN-ACK was lost
+        elif self.syn_acked:
+            self.ack_pending = True  # our ACK of its SYN-ACK was lost
 
     def _on_rst(self, header: TcpHeader) -> None:
         offset = seq_diff(header.seq, self.rcv_nxt)
@@ -394,7 +418,8 @@ class TcpConnection:
 
     def _arm(self, now: float) -> None:
         outstanding = not self.syn_acked or self.snd_una != self.snd_max
-        deadline = now + self.rto if outstanding and self.state is TcpState.ESTABLISHED else None
+        live = self.state in (TcpState.ESTABLISHED, TcpState.SYN_SENT)
+        deadline = now + self.rto if outstanding and live else None
         if deadline != self.deadline:
             self.deadline = deadline
             self._on_timer_change(self)

@@ -28,6 +28,8 @@ from nitro_netd.netstack.dns import dns_upstream_for_tcp
 from nitro_netd.netstack.events import (
     FlowId,
     HostEvent,
+    TcpAccepted,
+    TcpClose,
     TcpConnected,
     TcpData,
     TcpEof,
@@ -35,9 +37,10 @@ from nitro_netd.netstack.events import (
     TcpWriteBlocked,
     TcpWriteUnblocked,
 )
-from nitro_netd.netstack.nat import nat_from_enclave
+from nitro_netd.netstack.nat import nat_from_enclave, nat_from_host
 from nitro_netd.netstack.output import StackOutput
 from nitro_netd.netstack.tcp.connection import TcpConnection, TcpState
+from nitro_netd.netstack.tcp.inbound import InboundConnection
 from nitro_netd.netstack.tcp.segments import SegmentBuilder
 from nitro_netd.netstack.tcp.seq import seq_add
 
@@ -45,7 +48,15 @@ logger = logging.getLogger("nitro_netd.netstack.tcp")
 
 FlowKey = tuple[int, IPv4Address, int]
 """(enclave port, remote address as the enclave sees it, remote port)."""
-TCP_EVENTS = (TcpConnected, TcpData, TcpEof, TcpFailed, TcpWriteBlocked, TcpWriteUnblocked)
+TCP_EVENTS = (
+    TcpAccepted,
+    TcpConnected,
+    TcpData,
+    TcpEof,
+    TcpFailed,
+    TcpWriteBlocked,
+    TcpWriteUnblocked,
+)
 DNS_PORT = 53
 
 
@@ -175,6 +186,9 @@ class TcpLayer:
 
     def handle_event(self, event: HostEvent, now: float) -> None:
         """Route a host event to its flow (events for forgotten flows are ignored)."""
+        if isinstance(event, TcpAccepted):
+            self._open_inbound(event, now)
+            return
         conn = self.flows.get(event.flow)
         if conn is None:
             return
@@ -191,6 +205,42 @@ class TcpLayer:
         elif isinstance(event, TcpWriteBlocked | TcpWriteUnblocked):
             conn.on_write_blocked(isinstance(event, TcpWriteBlocked))
         self._after(conn)
+
+    def _open_inbound(self, event: TcpAccepted, now: float) -> None:
+        """A client of an exposed port: send our SYN to the enclave on its behalf."""
+        remote = nat_from_host(self.config, event.address)
+        key = (event.enclave_port, remote, event.port)
+        if key in self.by_key or len(self.flows) >= self.config.max_tcp_flows:
+            self.output.stats.count_drop(DropReason.LIMIT)
+            logger.warning(
+                "[tcp %s:%d→:%d] refused: flow exists or limit reached",
+                remote,
+                event.port,
+                event.enclave_port,
+            )
+            self.output.send_command(TcpClose(event.flow, reset=True))
+            return
+        builder = SegmentBuilder(
+            self.output.enclave_mac(),
+            self.config.gateway_mac,
+            remote,
+            self.config.enclave_ip,
+            event.port,
+            event.enclave_port,
+        )
+        conn = InboundConnection(
+            event.flow,
+            self.output,
+            builder,
+            iss=self._isn(event.flow),
+            buffer=self.config.tcp_buffer,
+            mss=self.config.mtu - 40,
+            give_up_at=now + self.config.connect_timeout,
+            on_timer_change=self._on_timer_change,
+        )
+        self.flows[event.flow], self.by_key[key], self._keys[event.flow] = conn, conn, key
+        conn.log.debug("accepted: opening towards the enclave")
+        conn.start(now)
 
     def _after(self, conn: TcpConnection) -> None:
         if conn.state is TcpState.CLOSED:

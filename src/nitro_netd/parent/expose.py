@@ -1,0 +1,200 @@
+"""Exposed ports: `--expose PARENT[:ENCLAVE]` specs, and the listeners that carry them in.
+
+Grammar (the original tool's spelling, plus passt-style ranges and a UDP prefix):
+
+    SPEC   := [PROTO ":"] PORTS [":" PORTS]
+    PROTO  := "tcp" | "udp"            (default tcp)
+    PORTS  := PORT | PORT "-" PORT     (a range; both sides of a mapping equally long)
+
+`80` exposes parent port 80 as enclave port 80; `8080:80` parent 8080 to enclave 80;
+`8000-8009:9000-9009` ten ports; `udp:5353` a UDP port.
+
+Each TCP listener binds 0.0.0.0:PARENT (the parent's localhost and eth0). An accepted
+client becomes a flow the netstack opens towards the enclave (`TcpAccepted`); while no
+enclave link is up, clients are reset at once instead of waiting for a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from itertools import count
+from typing import Final
+
+from nitro_netd.netstack.events import SHELL_FLOW_BASE, HostEvent, TcpAccepted
+
+logger = logging.getLogger(__name__)
+
+BIND_ADDRESS: Final = "0.0.0.0"
+BACKLOG: Final = 1024
+
+
+class ExposeError(ValueError):
+    """An --expose spec that cannot be used; the message names the spec."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExposeSpec:
+    """One exposed port."""
+
+    protocol: str
+    parent_port: int
+    enclave_port: int
+
+    def __str__(self) -> str:
+        return f"{self.protocol}:{self.parent_port}:{self.enclave_port}"
+
+
+def _parse_ports(spec: str, text: str) -> range:
+    first, sep, last = text.partition("-")
+    try:
+        low, high = int(first), int(last) if sep else int(first)
+    except ValueError:
+        raise ExposeError(
+            f"--expose {spec!r}: {text!r} is not a port or a range like 8000-8010"
+        ) from None
+    if not (1 <= low <= 65535 and 1 <= high <= 65535):
+        raise ExposeError(f"--expose {spec!r}: ports must be between 1 and 65535")
+    if high < low:
+        raise ExposeError(f"--expose {spec!r}: range {text!r} runs backwards")
+    return range(low, high + 1)
+
+
+def parse_expose(spec: str) -> list[ExposeSpec]:
+    """Parse one --expose value into the ports it exposes.
+
+    Raises:
+        ExposeError: malformed, out of range, or mismatched range lengths.
+    """
+    parts = spec.strip().split(":")
+    protocol = "tcp"
+    if parts and parts[0].lower() in ("tcp", "udp"):
+        protocol = parts.pop(0).lower()
+    if not 1 <= len(parts) <= 2 or not all(parts):
+        raise ExposeError(f"--expose {spec!r}: expected PARENT[:ENCLAVE], e.g. 8080:80 or udp:53")
+    parent = _parse_ports(spec, parts[0])
+    enclave = _parse_ports(spec, parts[-1])
+    if len(parent) != len(enclave):
+        raise ExposeError(
+            f"--expose {spec!r}: ranges of {len(parent)} and {len(enclave)} ports differ"
+        )
+    return [ExposeSpec(protocol, p, e) for p, e in zip(parent, enclave, strict=True)]
+
+
+def parse_exposes(specs: Iterable[str]) -> tuple[ExposeSpec, ...]:
+    """Parse every --expose value; refuse a parent port exposed twice.
+
+    Raises:
+        ExposeError: the first bad or duplicate spec.
+    """
+    seen: dict[tuple[str, int], str] = {}
+    out: list[ExposeSpec] = []
+    for spec in specs:
+        for item in parse_expose(spec):
+            key = (item.protocol, item.parent_port)
+            if key in seen:
+                raise ExposeError(
+                    f"--expose {spec!r}: {item.protocol} port {item.parent_port} is already exposed by {seen[key]!r}"
+                )
+            seen[key] = spec
+            out.append(item)
+    return tuple(out)
+
+
+def bind_tcp_listener(item: ExposeSpec) -> socket.socket:
+    """Bind and listen for one exposed TCP port.
+
+    Raises:
+        OSError: with a message naming the port (e.g. already in use).
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((BIND_ADDRESS, item.parent_port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise OSError(
+            exc.errno, f"cannot expose {item.protocol} port {item.parent_port}: {exc.strerror}"
+        ) from exc
+    return sock
+
+
+class TcpExposer:
+    """Accepts clients on exposed TCP ports and hands them to the bridge as flows."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        adopt: Callable[[int, socket.socket], None],
+        post_event: Callable[[HostEvent], None],
+        link_up: Callable[[], bool],
+    ) -> None:
+        self.loop = loop
+        self._adopt = adopt
+        self._post = post_event
+        self._link_up = link_up
+        self._flow_ids = count(SHELL_FLOW_BASE)
+        self.listeners: dict[int, tuple[socket.socket, ExposeSpec]] = {}
+
+    def open(self, items: Sequence[ExposeSpec]) -> None:
+        """Bind every TCP item (all or nothing) and start accepting.
+
+        Raises:
+            OSError: a port could not be bound; nothing stays bound.
+        """
+        bound: list[tuple[socket.socket, ExposeSpec]] = []
+        try:
+            for item in items:
+                if item.protocol == "tcp":
+                    bound.append((bind_tcp_listener(item), item))
+        except OSError:
+            for sock, _ in bound:
+                sock.close()
+            raise
+        for sock, item in bound:
+            self.listeners[sock.fileno()] = (sock, item)
+            self.loop.add_reader(sock.fileno(), self._on_acceptable, sock, item)
+            logger.info(
+                "exposing tcp port %d -> enclave port %d", item.parent_port, item.enclave_port
+            )
+
+    def _on_acceptable(self, listener: socket.socket, item: ExposeSpec) -> None:
+        for _ in range(64):
+            try:
+                client, (address, port) = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                logger.warning("accept on port %d failed: %s", item.parent_port, exc)
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    return
+                continue
+            self._hand_over(client, address, port, item)
+
+    def _hand_over(self, client: socket.socket, address: str, port: int, item: ExposeSpec) -> None:
+        if not self._link_up():
+            logger.info(
+                "[tcp %s:%d→:%d] no enclave link: client reset", address, port, item.enclave_port
+            )
+            client.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
+            client.close()
+            return
+        flow = next(self._flow_ids)
+        self._adopt(flow, client)
+        self._post(TcpAccepted(flow, IPv4Address(address), port, item.enclave_port))
+
+    def close(self) -> None:
+        """Stop listening."""
+        for fd, (sock, _) in list(self.listeners.items()):
+            self.loop.remove_reader(fd)
+            sock.close()
+        self.listeners.clear()
