@@ -47,7 +47,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if problem is None:
             continue
         if _must_run():
-            item.add_marker(pytest.mark.usefixtures("_fail_prerequisite"))
             item.stash[_PROBLEM] = problem
         else:
             item.add_marker(pytest.mark.skip(reason=problem))
@@ -56,9 +55,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 _PROBLEM = pytest.StashKey[str]()
 
 
-@pytest.fixture
-def _fail_prerequisite(request: pytest.FixtureRequest) -> None:
-    pytest.fail(f"end-to-end prerequisite missing under CI: {request.node.stash[_PROBLEM]}")
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Under CI, fail a netns test whose prerequisite is missing, before its fixtures run."""
+    problem = item.stash.get(_PROBLEM, None)
+    if problem is not None:
+        pytest.fail(f"end-to-end prerequisite missing under CI: {problem}", pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ from typing import Final
 
 APT_PACKAGES: Final = {
     "ip": "iproute2",
-    "sysctl": "procps",
     "ping": "iputils-ping",
     "passt": "passt",
     "curl": "curl",
@@ -25,7 +24,7 @@ APT_PACKAGES: Final = {
 }
 """Debian package that provides each tool the simulator or its users may run."""
 
-BASE_TOOLS: Final = ("ip", "sysctl")
+BASE_TOOLS: Final = ("ip",)
 """Tools every simulator needs."""
 
 

@@ -34,13 +34,15 @@ ENCLAVE_ADDRESS: Final = "192.168.127.2"
 HOST_ALIAS_ADDRESS: Final = "192.168.127.254"
 """Inside the enclave, `.254:P` is the parent's `127.0.0.1:P`."""
 
-SYSCTLS: Final = (
+SYSCTLS: Final = {
     # No duplicate address detection: addresses are usable at once, no tentative state.
-    "net.ipv6.conf.all.accept_dad=0",
-    "net.ipv6.conf.default.accept_dad=0",
+    "net.ipv6.conf.all.accept_dad": "0",
+    "net.ipv6.conf.default.accept_dad": "0",
     # Unprivileged ICMP echo sockets for every group (a fresh namespace allows none).
-    "net.ipv4.ping_group_range=0 2147483647",
-)
+    "net.ipv4.ping_group_range": "0 2147483647",
+}
+"""Set in every namespace before its interfaces exist (written to /proc/sys from inside
+the namespace, so procps's `sysctl` is not needed)."""
 
 HOSTS: Final = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
 RESOLV_CONF: Final = {
@@ -79,8 +81,11 @@ def _write_etc(netns: str, role: Role) -> None:
 
 
 def _apply_sysctls(netns: str) -> None:
+    script = "; ".join(
+        f"echo '{value}' > /proc/sys/{key.replace('.', '/')}" for key, value in SYSCTLS.items()
+    )
     proc = subprocess.run(
-        ["ip", "netns", "exec", netns, "sysctl", "-q", "-w", *SYSCTLS],
+        ["ip", "netns", "exec", netns, "sh", "-ec", script],
         capture_output=True,
         text=True,
         check=False,

@@ -1,0 +1,871 @@
+"""Benchmark nitro-netd against passt, the kernel path and optional peers in the simulator.
+
+    sudo python bench/run.py [--quick] [--runs N] [--peers nitro-netd,passt,kernel]
+                             [--mtu 65520,1500] [--workloads tcp,latency,crr,udp]
+
+Every peer runs the same workloads in the same invocation, interleaved per run (run 1 of
+every peer, then run 2 of every peer, ...; the peer order rotates each run), each in a
+fresh simulator that is removed afterwards, also on errors and Ctrl-C. Figures are the
+median of the runs with their spread (min-max). Results: `bench/results/RESULTS.md` (the
+table, also printed), raw JSON in `bench/results/raw/`, PNG bar plots when matplotlib is
+installed (`pip install -e '.[bench]'`). See bench/README.md.
+
+All traffic stays inside the simulator's namespaces (198.18.0.0/24 between parent and
+world, 192.168.127.0/24 inside the enclave) and loopback. Never AF_VSOCK.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from nitro_netd.sim import (
+    ENCLAVE_ADDRESS,
+    GATEWAY_ADDRESS,
+    PARENT_ADDRESS,
+    WORLD_ADDRESS,
+    ManagedProcess,
+    SimError,
+    Simulator,
+    host_problem,
+)
+from nitro_netd.sim.host import ip
+
+BENCH_DIR: Final = Path(__file__).resolve().parent
+NETTOOL: Final = str(BENCH_DIR / "nettool.py")
+ECHO_PORT: Final = 7001
+IPERF_BASE_PORT: Final = 5201
+READY_TIMEOUT: Final = 20.0
+DEFAULT_MTUS: Final = (65520, 1500)
+GVPROXY_MTU: Final = 65000
+"""gvproxy's 16-bit frame lengths cap its MTU below 65521."""
+ENV_GVPROXY: Final = "NITRO_NETD_BENCH_GVPROXY"
+ENV_GVFORWARDER: Final = "NITRO_NETD_BENCH_GVFORWARDER"
+CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
+ALL_WORKLOADS: Final = ("tcp", "latency", "crr", "udp")
+
+
+# -- metrics ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool
+    group: str
+    """Which plot it goes into."""
+
+
+METRICS: Final = (
+    Metric("tcp_up_1", "TCP enclave→world, 1 stream", "Gbit/s", True, "throughput"),
+    Metric("tcp_down_1", "TCP world→enclave (-R), 1 stream", "Gbit/s", True, "throughput"),
+    Metric("tcp_up_8", "TCP enclave→world, 8 streams", "Gbit/s", True, "throughput"),
+    Metric("tcp_down_8", "TCP world→enclave (-R), 8 streams", "Gbit/s", True, "throughput"),
+    Metric("rr_p50_us", "TCP 1-byte round trip p50", "µs", False, "latency"),
+    Metric("rr_p99_us", "TCP 1-byte round trip p99", "µs", False, "latency"),
+    Metric("crr_per_s", "TCP connect+round trip+close", "conn/s", True, "connections"),
+    Metric("udp_loss_pct", "UDP enclave→world at fixed rate: loss", "%", False, "udp"),
+    Metric("udp_gbps", "UDP enclave→world at fixed rate: received", "Gbit/s", True, "udp"),
+    Metric("cpu_daemon_up", "parent engine CPU per GB, enclave→world", "CPU s/GB", False, "cpu"),
+    Metric("cpu_agent_up", "enclave agent CPU per GB, enclave→world", "CPU s/GB", False, "cpu"),
+    Metric("cpu_daemon_down", "parent engine CPU per GB, world→enclave", "CPU s/GB", False, "cpu"),
+    Metric("cpu_agent_down", "enclave agent CPU per GB, world→enclave", "CPU s/GB", False, "cpu"),
+)
+
+
+class WorkloadError(RuntimeError):
+    """A workload could not produce its figure; the message goes into the results."""
+
+
+# -- settings -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    runs: int
+    seconds: int
+    rr_rounds: int
+    crr_count: int
+    udp_rate: str
+    udp_length: int
+    workloads: tuple[str, ...]
+
+
+# -- peers --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Session:
+    """What a peer left running in one simulator: the processes whose CPU is counted."""
+
+    daemon: ManagedProcess | None = None
+    agent: ManagedProcess | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    name: str
+    description: str
+    start: Callable[[Simulator], Session]
+
+
+def start_nitro_netd(mtu: int) -> Callable[[Simulator], Session]:
+    def start(sim: Simulator) -> Session:
+        daemon = sim.start_parent(["--mtu", str(mtu)])
+        agent = sim.start_agent(["--mtu", str(mtu)])
+        agent.wait_for_log("link up", READY_TIMEOUT)
+        return Session(daemon=daemon, agent=agent)
+
+    return start
+
+
+def start_passt(sim: Simulator) -> Session:
+    daemon, url = sim.start_passt()
+    agent = sim.start_agent(["--protocol", "qemu"], parent=url)
+    agent.wait_for_log("link up", READY_TIMEOUT)
+    return Session(daemon=daemon, agent=agent)
+
+
+def start_kernel(sim: Simulator) -> Session:
+    """The enclave namespace routed by the kernel: a veth to the parent, which forwards and
+    masquerades towards the world (nft), or only routes if nft is missing."""
+    enclave, parent = sim.netns("enclave"), sim.netns("parent")
+    ip(
+        "-n",
+        enclave,
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "enc0",
+        "netns",
+        parent,
+    )
+    ip("-n", enclave, "addr", "add", f"{ENCLAVE_ADDRESS}/24", "dev", "eth0")
+    ip("-n", enclave, "link", "set", "eth0", "up")
+    ip("-n", enclave, "route", "add", "default", "via", GATEWAY_ADDRESS)
+    ip("-n", parent, "addr", "add", f"{GATEWAY_ADDRESS}/24", "dev", "enc0")
+    ip("-n", parent, "link", "set", "enc0", "up")
+    checked(sim.run("parent", ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]), "ip_forward")
+    session = Session()
+    if shutil.which("nft"):
+        ruleset = (
+            "table ip nndbench {\n"
+            "  chain post { type nat hook postrouting priority srcnat; policy accept;\n"
+            '    ip saddr 192.168.127.0/24 oifname "eth0" masquerade\n'
+            "  }\n"
+            "}\n"
+        )
+        checked(sim.run("parent", ["nft", "-f", "-"], input=ruleset), "nft masquerade")
+    else:
+        ip("-n", sim.netns("world"), "route", "add", "192.168.127.0/24", "via", PARENT_ADDRESS)
+        session.notes.append("nft not installed: kernel peer routes without NAT")
+    return session
+
+
+def start_gvproxy(binary: str) -> Callable[[Simulator], Session]:
+    def start(sim: Simulator) -> Session:
+        sock = sim.workdir / "gvproxy.sock"
+        daemon = sim.spawn(
+            "gvproxy", "parent", [binary, "-listen", f"unix://{sock}", "-mtu", str(GVPROXY_MTU)]
+        )
+        wait_until(lambda: sock.exists(), READY_TIMEOUT, "gvproxy socket", daemon)
+        agent = sim.start_agent(["--mtu", str(GVPROXY_MTU)], parent=f"unix://{sock}")
+        agent.wait_for_log("link up", READY_TIMEOUT)
+        return Session(daemon=daemon, agent=agent)
+
+    return start
+
+
+def start_gvforwarder(gvproxy: str, gvforwarder: str) -> Callable[[Simulator], Session]:
+    """gvproxy in the parent and a stock gvforwarder in the enclave (untested here: no
+    binaries on the development machines). The address is set by hand after tap0 appears."""
+
+    def start(sim: Simulator) -> Session:
+        sock = sim.workdir / "gvproxy.sock"
+        daemon = sim.spawn(
+            "gvproxy", "parent", [gvproxy, "-listen", f"unix://{sock}", "-mtu", str(GVPROXY_MTU)]
+        )
+        wait_until(lambda: sock.exists(), READY_TIMEOUT, "gvproxy socket", daemon)
+        agent = sim.spawn(
+            "gvforwarder",
+            "enclave",
+            [gvforwarder, "-url", f"unix://{sock}/connect", "-iface", "tap0",
+             "-mtu", str(GVPROXY_MTU)],
+        )  # fmt: skip
+        enclave = sim.netns("enclave")
+
+        def tap_exists() -> bool:
+            return sim.run("enclave", ["ip", "link", "show", "tap0"]).returncode == 0
+
+        wait_until(tap_exists, READY_TIMEOUT, "gvforwarder's tap0", agent)
+        ip("-n", enclave, "addr", "replace", f"{ENCLAVE_ADDRESS}/24", "dev", "tap0")
+        ip("-n", enclave, "link", "set", "tap0", "up")
+        ip("-n", enclave, "route", "replace", "default", "via", GATEWAY_ADDRESS)
+        return Session(daemon=daemon, agent=agent)
+
+    return start
+
+
+def build_peers(names: Sequence[str], mtus: Sequence[int]) -> tuple[list[Peer], list[str]]:
+    """The peers to run, and one note per requested peer that is skipped."""
+    peers: list[Peer] = []
+    skipped: list[str] = []
+    gvproxy = os.environ.get(ENV_GVPROXY)
+    gvforwarder = os.environ.get(ENV_GVFORWARDER)
+    for name in names:
+        if name == "nitro-netd":
+            for mtu in mtus:
+                peers.append(
+                    Peer(
+                        f"nitro-netd/{mtu}",
+                        f"our agent + our daemon, MTU {mtu} on both",
+                        start_nitro_netd(mtu),
+                    )
+                )
+        elif name == "passt":
+            if shutil.which("passt") is None:
+                skipped.append("passt: not installed (apt-get install passt)")
+                continue
+            peers.append(
+                Peer(
+                    "passt",
+                    "Debian's passt as parent engine, our agent with --protocol qemu, MTU 65520",
+                    start_passt,
+                )
+            )
+        elif name == "kernel":
+            peers.append(
+                Peer(
+                    "kernel",
+                    "veth enclave⇄parent (MTU 1500, GSO/GRO), kernel forwarding + nft masquerade",
+                    start_kernel,
+                )
+            )
+        elif name == "gvproxy":
+            if not gvproxy or not os.access(gvproxy, os.X_OK):
+                skipped.append(f"gvproxy: set {ENV_GVPROXY}=/path/to/gvproxy to include it")
+                continue
+            peers.append(
+                Peer(
+                    "gvproxy",
+                    f"gvproxy as parent engine, our agent (gvproxy protocol), MTU {GVPROXY_MTU}",
+                    start_gvproxy(gvproxy),
+                )
+            )
+        elif name == "gvforwarder":
+            if not (gvproxy and gvforwarder and os.access(gvforwarder, os.X_OK)):
+                skipped.append(
+                    f"gvproxy+gvforwarder: set {ENV_GVPROXY} and {ENV_GVFORWARDER} to include it"
+                )
+                continue
+            peers.append(
+                Peer(
+                    "gvproxy+gvforwarder",
+                    f"stock gvproxy and gvforwarder, MTU {GVPROXY_MTU}",
+                    start_gvforwarder(gvproxy, gvforwarder),
+                )
+            )
+        else:
+            raise SystemExit(f"unknown peer {name!r}")
+    return peers, skipped
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def checked(
+    result: subprocess.CompletedProcess[str], what: str
+) -> subprocess.CompletedProcess[str]:
+    if result.returncode != 0:
+        raise SimError(f"{what} failed ({result.returncode}): {result.stderr.strip()}")
+    return result
+
+
+def wait_until(
+    predicate: Callable[[], bool], timeout: float, what: str, process: ManagedProcess
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if not process.is_alive():
+            raise SimError(f"{process.name} exited before {what}\n{process.log_tail()}")
+        if time.monotonic() > deadline:
+            raise SimError(f"no {what} within {timeout:g} s\n{process.log_tail()}")
+        time.sleep(0.05)
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User+system CPU seconds of a process and all its descendants (reaped children count
+    through their parent's cutime/cstime)."""
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        pid = int(entry)
+        parents[pid] = int(fields[1])
+        ticks[pid] = sum(int(value) for value in fields[11:15])
+    total = 0
+    stack = [root]
+    seen: set[int] = set()
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        total += ticks.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total / CLK_TCK
+
+
+def nettool_json(sim: Simulator, args: Sequence[object], timeout: float) -> dict[str, Any]:
+    argv = [sim.python, NETTOOL, *map(str, args)]
+    try:
+        result = sim.run("enclave", argv, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise WorkloadError(f"nettool {args[0]} timed out after {timeout:g} s") from exc
+    lines = result.stdout.strip().splitlines()
+    if not lines:
+        raise WorkloadError(f"nettool {args[0]} printed nothing: {result.stderr.strip()[-300:]}")
+    outcome: dict[str, Any] = json.loads(lines[-1])
+    if result.returncode != 0 or not outcome.get("ok"):
+        raise WorkloadError(f"nettool {args[0]}: {outcome.get('error', outcome)}")
+    return outcome
+
+
+class Context:
+    """One peer in one simulator for one run: starts servers and runs clients."""
+
+    def __init__(self, sim: Simulator, session: Session, settings: Settings) -> None:
+        self.sim = sim
+        self.session = session
+        self.settings = settings
+        self._port = IPERF_BASE_PORT
+
+    @contextlib.contextmanager
+    def iperf_server(self) -> Iterator[int]:
+        """A one-off iperf3 server in the world on a fresh port, stopped afterwards."""
+        self._port += 1
+        port = self._port
+        server = self.sim.spawn(
+            "iperf3-server",
+            "world",
+            ["iperf3", "-s", "-1", "--forceflush", "-B", WORLD_ADDRESS, "-p", str(port)],
+        )
+        try:
+            server.wait_for_log("Server listening", READY_TIMEOUT)
+            yield port
+        finally:
+            server.stop(timeout=2.0)
+
+    def iperf(self, extra: Sequence[str]) -> dict[str, Any]:
+        """Run an iperf3 client in the enclave against a fresh server; its JSON report."""
+        seconds = self.settings.seconds
+        with self.iperf_server() as port:
+            argv = ["iperf3", "-c", WORLD_ADDRESS, "-p", str(port), "-t", str(seconds), "-J",
+                    "--connect-timeout", "5000", *extra]  # fmt: skip
+            try:
+                result = self.sim.run("enclave", argv, timeout=seconds + 30)
+            except subprocess.TimeoutExpired as exc:
+                raise WorkloadError(f"iperf3 {' '.join(extra)} timed out") from exc
+        try:
+            report: dict[str, Any] = json.loads(result.stdout)
+        except json.JSONDecodeError as exc:
+            raise WorkloadError(
+                f"iperf3 {' '.join(extra)}: no JSON (exit {result.returncode}): "
+                f"{(result.stderr or result.stdout).strip()[-300:]}"
+            ) from exc
+        if "error" in report:
+            raise WorkloadError(f"iperf3 {' '.join(extra)}: {report['error']}")
+        return report
+
+    def cpu(self) -> tuple[float | None, float | None]:
+        def of(process: ManagedProcess | None) -> float | None:
+            return None if process is None else tree_cpu_seconds(process.pid)
+
+        return of(self.session.daemon), of(self.session.agent)
+
+
+# -- workloads ----------------------------------------------------------------------------
+
+
+def workload_tcp(ctx: Context, metrics: dict[str, float], errors: dict[str, str]) -> None:
+    for streams in (1, 8):
+        for direction, extra in (("up", []), ("down", ["-R"])):
+            key = f"tcp_{direction}_{streams}"
+            args = [*extra, "-P", str(streams)] if streams > 1 else extra
+            try:
+                daemon0, agent0 = ctx.cpu()
+                report = ctx.iperf(args)
+                daemon1, agent1 = ctx.cpu()
+            except (WorkloadError, SimError) as exc:
+                errors[key] = str(exc).splitlines()[0]
+                continue
+            received = report["end"]["sum_received"]
+            metrics[key] = received["bits_per_second"] / 1e9
+            gigabytes = received["bytes"] / 1e9
+            if streams == 1 and gigabytes > 0:
+                if daemon0 is not None and daemon1 is not None:
+                    metrics[f"cpu_daemon_{direction}"] = (daemon1 - daemon0) / gigabytes
+                if agent0 is not None and agent1 is not None:
+                    metrics[f"cpu_agent_{direction}"] = (agent1 - agent0) / gigabytes
+
+
+def workload_latency(ctx: Context, metrics: dict[str, float], errors: dict[str, str]) -> None:
+    rounds = ctx.settings.rr_rounds
+    try:
+        outcome = nettool_json(
+            ctx.sim, ["latency", WORLD_ADDRESS, ECHO_PORT, rounds, rounds // 10], timeout=120
+        )
+    except WorkloadError as exc:
+        errors["latency"] = str(exc)
+        return
+    metrics["rr_p50_us"] = outcome["p50_us"]
+    metrics["rr_p99_us"] = outcome["p99_us"]
+
+
+def workload_crr(ctx: Context, metrics: dict[str, float], errors: dict[str, str]) -> None:
+    try:
+        outcome = nettool_json(
+            ctx.sim, ["crr", WORLD_ADDRESS, ECHO_PORT, ctx.settings.crr_count], timeout=180
+        )
+    except WorkloadError as exc:
+        errors["crr"] = str(exc)
+        return
+    metrics["crr_per_s"] = outcome["conns_per_s"]
+
+
+def workload_udp(ctx: Context, metrics: dict[str, float], errors: dict[str, str]) -> None:
+    extra = ["-u", "-b", ctx.settings.udp_rate, "-l", str(ctx.settings.udp_length)]
+    try:
+        report = ctx.iperf(extra)
+    except (WorkloadError, SimError) as exc:
+        errors["udp"] = str(exc).splitlines()[0]
+        return
+    end = report["end"]
+    summary = end.get("sum", {})
+    if "lost_percent" not in summary:
+        errors["udp"] = "iperf3 reported no loss figure"
+        return
+    metrics["udp_loss_pct"] = float(summary["lost_percent"])
+    received = end.get("sum_received")
+    if received is not None:
+        metrics["udp_gbps"] = received["bits_per_second"] / 1e9
+    else:
+        metrics["udp_gbps"] = summary["bits_per_second"] * (1 - summary["lost_percent"] / 100) / 1e9
+
+
+WORKLOADS: Final[dict[str, Callable[[Context, dict[str, float], dict[str, str]], None]]] = {
+    "tcp": workload_tcp,
+    "latency": workload_latency,
+    "crr": workload_crr,
+    "udp": workload_udp,
+}
+
+
+def run_peer_once(peer: Peer, settings: Settings, run: int) -> dict[str, Any]:
+    """One fresh simulator, one peer, every selected workload once."""
+    record: dict[str, Any] = {"run": run, "peer": peer.name, "metrics": {}, "errors": {}}
+    metrics: dict[str, float] = record["metrics"]
+    errors: dict[str, str] = record["errors"]
+    started = time.monotonic()
+    with Simulator() as sim:
+        try:
+            session = peer.start(sim)
+            sim.spawn("echo-server", "world", [sim.python, NETTOOL, "server", WORLD_ADDRESS,
+                                               str(ECHO_PORT)]).wait_for_log(
+                '"listening"', READY_TIMEOUT
+            )  # fmt: skip
+            nettool_json(sim, ["probe", WORLD_ADDRESS, ECHO_PORT, READY_TIMEOUT], timeout=60)
+        except (SimError, WorkloadError, OSError) as exc:
+            errors["setup"] = str(exc)
+            record["log_tail"] = sim.logs_tail(15)
+            return record
+        record["notes"] = session.notes
+        ctx = Context(sim, session, settings)
+        for name in settings.workloads:
+            WORKLOADS[name](ctx, metrics, errors)
+        for process in (session.daemon, session.agent):
+            if process is not None and not process.is_alive():
+                errors[f"{process.name}-exit"] = f"exited {process.returncode} during the run"
+        if errors:
+            record["log_tail"] = sim.logs_tail(15)
+    record["seconds"] = round(time.monotonic() - started, 1)
+    return record
+
+
+# -- summary ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Figure:
+    median: float
+    low: float
+    high: float
+    n: int
+
+
+def summarise(records: list[dict[str, Any]], peers: list[str]) -> dict[str, dict[str, Figure]]:
+    """peer -> metric key -> median and spread over the runs."""
+    out: dict[str, dict[str, Figure]] = {}
+    for peer in peers:
+        values: dict[str, list[float]] = {}
+        for record in records:
+            if record["peer"] == peer:
+                for key, value in record["metrics"].items():
+                    values.setdefault(key, []).append(value)
+        out[peer] = {
+            key: Figure(statistics.median(vals), min(vals), max(vals), len(vals))
+            for key, vals in values.items()
+        }
+    return out
+
+
+def fmt(value: float) -> str:
+    magnitude = abs(value)
+    if magnitude >= 100:
+        return f"{value:.0f}"
+    if magnitude >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def cell(figure: Figure | None, reference: Figure | None) -> str:
+    if figure is None:
+        return "n/a"
+    text = fmt(figure.median)
+    if figure.n > 1:
+        text += f" ({fmt(figure.low)}–{fmt(figure.high)})"
+    if reference is not None and reference.median > 0:
+        text += f" · {figure.median / reference.median:.2f}×"
+    elif reference is not None and figure.median == 0 and reference.median == 0:
+        text += " · ="
+    return text
+
+
+def table(summary: dict[str, dict[str, Figure]], peers: list[str], settings: Settings) -> str:
+    reference = "passt" if "passt" in peers else None
+    lines = [
+        "| workload | unit | better | " + " | ".join(peers) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in peers) + " |",
+    ]
+    for metric in METRICS:
+        if not any(metric.key in summary[p] for p in peers):
+            continue
+        cells = []
+        for peer in peers:
+            ref = summary[reference].get(metric.key) if reference else None
+            cells.append(cell(summary[peer].get(metric.key), ref))
+        better = "higher" if metric.higher_is_better else "lower"
+        lines.append(f"| {metric.label} | {metric.unit} | {better} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine_info() -> dict[str, str]:
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+
+    def version(argv: list[str]) -> str:
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return "not installed"
+        return (
+            (out.stdout or out.stderr).strip().splitlines()[0] if out.stdout or out.stderr else ""
+        )
+
+    passt_version = "not installed"
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        dpkg = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", "passt"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )  # fmt: skip
+        if dpkg.returncode == 0:
+            passt_version = f"Debian package {dpkg.stdout.strip()}"
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "iperf3": version(["iperf3", "--version"]),
+        "passt": passt_version,
+        "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+def error_lines(records: list[dict[str, Any]]) -> list[str]:
+    seen: dict[tuple[str, str, str], list[int]] = {}
+    for record in records:
+        for workload, message in record["errors"].items():
+            key = (record["peer"], workload, message.splitlines()[0][:240] if message else "")
+            seen.setdefault(key, []).append(record["run"])
+    return [
+        f"- {peer} / {workload} (run {', '.join(map(str, runs))}): {message}"
+        for (peer, workload, message), runs in seen.items()
+    ]
+
+
+def render_markdown(
+    *,
+    summary: dict[str, dict[str, Figure]],
+    peers: list[Peer],
+    skipped: list[str],
+    records: list[dict[str, Any]],
+    settings: Settings,
+    meta: dict[str, Any],
+    plots: list[str],
+    plot_note: str | None,
+) -> str:
+    names = [p.name for p in peers]
+    out = [
+        "# nitro-netd benchmark results",
+        "",
+        f"- date: {meta['date']}",
+        f"- command: `{meta['command']}`",
+        f"- machine: {meta['machine']['nproc']} cores ({meta['machine']['cpu']}), "
+        f"kernel {meta['machine']['kernel']}, Python {meta['machine']['python']}, "
+        f"{meta['machine']['iperf3']}, passt {meta['machine']['passt']}, "
+        f"load average before {meta['machine']['load_before']}",
+        f"- runs per figure: {settings.runs} (interleaved: every peer once per run, order "
+        f"rotated); iperf3 -t {settings.seconds}; {settings.rr_rounds} round trips; "
+        f"{settings.crr_count} connections; UDP at {settings.udp_rate}bit/s, "
+        f"{settings.udp_length}-byte datagrams",
+        f"- total time: {meta['seconds']:.0f} s",
+        "",
+        "Cells: median (min–max over the runs) · ratio to passt's median in the same "
+        "invocation. Compare ratios, not absolute numbers, on this noisy 2-core machine.",
+        "",
+        table(summary, names, settings),
+        "",
+        "## Peers",
+        "",
+        *[f"- **{p.name}**: {p.description}" for p in peers],
+        *[f"- skipped: {note}" for note in skipped],
+        "",
+        "## Notes",
+        "",
+        "- All processes share the machine's 2 cores: iperf3 client and server, the parent "
+        "engine and the agent's two pump processes compete for them.",
+        "- Latency: a Python client/server (bench/nettool.py) doing 1-byte round trips over one "
+        "TCP connection with TCP_NODELAY, because sockperf is not packaged in Debian 12; the "
+        "Python overhead is included and is the same for every peer.",
+        "- Connection rate: sequential connect, 1-byte round trip, close (like netperf TCP_CRR).",
+        "- CPU s/GB: user+system seconds of the parent engine's and the agent's process trees "
+        "(/proc/PID/stat, children included) across the 1-stream iperf3 run, divided by the "
+        "bytes iperf3 received. The kernel peer's cost is softirq time not attributed to a "
+        "process, so it has no figure.",
+        "- n/a: the peer did not produce the figure; the reason is under Errors.",
+    ]
+    notes = sorted({note for r in records for note in r.get("notes", [])})
+    out.extend(f"- {note}" for note in notes)
+    if plot_note:
+        out.append(f"- {plot_note}")
+    errors = error_lines(records)
+    if errors:
+        out += ["", "## Errors", "", *errors]
+    if plots:
+        out += ["", "## Plots", "", *[f"![{Path(p).stem}]({Path(p).name})" for p in plots]]
+    return "\n".join(out) + "\n"
+
+
+def make_plots(
+    summary: dict[str, dict[str, Figure]], peers: list[str], out_dir: Path
+) -> tuple[list[str], str | None]:
+    """Grouped bar plots (median, min-max error bars), one PNG per metric group."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], "plots skipped: matplotlib not installed (pip install -e '.[bench]')"
+    written: list[str] = []
+    groups: dict[str, list[Metric]] = {}
+    for metric in METRICS:
+        if any(metric.key in summary[p] for p in peers):
+            groups.setdefault(metric.group, []).append(metric)
+    for group, metrics in groups.items():
+        units = sorted({m.unit for m in metrics})
+        fig, axes = plt.subplots(
+            1, len(units), figsize=(4 + 2.2 * len(metrics), 4.2), squeeze=False
+        )
+        for ax, unit in zip(axes[0], units, strict=True):
+            chosen = [m for m in metrics if m.unit == unit]
+            width = 0.8 / max(1, len(peers))
+            for index, peer in enumerate(peers):
+                xs, heights, low, high = [], [], [], []
+                for position, metric in enumerate(chosen):
+                    figure = summary[peer].get(metric.key)
+                    if figure is None:
+                        continue
+                    xs.append(position + (index - (len(peers) - 1) / 2) * width)
+                    heights.append(figure.median)
+                    low.append(figure.median - figure.low)
+                    high.append(figure.high - figure.median)
+                ax.bar(xs, heights, width, yerr=[low, high], capsize=3, label=peer)
+            ax.set_xticks(range(len(chosen)))
+            ax.set_xticklabels([m.label.replace(", ", ",\n") for m in chosen], fontsize=7)
+            ax.set_ylabel(unit)
+            ax.grid(axis="y", alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"nitro-netd bench: {group} (median, min–max)")
+        fig.tight_layout()
+        path = out_dir / f"{group}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path))
+    return written, None
+
+
+# -- main ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="1 run, 2 s iperf3, fewer rounds")
+    parser.add_argument("--runs", type=int, help="runs per figure (default 3; --quick 1)")
+    parser.add_argument("--seconds", type=int, help="iperf3 -t (default 5; --quick 2; max 5)")
+    parser.add_argument(
+        "--peers",
+        default="nitro-netd,passt,kernel,gvproxy,gvforwarder",
+        help="comma list of nitro-netd, passt, kernel, gvproxy, gvforwarder (gvproxy "
+        f"needs {ENV_GVPROXY}; gvforwarder also {ENV_GVFORWARDER}; default: all)",
+    )
+    parser.add_argument(
+        "--mtu",
+        default=",".join(map(str, DEFAULT_MTUS)),
+        help="comma list of MTUs for nitro-netd (default: 65520,1500)",
+    )
+    parser.add_argument(
+        "--workloads",
+        default=",".join(ALL_WORKLOADS),
+        help=f"comma list of {', '.join(ALL_WORKLOADS)} (default: all)",
+    )
+    parser.add_argument("--udp-rate", default="200M", help="iperf3 -b for UDP (default 200M)")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="results dir")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    problem = host_problem(["iperf3"])
+    if problem is not None:
+        print(f"bench/run.py: {problem}", file=sys.stderr)
+        return 1
+    workloads = tuple(w for w in args.workloads.split(",") if w)
+    unknown = set(workloads) - set(ALL_WORKLOADS)
+    if unknown:
+        print(f"bench/run.py: unknown workloads {sorted(unknown)}", file=sys.stderr)
+        return 2
+    settings = Settings(
+        runs=args.runs or (1 if args.quick else 3),
+        seconds=min(5, args.seconds or (2 if args.quick else 5)),
+        rr_rounds=300 if args.quick else 2000,
+        crr_count=100 if args.quick else 500,
+        udp_rate=args.udp_rate,
+        udp_length=1400,
+        workloads=workloads,
+    )
+    mtus = [int(m) for m in args.mtu.split(",") if m]
+    peers, skipped = build_peers([p for p in args.peers.split(",") if p], mtus)
+    for note in skipped:
+        print(f"skipped {note}", flush=True)
+    if not peers:
+        print("bench/run.py: no peer to run", file=sys.stderr)
+        return 2
+
+    out_dir: Path = args.out
+    raw_dir = out_dir / "raw"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    stamp = dt.datetime.now(dt.UTC)
+    meta: dict[str, Any] = {
+        "date": stamp.strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(["python", "bench/run.py", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": machine_info(),
+        "settings": asdict(settings),
+        "peers": [p.name for p in peers],
+        "skipped": skipped,
+    }
+    records: list[dict[str, Any]] = []
+    raw_path = raw_dir / f"{stamp.strftime('%Y%m%dT%H%M%SZ')}.json"
+    interrupted = False
+    try:
+        for run in range(1, settings.runs + 1):
+            shift = (run - 1) % len(peers)
+            for peer in peers[shift:] + peers[:shift]:
+                print(f"run {run}/{settings.runs}: {peer.name} ...", end=" ", flush=True)
+                record = run_peer_once(peer, settings, run)
+                records.append(record)
+                shown = ", ".join(f"{k}={fmt(v)}" for k, v in record["metrics"].items())
+                print(shown or "no figures", flush=True)
+                for workload, message in record["errors"].items():
+                    print(f"    {workload}: {message.splitlines()[0][:200]}", flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: simulators removed; writing what was measured", file=sys.stderr)
+    meta["seconds"] = time.monotonic() - started
+    meta["interrupted"] = interrupted
+    raw_path.write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
+
+    names = [p.name for p in peers]
+    summary = summarise(records, names)
+    plots: list[str] = []
+    plot_note = "plots skipped (--no-plots)" if args.no_plots else None
+    if not args.no_plots:
+        plots, plot_note = make_plots(summary, names, out_dir)
+    markdown = render_markdown(
+        summary=summary,
+        peers=peers,
+        skipped=skipped,
+        records=records,
+        settings=settings,
+        meta=meta,
+        plots=plots,
+        plot_note=plot_note,
+    )
+    (out_dir / "RESULTS.md").write_text(markdown, encoding="utf-8")
+    print()
+    print(table(summary, names, settings))
+    print(f"\nwritten: {out_dir / 'RESULTS.md'}, {raw_path}" + "".join(f", {p}" for p in plots))
+    if plot_note:
+        print(plot_note)
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
