@@ -492,7 +492,13 @@ WORKLOADS: Final[dict[str, Callable[[Context, dict[str, float], dict[str, str]],
 
 def run_peer_once(peer: Peer, settings: Settings, run: int) -> dict[str, Any]:
     """One fresh simulator, one peer, every selected workload once."""
-    record: dict[str, Any] = {"run": run, "peer": peer.name, "metrics": {}, "errors": {}}
+    record: dict[str, Any] = {
+        "run": run,
+        "peer": peer.name,
+        "load1_before": round(os.getloadavg()[0], 2),
+        "metrics": {},
+        "errors": {},
+    }
     metrics: dict[str, float] = record["metrics"]
     errors: dict[str, str] = record["errors"]
     started = time.monotonic()
@@ -562,9 +568,9 @@ def cell(figure: Figure | None, reference: Figure | None) -> str:
         return "n/a"
     text = fmt(figure.median)
     if figure.n > 1:
-        text += f" ({fmt(figure.low)}–{fmt(figure.high)})"
+        text += f" ({fmt(figure.low)}-{fmt(figure.high)})"
     if reference is not None and reference.median > 0:
-        text += f" · {figure.median / reference.median:.2f}×"
+        text += f" · {figure.median / reference.median:.2f}x"
     elif reference is not None and figure.median == 0 and reference.median == 0:
         text += " · ="
     return text
@@ -663,7 +669,7 @@ def render_markdown(
         f"{settings.udp_length}-byte datagrams",
         f"- total time: {meta['seconds']:.0f} s",
         "",
-        "Cells: median (min–max over the runs) · ratio to passt's median in the same "
+        "Cells: median (min-max over the runs) · ratio to passt's median in the same "
         "invocation. Compare ratios, not absolute numbers, on this noisy 2-core machine.",
         "",
         table(summary, names, settings),
@@ -687,6 +693,13 @@ def render_markdown(
         "process, so it has no figure.",
         "- n/a: the peer did not produce the figure; the reason is under Errors.",
     ]
+    loads = [r["load1_before"] for r in records if "load1_before" in r]
+    if loads:
+        out.append(
+            f"- 1-minute load average at the start of each peer run: {min(loads):.2f}-"
+            f"{max(loads):.2f} (on 2 cores; above ~0.5 something else was running and the "
+            "absolute figures are lower than on an idle machine)."
+        )
     notes = sorted({note for r in records for note in r.get("notes", [])})
     out.extend(f"- {note}" for note in notes)
     if plot_note:
@@ -739,7 +752,7 @@ def make_plots(
             ax.set_ylabel(unit)
             ax.grid(axis="y", alpha=0.3)
         axes[0][0].legend(fontsize=7)
-        fig.suptitle(f"nitro-netd bench: {group} (median, min–max)")
+        fig.suptitle(f"nitro-netd bench: {group} (median, min-max)")
         fig.tight_layout()
         path = out_dir / f"{group}.png"
         fig.savefig(path, dpi=110)

@@ -17,6 +17,9 @@ import pytest
 
 from nitro_netd.sim import Simulator, cleanup_stale, host_problem
 
+_PROBLEM = pytest.StashKey[str]()
+"""Why a netns test cannot run here, when it must run anyway (CI)."""
+
 
 def _must_run() -> bool:
     return bool(os.environ.get("CI")) or os.environ.get("NITRO_NETD_E2E") == "require"
@@ -50,9 +53,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.stash[_PROBLEM] = problem
         else:
             item.add_marker(pytest.mark.skip(reason=problem))
-
-
-_PROBLEM = pytest.StashKey[str]()
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

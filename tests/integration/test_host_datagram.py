@@ -48,28 +48,39 @@ class Events:
         return self.items.pop(0)
 
 
-@pytest.fixture
-async def echo_socket() -> AsyncIterator[socket.socket]:
+class EchoSocket:
     """A loopback UDP socket that echoes every datagram from the loop."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.setblocking(False)
 
-    def echo() -> None:
-        data, peer = sock.recvfrom(65536)
-        sock.sendto(data, peer)
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.port: int = self.sock.getsockname()[1]
+        self.echoed = asyncio.Event()
+        loop.add_reader(self.sock.fileno(), self._echo)
 
-    loop.add_reader(sock.fileno(), echo)
-    yield sock
-    loop.remove_reader(sock.fileno())
-    sock.close()
+    def _echo(self) -> None:
+        data, peer = self.sock.recvfrom(65536)
+        self.sock.sendto(data, peer)  # on loopback, in the peer's buffer when this returns
+        self.echoed.set()
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
 
 
-async def test_host_udp_send_and_receive_then_close(echo_socket: socket.socket) -> None:
+@pytest.fixture
+async def echo() -> AsyncIterator[EchoSocket]:
+    server = EchoSocket(asyncio.get_running_loop())
+    yield server
+    server.close()
+
+
+async def test_host_udp_send_and_receive_then_close(echo: EchoSocket) -> None:
     events = Events()
     side = HostUdp(asyncio.get_running_loop(), events.post)
-    port = echo_socket.getsockname()[1]
+    port = echo.port
     side.execute(UdpSend(7, LOOPBACK, port, b"ping"))
     assert await events.next() == UdpDatagram(7, LOOPBACK, port, b"ping")
     side.execute(UdpClose(7))
@@ -89,25 +100,20 @@ async def test_host_udp_closed_port_reports_connection_refused() -> None:
     assert side.sockets == {}
 
 
-async def test_host_udp_link_pause_holds_datagrams_until_resumed(
-    echo_socket: socket.socket,
-) -> None:
+async def test_host_udp_link_pause_holds_datagrams_until_resumed(echo: EchoSocket) -> None:
     events = Events()
     side = HostUdp(asyncio.get_running_loop(), events.post)
-    port = echo_socket.getsockname()[1]
-    side.execute(UdpSend(1, LOOPBACK, port, b"first"))
-    assert await events.next() == UdpDatagram(1, LOOPBACK, port, b"first")
+    side.execute(UdpSend(1, LOOPBACK, echo.port, b"first"))
+    assert await events.next() == UdpDatagram(1, LOOPBACK, echo.port, b"first")
     side.set_link_paused(True)
-    side.execute(UdpSend(1, LOOPBACK, port, b"second"))
-    sock = side.sockets[1]
-    async with asyncio.timeout(DEADLINE):  # the echo is in our socket's buffer...
-        while not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
-            await asyncio.sleep(0)
+    echo.echoed.clear()
+    side.execute(UdpSend(1, LOOPBACK, echo.port, b"second"))
+    await asyncio.wait_for(echo.echoed.wait(), DEADLINE)  # the echo is in our buffer...
     for _ in range(10):
         await asyncio.sleep(0)
-    assert events.items == []  # ...but not read while paused
+    assert events.items == []  # ...but not read while the link is paused
     side.set_link_paused(False)
-    assert await events.next() == UdpDatagram(1, LOOPBACK, port, b"second")
+    assert await events.next() == UdpDatagram(1, LOOPBACK, echo.port, b"second")
     side.close_all()
 
 

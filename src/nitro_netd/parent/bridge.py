@@ -9,7 +9,10 @@ stack's frames into the link in one write, hands its commands to the host side, 
 re-arms a single timer at `stack.get_timer()` (the aioquic `transmit()` pattern).
 
 At most one link is live. A new link replaces the old one: the old session is closed and
-the stack forgets the old link's state (flows of the old link are reset).
+the stack forgets the old link's state (flows of the old link are reset). Before a link
+goes live the daemon may refuse it (`admit_link`, CID pinning); a refused link never
+disturbs the live one. `link` records what `nitro-netd status` shows, and `frame_tap`
+(``--pcap``) sees every frame of the live link, both directions.
 """
 
 from __future__ import annotations
@@ -17,15 +20,36 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from nitro_netd.netstack import NetStack, StackConfig
 from nitro_netd.netstack.events import HostCommand, HostEvent
 from nitro_netd.parent.host import HostSide
 from nitro_netd.parent.session import LinkSession
+from nitro_netd.transport import peer_cid
 
 logger = logging.getLogger(__name__)
+
+FrameTap = Callable[[bytes | bytearray | memoryview], None]
+AdmitLink = Callable[[LinkSession, "int | None"], "str | None"]
+
+
+@dataclass(slots=True)
+class LinkState:
+    """The link as status reports it."""
+
+    up: bool = False
+    peer: str | None = None
+    """The live (or last) link's peer, e.g. "cid 16 port 1234" or "unix peer"."""
+    cid: int | None = None
+    """Its vsock CID; None for unix links."""
+    since: float | None = None
+    """Wall-clock time of the last change (up or down)."""
+    accepted: int = 0
+    refused: int = 0
 
 
 class Bridge:
@@ -40,6 +64,11 @@ class Bridge:
         self._executors: dict[type, Callable[[Any], None]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self.link = LinkState()
+        self.admit_link: AdmitLink | None = None
+        """Asked before a new link goes live: a returned reason refuses (closes) it."""
+        self.frame_tap: FrameTap | None = None
+        """Sees every frame of the live link, both directions (valid during the call)."""
 
     # --- LinkOwner -------------------------------------------------------------
 
@@ -58,7 +87,16 @@ class Bridge:
         }
 
     def on_link_up(self, session: LinkSession) -> None:
-        """Make `session` the live link, replacing any older one."""
+        """Make `session` the live link, replacing any older one (unless refused)."""
+        cid = _session_cid(session)
+        refusal = self.admit_link(session, cid) if self.admit_link is not None else None
+        if refusal is not None:
+            self.link.refused += 1
+            session.close(refusal)
+            return
+        self.link.up, self.link.peer, self.link.cid = True, session.peer, cid
+        self.link.since = time.time()
+        self.link.accepted += 1
         old, self.session = self.session, session
         if old is not None and not old.closed:
             old.close("replaced by a new link")
@@ -68,6 +106,8 @@ class Bridge:
     def on_frame(self, session: LinkSession, frame: memoryview) -> None:
         """Feed one frame of the live link to the stack."""
         if session is self.session:
+            if self.frame_tap is not None:
+                self.frame_tap(frame)
             self.stack.receive_frame(frame, now=self.loop.time())
 
     def on_frames_done(self, session: LinkSession) -> None:
@@ -84,6 +124,7 @@ class Bridge:
         """Forget the link if it was the live one."""
         if session is self.session:
             self.session = None
+            self.link.up, self.link.since = False, time.time()
             for side in self.host_sides:
                 side.set_link_paused(False)
             self.stack.handle_link_reset()
@@ -97,6 +138,9 @@ class Bridge:
         """Drain the stack: frames to the link, commands to the host, re-arm the timer."""
         frames = self.stack.frames_to_send()
         if frames and self.session is not None:
+            if self.frame_tap is not None:
+                for frame in frames:
+                    self.frame_tap(frame)
             self.session.send_frames(frames)
         for command in self.stack.commands_to_send():
             self.execute(command)
@@ -144,3 +188,12 @@ class Bridge:
         for side in self.host_sides:
             side.close_all()
         self._arm_timer(None)
+
+
+def _session_cid(session: LinkSession) -> int | None:
+    """The link's peer CID (None for unix links or when it cannot be read)."""
+    sock = session.transport.get_extra_info("socket") if session.transport else None
+    try:
+        return peer_cid(sock) if sock is not None else None
+    except OSError:
+        return None

@@ -1,5 +1,7 @@
 """Unprivileged ping sockets (`socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP)`) for ping flows.
 
+Theory of operation
+-------------------
 One socket per flow, created on its first `PingSend`. The kernel gives each ping socket
 its own echo identifier (and checks and completes the checksum), so a request is sent
 with identifier 0 and the replies read back carry the kernel's identifier; the netstack
@@ -26,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 PING_SYSCTL_HINT: Final = (
     "ping to the world needs sysctl net.ipv4.ping_group_range='0 2147483647'"
-    " (ping sockets are not permitted for this daemon's group); pings are dropped"
+    " (ping sockets are not permitted for this daemon's group); until then pings beyond"
+    " the parent are dropped"
 )
 _ECHO_HEADER: Final = struct.Struct("!BBHHH")
 _DENIED: Final = frozenset({errno.EACCES, errno.EPERM})

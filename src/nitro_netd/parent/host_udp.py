@@ -1,5 +1,7 @@
 """Host UDP sockets for the netstack's UDP flows (and its DNS forwarder's queries).
 
+Theory of operation
+-------------------
 One *connected* non-blocking UDP socket per flow, created on the flow's first `UdpSend`.
 Connecting makes the parent's kernel keep only the peer's replies and report the ICMP
 errors it receives for the flow (port unreachable -> ECONNREFUSED on the next send or

@@ -52,6 +52,7 @@ from nitro_netd.netstack.events import (
 )
 from nitro_netd.netstack.output import StackOutput
 from nitro_netd.netstack.tcp.segments import SegmentBuilder
+from nitro_netd.netstack.tcp.sendqueue import SendQueue
 from nitro_netd.netstack.tcp.seq import seq_add, seq_diff, seq_le, seq_lt
 
 logger = logging.getLogger("nitro_netd.netstack.tcp")
@@ -142,7 +143,7 @@ class TcpConnection:
         self.snd_max = iss
         self.snd_wnd = 0
         self.syn_acked = False
-        self.send_buffer = bytearray()
+        self.send_buffer = SendQueue()
         self.host_eof = False
         self.fin_acked = False
         self.reading_paused = False
@@ -208,7 +209,7 @@ class TcpConnection:
         """Bytes from the host: queue them and send what the enclave's window allows."""
         if self.state is TcpState.CLOSED or self.host_eof:
             return
-        self.send_buffer += data
+        self.send_buffer.append(data)
         if len(self.send_buffer) > self.buffer and not self.reading_paused:
             self.reading_paused = True
             self.output.send_command(TcpPauseReading(self.flow))
@@ -291,7 +292,7 @@ class TcpConnection:
 
     def _advance(self, ack: int, acked: int, now: float) -> None:
         data = min(acked, len(self.send_buffer))
-        del self.send_buffer[:data]
+        self.send_buffer.consume(data)
         if acked > data and self.host_eof:
             self.fin_acked = True
         self.snd_una = ack
@@ -374,25 +375,22 @@ class TcpConnection:
         if self.state is not TcpState.ESTABLISHED or not self.syn_acked:
             return
         buffered = len(self.send_buffer)
-        view = memoryview(self.send_buffer)
-        try:
-            while True:
-                offset = seq_diff(self.snd_nxt, self.snd_una)
-                n = min(self.enclave_mss, buffered - offset, self.snd_wnd - offset)
-                if n <= 0:
-                    break
-                last = offset + n == buffered
-                flags = _ACK | TcpFlags.PSH if last else _ACK
-                if last and self.host_eof:
-                    flags |= TcpFlags.FIN
-                self._send(self.snd_nxt, flags, view[offset : offset + n])
-                self._sent(seq_add(self.snd_nxt, n + (1 if flags & TcpFlags.FIN else 0)))
+        queue = self.send_buffer
+        while True:
             offset = seq_diff(self.snd_nxt, self.snd_una)
-            if self.host_eof and offset == buffered and not self.fin_acked:
-                self._send(self.snd_nxt, TcpFlags.FIN | _ACK)
-                self._sent(seq_add(self.snd_nxt, 1))
-        finally:
-            view.release()
+            n = min(self.enclave_mss, buffered - offset, self.snd_wnd - offset)
+            if n <= 0:
+                break
+            last = offset + n == buffered
+            flags = _ACK | TcpFlags.PSH if last else _ACK
+            if last and self.host_eof:
+                flags |= TcpFlags.FIN
+            self._send(self.snd_nxt, flags, queue.slice(offset, n))
+            self._sent(seq_add(self.snd_nxt, n + (1 if flags & TcpFlags.FIN else 0)))
+        offset = seq_diff(self.snd_nxt, self.snd_una)
+        if self.host_eof and offset == buffered and not self.fin_acked:
+            self._send(self.snd_nxt, TcpFlags.FIN | _ACK)
+            self._sent(seq_add(self.snd_nxt, 1))
         self._arm(now)
 
     def _sent(self, new_nxt: int) -> None:
@@ -410,7 +408,7 @@ class TcpConnection:
                 and seq_diff(self.snd_max, self.snd_una) > n
             )
             flags = _ACK | TcpFlags.PSH | (TcpFlags.FIN if last else 0)
-            self._send(self.snd_una, flags, memoryview(self.send_buffer)[:n])
+            self._send(self.snd_una, flags, self.send_buffer.slice(0, n))
         elif self.host_eof:
             self._send(self.snd_una, TcpFlags.FIN | _ACK)
 

@@ -135,7 +135,7 @@ class TcpLayer:
             return None
         if destination == self.config.gateway_ip:
             upstream = dns_upstream_for_tcp(self.config) if port == DNS_PORT else None
-            return None if upstream is None else (upstream, port)
+            return None if upstream is None else (upstream, self.config.dns_port)
         return nat_from_enclave(self.config, destination), port
 
     def _has_room(self, header: IPv4Header, tcp: TcpHeader) -> bool:
