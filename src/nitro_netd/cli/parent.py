@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Final
 
 from nitro_netd.cli.common import LOG_LEVELS, fail, setup_logging
 from nitro_netd.netstack.config import DEFAULT_MTU, StackConfig
 from nitro_netd.parent.daemon import DaemonConfig, run
+from nitro_netd.parent.enclave_watch import DEFAULT_POLL
 from nitro_netd.parent.expose import parse_exposes
+from nitro_netd.parent.lifecycle import (
+    DEFAULT_NAME,
+    DEFAULT_STATE_ROOT,
+    LifecycleError,
+    Readiness,
+    StatePaths,
+    check_name,
+    daemonize,
+)
+from nitro_netd.parent.metrics import parse_metrics_listen
 from nitro_netd.transport import EndpointError, parse_endpoint
 
 PROG: Final = "nitro-netd-parent"
@@ -19,6 +33,10 @@ examples:
   nitro-netd-parent                                  listen on vsock port 1024 (the default)
   nitro-netd-parent --listen unix:///run/nnd.sock    listen on a unix socket (the simulator)
   nitro-netd-parent -e 8080:80 -e 2222:22            parent ports 8080, 2222 -> enclave 80, 22
+  nitro-netd-parent --enclave-name app --daemonize -e 443
+                                                     background daemon for enclave "app"; returns
+                                                     once port 443 and the link listener are ready
+  nitro-netd status app                              what it is doing (link, flows, counters)
 
 --expose PARENT[:ENCLAVE]: the parent listens on PARENT on all its addresses and opens each
 accepted connection to 192.168.127.2:ENCLAVE inside the enclave, which sees the client's
@@ -27,6 +45,11 @@ PARENT alone means the same port on both sides; ranges map in order (8000-8009:9
 
 The agent inside the enclave (nitro-netd-enclave) or a stock gvforwarder connects to
 --listen; the framing (gvproxy POST /connect, or QEMU 4-byte lengths) is detected.
+
+State: with --enclave-name NAME (or --daemonize or --state-dir) the daemon keeps
+STATE_DIR/NAME/parent.pid (locked: one daemon per name) and control.sock (for
+`nitro-netd status`), and removes them on exit. Where nitro-cli is found, links are
+pinned to the CID of the running enclave NAME.
 """
 
 
@@ -73,7 +96,59 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info", help="default: %(default)s"
     )
+    _add_lifecycle_arguments(parser)
     return parser
+
+
+def _add_lifecycle_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("daemon lifecycle")
+    group.add_argument(
+        "--enclave-name",
+        metavar="NAME",
+        help="the enclave this daemon serves: names its state dir and, with nitro-cli, pins links to its CID",
+    )
+    group.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help=f"runtime dir holding NAME/parent.pid and NAME/control.sock (default: {DEFAULT_STATE_ROOT})",
+    )
+    group.add_argument(
+        "--daemonize",
+        action="store_true",
+        help="run in the background; return 0 once ready, non-zero with the error otherwise",
+    )
+    group.add_argument(
+        "--log-file",
+        type=Path,
+        metavar="FILE",
+        help="append the log here (default: stderr; with --daemonize STATE_DIR/NAME/parent.log)",
+    )
+    group.add_argument(
+        "--nitro-cli",
+        metavar="PATH",
+        help="the nitro-cli used to follow --enclave-name (default: nitro-cli on PATH, if any)",
+    )
+    group.add_argument(
+        "--enclave-poll",
+        type=float,
+        default=DEFAULT_POLL,
+        metavar="SECONDS",
+        help="how often nitro-cli is asked about the enclave (default: %(default)s)",
+    )
+    group.add_argument(
+        "--exit-with-enclave",
+        action="store_true",
+        help="exit 0 once the followed enclave is gone (needs --enclave-name and nitro-cli)",
+    )
+    group.add_argument(
+        "--pcap", type=Path, metavar="FILE", help="write every link frame to FILE (pcap)"
+    )
+    group.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics",
+    )
 
 
 def build_config(args: argparse.Namespace) -> DaemonConfig:
@@ -82,15 +157,70 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
     Raises:
         ValueError: an argument is invalid (message says which and why).
     """
-    for name in ("connect_timeout", "udp_timeout"):
+    for name in ("connect_timeout", "udp_timeout", "enclave_poll"):
         if not getattr(args, name) > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive number of seconds")
     stack = StackConfig(
         mtu=args.mtu, connect_timeout=args.connect_timeout, udp_idle_timeout=args.udp_timeout
     )
+    name = check_name(args.enclave_name) if args.enclave_name else None
     return DaemonConfig(
-        listen=parse_endpoint(args.listen), stack=stack, exposes=parse_exposes(args.expose)
+        listen=parse_endpoint(args.listen),
+        stack=stack,
+        exposes=parse_exposes(args.expose),
+        name=name,
+        state=state_paths(args, name),
+        nitro_cli=find_nitro_cli(args, name),
+        enclave_poll=args.enclave_poll,
+        exit_with_enclave=args.exit_with_enclave,
+        pcap=args.pcap.absolute() if args.pcap else None,
+        metrics_listen=parse_metrics_listen(args.metrics_listen) if args.metrics_listen else None,
     )
+
+
+def state_paths(args: argparse.Namespace, name: str | None) -> StatePaths | None:
+    """Where the pidfile and control socket go, or None when nothing asked for state."""
+    if name is None and args.state_dir is None and not args.daemonize:
+        return None
+    root = args.state_dir.absolute() if args.state_dir else DEFAULT_STATE_ROOT
+    return StatePaths(root, name or DEFAULT_NAME)
+
+
+def find_nitro_cli(args: argparse.Namespace, name: str | None) -> str | None:
+    """The nitro-cli to follow the enclave with, or None (no name, or not installed).
+
+    Raises:
+        ValueError: --exit-with-enclave without a name or a nitro-cli, or an explicit
+            --nitro-cli that is not an executable.
+    """
+    if args.exit_with_enclave and name is None:
+        raise ValueError("--exit-with-enclave needs --enclave-name NAME (the enclave to follow)")
+    if name is None:
+        return None
+    found = shutil.which(args.nitro_cli or "nitro-cli")
+    if found is None and (args.nitro_cli or args.exit_with_enclave):
+        raise ValueError(
+            f"{'--exit-with-enclave needs ' if args.exit_with_enclave else ''}nitro-cli: "
+            f"{args.nitro_cli or 'nitro-cli'!r} is not an executable on this machine; "
+            "install aws-nitro-enclaves-cli or pass --nitro-cli PATH"
+        )
+    return str(Path(found).absolute()) if found else None
+
+
+def log_path(args: argparse.Namespace, config: DaemonConfig) -> Path:
+    """Where a daemonized daemon logs."""
+    if args.log_file is not None:
+        return Path(args.log_file).absolute()
+    assert config.state is not None  # --daemonize always has state
+    return config.state.log
+
+
+def _setup_logging(args: argparse.Namespace, daemonized: bool) -> None:
+    setup_logging(PROG, args.log_level)
+    if args.log_file is not None and not daemonized:  # daemonized: stderr is the file
+        handler = logging.FileHandler(args.log_file)
+        handler.setFormatter(logging.getLogger().handlers[0].formatter)
+        logging.getLogger().handlers[:] = [handler]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,11 +230,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = build_config(args)
     except (EndpointError, ValueError) as exc:
         return fail(PROG, str(exc), 2)
-    setup_logging(PROG, args.log_level)
+    readiness: Readiness | None = None
+    if args.daemonize:
+        try:
+            outcome = daemonize(log_path(args, config))
+        except OSError as exc:
+            return fail(PROG, f"cannot open the log file: {exc.strerror}: {exc.filename}")
+        if isinstance(outcome, tuple):
+            status, message = outcome
+            return fail(PROG, message) if status else 0
+        readiness = outcome
+    _setup_logging(args, readiness is not None)
+    return _run(config, readiness)
+
+
+def _run(config: DaemonConfig, readiness: Readiness | None) -> int:
+    if config.name is not None and config.nitro_cli is None:
+        logging.getLogger(__name__).info("nitro-cli not found: links are not pinned to a CID")
     try:
-        return run(config)
-    except OSError as exc:
-        return fail(PROG, f"{exc.strerror or exc}")
+        return run(config, readiness)
+    except (LifecycleError, OSError) as exc:
+        message = str(exc) if isinstance(exc, LifecycleError) else f"{exc.strerror or exc}"
+        if readiness is not None:
+            readiness.failed(message)
+        return fail(PROG, message)
     except KeyboardInterrupt:
         return 130
 

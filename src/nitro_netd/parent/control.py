@@ -141,7 +141,9 @@ class ControlServer:
             self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
             os.chmod(self.path, SOCKET_MODE)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot open control socket {self.path}: {exc.strerror}") from exc
+            raise OSError(
+                exc.errno, f"cannot open control socket {self.path}: {exc.strerror}"
+            ) from exc
 
     async def close(self) -> None:
         """Stop listening and remove the socket file."""

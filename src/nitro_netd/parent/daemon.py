@@ -1,4 +1,20 @@
-"""Run the parent daemon: listen for the enclave's link and serve it until told to stop."""
+"""Run the parent daemon: listen for the enclave's link and serve it until told to stop.
+
+Theory of operation
+-------------------
+`Daemon.start()` brings the daemon up in an order that makes "ready" mean ready: the
+pcap file, the exposed ports, the first ``nitro-cli`` poll (so pinning holds from the first
+link), the link listener, the control socket and the metrics listener. If any step fails,
+everything opened so far is closed again and the `OSError` (one line naming what failed)
+propagates: nothing is left behind. `Daemon.close()` undoes it all: listeners close, the
+live link and its flows are reset, the control and unix link sockets are removed and the
+pcap is flushed.
+
+`run()` is the process around it: the pidfile lock (single instance per name), signal
+handlers (SIGTERM/SIGINT stop it cleanly, exit 0), readiness reporting to a launching
+process (`--daemonize`) and to systemd (``READY=1``/``STOPPING=1``). ``--exit-with-enclave``
+stops it the same way once the followed enclave is gone.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +23,25 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from nitro_netd.netstack import StackConfig
 from nitro_netd.parent.bridge import Bridge
+from nitro_netd.parent.control import ControlServer, StatusInputs, status_getter
+from nitro_netd.parent.enclave_watch import DEFAULT_POLL, EnclaveWatcher, PinVerdict, decide_pin
 from nitro_netd.parent.expose import ExposeSpec, TcpExposer
 from nitro_netd.parent.host_ping import HostPing
 from nitro_netd.parent.host_tcp import HostTcp
 from nitro_netd.parent.host_udp import HostUdp
+from nitro_netd.parent.lifecycle import PidLock, Readiness, StatePaths
+from nitro_netd.parent.metrics import MetricsServer
+from nitro_netd.parent.notify import notify_ready, notify_stopping
+from nitro_netd.parent.pcap import PcapWriter
 from nitro_netd.parent.resolvconf import with_parent_resolvers
+from nitro_netd.parent.session import LinkSession
 from nitro_netd.transport import Endpoint, open_listener, parse_endpoint
 
 logger = logging.getLogger(__name__)
@@ -32,45 +57,162 @@ class DaemonConfig:
     """The netstack's address plan, MTU, limits and timeouts."""
     exposes: tuple[ExposeSpec, ...] = ()
     """Parent ports carried into the enclave (--expose)."""
+    name: str | None = None
+    """The enclave's name (--enclave-name): names the state and the enclave to follow."""
+    state: StatePaths | None = None
+    """Where the pidfile and control socket go; None for neither (tests, ad-hoc runs)."""
+    nitro_cli: str | None = None
+    """The nitro-cli to follow the named enclave with; None: not following (no pinning)."""
+    enclave_poll: float = DEFAULT_POLL
+    """Seconds between nitro-cli polls."""
+    exit_with_enclave: bool = False
+    """Stop once the followed enclave is gone."""
+    pcap: Path | None = None
+    """Write every link frame here (--pcap)."""
+    metrics_listen: tuple[str, int] | None = None
+    """Serve Prometheus metrics on this address (--metrics-listen)."""
+
+
+class Daemon:
+    """The daemon's sockets and helpers; see the module docstring."""
+
+    def __init__(self, config: DaemonConfig, stop: asyncio.Event) -> None:
+        self.config = config
+        self.stop = stop
+        self.loop = asyncio.get_running_loop()
+        self.bridge = Bridge(with_parent_resolvers(config.stack), self.loop)
+        self.host_tcp = HostTcp(self.loop, self.bridge.post_event)
+        self.bridge.add_host_side(self.host_tcp)
+        self.bridge.add_host_side(HostUdp(self.loop, self.bridge.post_event))
+        self.bridge.add_host_side(HostPing(self.loop, self.bridge.post_event))
+        self.bridge.admit_link = self._admit
+        self.exposer = TcpExposer(
+            self.loop,
+            self.host_tcp.adopt,
+            self.bridge.post_event,
+            lambda: self.bridge.session is not None,
+        )
+        self.watcher = self._make_watcher()
+        self.inputs = StatusInputs(
+            self.bridge, str(config.listen), config.name, config.exposes, self.watcher,
+            str(config.pcap) if config.pcap else None, time.time(), time.monotonic(),
+        )  # fmt: skip
+        self.status = status_getter(self.inputs)
+        self.pcap: PcapWriter | None = None
+        self.server: asyncio.Server | None = None
+        self.control: ControlServer | None = None
+        self.metrics: MetricsServer | None = None
+
+    def _make_watcher(self) -> EnclaveWatcher | None:
+        c = self.config
+        if c.name is None or c.nitro_cli is None:
+            return None
+        on_gone = self._enclave_gone if c.exit_with_enclave else None
+        return EnclaveWatcher(c.name, c.nitro_cli, interval=c.enclave_poll, on_gone=on_gone)
+
+    async def start(self) -> None:
+        """Open everything, in order; on failure close what was opened and re-raise.
+
+        Raises:
+            OSError: something could not be opened (the message names it).
+        """
+        try:
+            await self._open_all()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _open_all(self) -> None:
+        c = self.config
+        if c.pcap is not None:
+            self.pcap = _open_pcap(c.pcap)
+            self.bridge.frame_tap = self.pcap.write
+        self.exposer.open(c.exposes)
+        if self.watcher is not None:
+            await self.watcher.poll_once()
+            self.watcher.start()
+        self.server = await self.loop.create_server(
+            self.bridge.new_session, sock=open_listener(c.listen)
+        )
+        logger.info("listening on %s (mtu %d)", c.listen, c.stack.mtu)
+        if c.state is not None:
+            self.control = ControlServer(c.state.control, self.status)
+            await self.control.start()
+        if c.metrics_listen is not None:
+            self.metrics = MetricsServer(*c.metrics_listen, self.status)
+            await self.metrics.start()
+
+    async def close(self) -> None:
+        """Close listeners, reset the link and its flows, remove socket files (idempotent)."""
+        if self.server is not None:
+            self.server.close()
+        for helper in (self.control, self.metrics, self.watcher):
+            if helper is not None:
+                await helper.close()
+        self.exposer.close()
+        self.bridge.close()
+        if self.server is not None:
+            await self.server.wait_closed()
+            self.server = None
+            _remove_unix_socket(self.config.listen)
+        if self.pcap is not None:
+            self.pcap.close()
+            self.bridge.frame_tap = None
+
+    def _admit(self, session: LinkSession, cid: int | None) -> str | None:
+        watcher = self.watcher
+        verdict = decide_pin(
+            following=watcher is not None,
+            enclave_cid=watcher.cid if watcher else None,
+            peer_cid=cid,
+        )
+        if verdict is PinVerdict.NOT_VSOCK and watcher is not None:
+            logger.debug("link from %s: a unix link has no CID; not pinned", session.peer)
+        if verdict is not PinVerdict.REFUSE or watcher is None:
+            return None
+        watcher.poll_soon()
+        expected = f"CID {watcher.cid}" if watcher.cid is not None else "not running"
+        reason = f"refused: CID {cid} is not enclave {watcher.name!r} ({expected})"
+        logger.warning("link from %s: %s", session.peer, reason)
+        return reason
+
+    def _enclave_gone(self) -> None:
+        logger.info(
+            "enclave %s is gone and --exit-with-enclave was given: stopping", self.config.name
+        )
+        self.stop.set()
+
+
+def _open_pcap(path: Path) -> PcapWriter:
+    try:
+        return PcapWriter(path)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write --pcap {path}: {exc.strerror}") from exc
 
 
 async def serve(
-    config: DaemonConfig, stop: asyncio.Event, on_ready: Callable[[], None] | None = None
+    config: DaemonConfig,
+    stop: asyncio.Event,
+    on_ready: Callable[[], None] | None = None,
+    on_stopping: Callable[[], None] | None = None,
 ) -> None:
-    """Listen and bridge until `stop` is set; call `on_ready` once listening.
+    """Listen and bridge until `stop` is set; call `on_ready` once everything is bound.
 
     Raises:
-        OSError: the listener cannot be opened (message names the endpoint).
+        OSError: a listener cannot be opened (message names it); nothing stays open.
     """
-    loop = asyncio.get_running_loop()
-    bridge = Bridge(with_parent_resolvers(config.stack), loop)
-    host_tcp = HostTcp(loop, bridge.post_event)
-    bridge.add_host_side(host_tcp)
-    bridge.add_host_side(HostUdp(loop, bridge.post_event))
-    bridge.add_host_side(HostPing(loop, bridge.post_event))
-    exposer = TcpExposer(
-        loop, host_tcp.adopt, bridge.post_event, lambda: bridge.session is not None
-    )
-    exposer.open(config.exposes)
+    daemon = Daemon(config, stop)
+    await daemon.start()
     try:
-        listener = open_listener(config.listen)
-    except OSError:
-        exposer.close()
-        raise
-    server = await loop.create_server(bridge.new_session, sock=listener)
-    logger.info("listening on %s (mtu %d)", config.listen, config.stack.mtu)
-    if on_ready is not None:
-        on_ready()
-    try:
+        if on_ready is not None:
+            on_ready()
         await stop.wait()
     finally:
         logger.info("stopping")
-        server.close()
-        exposer.close()
-        bridge.close()
-        await server.wait_closed()
-        _remove_unix_socket(config.listen)
-        logger.info("counters: %s", bridge.stack.stats.snapshot())
+        if on_stopping is not None:
+            on_stopping()
+        await daemon.close()
+        logger.info("counters: %s", daemon.bridge.stack.stats.snapshot())
 
 
 def _remove_unix_socket(endpoint: Endpoint) -> None:
@@ -79,15 +221,32 @@ def _remove_unix_socket(endpoint: Endpoint) -> None:
             os.unlink(endpoint.path)
 
 
-def run(config: DaemonConfig) -> int:
-    """Run the daemon in the foreground until SIGTERM or SIGINT; return the exit status."""
+def run(config: DaemonConfig, readiness: Readiness | None = None) -> int:
+    """Run the daemon until SIGTERM, SIGINT or the enclave's end; return the exit status.
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        await serve(config, stop)
-
-    asyncio.run(main())
+    Raises:
+        AlreadyRunning: another daemon holds this name's pidfile.
+        OSError: something could not be opened; nothing is left behind.
+    """
+    lock = PidLock.acquire(config.state.pidfile, config.state.name) if config.state else None
+    try:
+        asyncio.run(_main(config, readiness))
+    finally:
+        if lock is not None:
+            lock.release()
     return 0
+
+
+async def _main(config: DaemonConfig, readiness: Readiness | None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    def on_ready() -> None:
+        logger.info("ready (pid %d)", os.getpid())
+        notify_ready(f"listening on {config.listen}")
+        if readiness is not None:
+            readiness.ready()
+
+    await serve(config, stop, on_ready, notify_stopping)

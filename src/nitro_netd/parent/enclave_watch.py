@@ -65,7 +65,9 @@ def _parse_one(item: Any) -> EnclaveInfo:
     try:
         return EnclaveInfo(str(item["EnclaveName"]), int(item["EnclaveCID"]), str(item["State"]))
     except (KeyError, TypeError, ValueError):
-        raise NitroCliError(f"describe-enclaves entry without name, CID or state: {item!r}") from None
+        raise NitroCliError(
+            f"describe-enclaves entry without name, CID or state: {item!r}"
+        ) from None
 
 
 def find_running(enclaves: list[EnclaveInfo], name: str) -> EnclaveInfo | None:
@@ -128,7 +130,9 @@ async def describe_enclaves(nitro_cli: str, timeout: float = CLI_TIMEOUT) -> lis
         raise NitroCliError(f"{nitro_cli} describe-enclaves took over {timeout:g} s") from None
     if process.returncode != 0:
         detail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-        raise NitroCliError(f"{nitro_cli} describe-enclaves exited {process.returncode}: {detail[0]}")
+        raise NitroCliError(
+            f"{nitro_cli} describe-enclaves exited {process.returncode}: {detail[0]}"
+        )
     return parse_describe(out.decode(errors="replace"))
 
 
@@ -189,7 +193,9 @@ class EnclaveWatcher:
         """Take in one poll's result (separate from polling so it can be tested)."""
         old, self.current = self.current, found
         if found is not None and (old is None or old.cid != found.cid):
-            logger.info("enclave %s is running with CID %d: links pinned to it", self.name, found.cid)
+            logger.info(
+                "enclave %s is running with CID %d: links pinned to it", self.name, found.cid
+            )
             self.seen = True
         elif found is None and old is not None:
             logger.info("enclave %s is gone (CID %d)", self.name, old.cid)

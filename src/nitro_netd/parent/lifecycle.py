@@ -245,7 +245,10 @@ def wait_for_daemon(
     if lines and lines[-1] == "timeout" and pid is not None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        return 1, f"the daemon (pid {pid}) was not ready within {timeout:g} s; stopped it; see {log_path}"
+        return (
+            1,
+            f"the daemon (pid {pid}) was not ready within {timeout:g} s; stopped it; see {log_path}",
+        )
     return 1, f"the daemon exited during start-up; see {log_path}"
 
 

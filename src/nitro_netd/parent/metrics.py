@@ -37,7 +37,9 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def _metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> Iterator[str]:
+def _metric(
+    name: str, kind: str, help_text: str, samples: list[tuple[str, float]]
+) -> Iterator[str]:
     yield f"# HELP {PREFIX}{name} {help_text}"
     yield f"# TYPE {PREFIX}{name} {kind}"
     for labels, value in samples:

@@ -30,14 +30,12 @@ from nitro_netd.link import (
     build_connect_reply,
     check_connect_request,
     detect_protocol,
-    pack_length,
 )
+from nitro_netd.parent.link_writer import LinkWriter
 
 logger = logging.getLogger(__name__)
 
 _HANDSHAKE_CHUNK: Final = 4096
-WRITE_HIGH_WATER: Final = 4 << 20
-"""Bytes queued towards the agent above which host sockets stop being read."""
 
 
 class LinkOwner(Protocol):
@@ -77,6 +75,7 @@ class LinkSession(asyncio.BufferedProtocol):
         self._prefix = b""
         self._decoder: FrameDecoder | None = None
         self._up = False
+        self._writer: LinkWriter | None = None
 
     # --- asyncio callbacks -------------------------------------------------------
 
@@ -84,7 +83,6 @@ class LinkSession(asyncio.BufferedProtocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.peer = _describe_peer(transport)
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_HIGH_WATER // 4)
         logger.info("link from %s: connected", self.peer)
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -103,11 +101,8 @@ class LinkSession(asyncio.BufferedProtocol):
         except LinkError as exc:
             self.close(f"protocol error: {exc}")
 
-    def pause_writing(self) -> None:
-        self.owner.on_link_writable(self, False)
-
-    def resume_writing(self) -> None:
-        self.owner.on_link_writable(self, True)
+    def _on_writable(self, writable: bool) -> None:
+        self.owner.on_link_writable(self, writable)
 
     def eof_received(self) -> bool:
         self.close("agent closed the link")
@@ -132,12 +127,21 @@ class LinkSession(asyncio.BufferedProtocol):
         if head is None:
             return
         check_connect_request(head)
-        if head.get(HEADER_WANT_REPLY) is not None and self.transport is not None:
-            self.transport.write(build_connect_reply(self.owner.link_plan()))
-        self._start_frames(self._head.rest)
+        reply = head.get(HEADER_WANT_REPLY) is not None
+        self._start_frames(
+            self._head.rest, build_connect_reply(self.owner.link_plan()) if reply else b""
+        )
 
-    def _start_frames(self, rest: bytes) -> None:
+    def _start_frames(self, rest: bytes, reply: bytes = b"") -> None:
         assert self.protocol is not None
+        assert self.transport is not None
+        sock = self.transport.get_extra_info("socket")
+        self._writer = LinkWriter(
+            asyncio.get_running_loop(), sock.fileno(), self.protocol, self._on_writable
+        )
+        self._writer.on_error = lambda exc: self.close(f"write failed: {exc}")
+        if reply:
+            self._writer.write_raw(reply)
         self._decoder = FrameDecoder(self.protocol, max_frame=self.max_frame)
         self._decoder.receive_data(rest)
         self._up = True
@@ -158,29 +162,21 @@ class LinkSession(asyncio.BufferedProtocol):
     # --- output and control ------------------------------------------------------
 
     def send_frames(self, frames: list[bytes | bytearray]) -> None:
-        """Write frames to the agent in one go, each with its length prefix."""
-        if self.transport is None or self.closed or not self._up or not frames:
-            return
-        assert self.protocol is not None
-        header = self.protocol.header_size
-        out = bytearray(sum(len(f) for f in frames) + header * len(frames))
-        offset = 0
-        for frame in frames:
-            pack_length(self.protocol, out, offset, len(frame))
-            offset += header
-            out[offset : offset + len(frame)] = frame
-            offset += len(frame)
-        self.transport.write(out)
+        """Write frames to the agent, each with its length prefix (scatter-gather)."""
+        if self._writer is not None and not self.closed and frames:
+            self._writer.write_frames(frames)
 
     def write_buffer_size(self) -> int:
         """Bytes queued towards the agent and not yet taken by the kernel."""
-        return self.transport.get_write_buffer_size() if self.transport else 0
+        return self._writer.queued if self._writer is not None else 0
 
     def close(self, reason: str) -> None:
         """End the session (idempotent), telling the owner once."""
         if self.closed:
             return
         self.closed = True
+        if self._writer is not None:
+            self._writer.close()
         if self.transport is not None:
             self.transport.abort()
         logger.info("link from %s: down (%s)", self.peer, reason)
