@@ -18,10 +18,12 @@ from nitro_netd.parent.lifecycle import (
     DEFAULT_NAME,
     DEFAULT_STATE_ROOT,
     LifecycleError,
+    PidLock,
     Readiness,
     StatePaths,
     check_name,
     daemonize,
+    remove_new_log,
 )
 from nitro_netd.parent.metrics import parse_metrics_listen
 from nitro_netd.transport import EndpointError, parse_endpoint
@@ -163,14 +165,14 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
     stack = StackConfig(
         mtu=args.mtu, connect_timeout=args.connect_timeout, udp_idle_timeout=args.udp_timeout
     )
-    name = check_name(args.enclave_name) if args.enclave_name else None
+    enclave = check_name(args.enclave_name) if args.enclave_name else None
     return DaemonConfig(
         listen=parse_endpoint(args.listen),
         stack=stack,
         exposes=parse_exposes(args.expose),
-        name=name,
-        state=state_paths(args, name),
-        nitro_cli=find_nitro_cli(args, name),
+        name=enclave,
+        state=state_paths(args, enclave),
+        nitro_cli=find_nitro_cli(args, enclave),
         enclave_poll=args.enclave_poll,
         exit_with_enclave=args.exit_with_enclave,
         pcap=args.pcap.absolute() if args.pcap else None,
@@ -211,7 +213,7 @@ def log_path(args: argparse.Namespace, config: DaemonConfig) -> Path:
     """Where a daemonized daemon logs."""
     if args.log_file is not None:
         return Path(args.log_file).absolute()
-    assert config.state is not None  # --daemonize always has state
+    assert config.state is not None
     return config.state.log
 
 
@@ -232,16 +234,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(PROG, str(exc), 2)
     readiness: Readiness | None = None
     if args.daemonize:
-        try:
-            outcome = daemonize(log_path(args, config))
-        except OSError as exc:
-            return fail(PROG, f"cannot open the log file: {exc.strerror}: {exc.filename}")
-        if isinstance(outcome, tuple):
-            status, message = outcome
-            return fail(PROG, message) if status else 0
+        outcome = _daemonize(args, config)
+        if isinstance(outcome, int):
+            return outcome
         readiness = outcome
     _setup_logging(args, readiness is not None)
     return _run(config, readiness)
+
+
+def _daemonize(args: argparse.Namespace, config: DaemonConfig) -> Readiness | int:
+    """Fork; in the launcher return the exit status once the daemon reported."""
+    assert config.state is not None  # --daemonize always has state
+    log = log_path(args, config)
+    existed = log.exists()
+    try:
+        PidLock.check(config.state.pidfile, config.state.name)
+        outcome = daemonize(log)
+    except LifecycleError as exc:
+        return fail(PROG, str(exc))
+    except OSError as exc:
+        return fail(PROG, f"cannot open the log file {exc.filename}: {exc.strerror}")
+    if not isinstance(outcome, tuple):
+        return outcome
+    status, message = outcome
+    if status == 0:
+        return 0
+    if args.log_file is None:
+        remove_new_log(log, existed)
+    return fail(PROG, message)
 
 
 def _run(config: DaemonConfig, readiness: Readiness | None) -> int:

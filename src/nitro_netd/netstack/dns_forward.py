@@ -32,7 +32,15 @@ from nitro_netd.netstack.dns import (
     is_local_name,
     parse_query,
 )
-from nitro_netd.netstack.events import FlowId, HostEvent, UdpClose, UdpDatagram, UdpFailed, UdpSend
+from nitro_netd.netstack.events import (
+    FlowId,
+    HostEvent,
+    UdpClose,
+    UdpDatagram,
+    UdpFailed,
+    UdpInbound,
+    UdpSend,
+)
 from nitro_netd.netstack.output import StackOutput
 
 logger = logging.getLogger(__name__)
@@ -91,6 +99,8 @@ class DnsForwarder:
 
     def handle_event(self, event: HostEvent, now: float) -> None:
         """An upstream answer or failure for one of the attempts."""
+        if isinstance(event, UdpInbound):
+            return
         pending = self.pending.get(event.flow)
         if pending is None:
             return

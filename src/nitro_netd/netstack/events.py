@@ -83,6 +83,16 @@ class UdpClose:
 
 
 @dataclass(frozen=True, slots=True)
+class UdpReply:
+    """Send a datagram from the exposed UDP port `parent_port` to the client `address:port`."""
+
+    parent_port: int
+    address: IPv4Address
+    port: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class PingSend:
     """Send an ICMP echo request from the flow's unprivileged ping socket to `address`.
 
@@ -111,6 +121,7 @@ HostCommand = (
     | TcpResumeReading
     | UdpSend
     | UdpClose
+    | UdpReply
     | PingSend
     | PingClose
 )
@@ -188,6 +199,17 @@ class TcpWriteUnblocked:
 
 
 @dataclass(frozen=True, slots=True)
+class UdpInbound:
+    """A client sent a datagram to the exposed UDP port `parent_port` (for `enclave_port`)."""
+
+    parent_port: int
+    address: IPv4Address
+    port: int
+    enclave_port: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class UdpFailed:
     """The flow's host UDP socket reported an error (`errno`), e.g. ECONNREFUSED from ICMP."""
 
@@ -221,6 +243,7 @@ HostEvent = (
     | TcpWriteBlocked
     | TcpWriteUnblocked
     | UdpDatagram
+    | UdpInbound
     | UdpFailed
     | PingReply
     | PingFailed

@@ -142,6 +142,8 @@ class IcmpLayer:
 
     def handle_event(self, event: HostEvent, now: float) -> None:
         """A reply or an error on a flow's ping socket."""
+        if not isinstance(event, PingReply | PingFailed):
+            return
         flow = self.flows.get_by_id(event.flow)
         if flow is None:
             logger.debug("event for a closed ping flow: %r", event)

@@ -39,15 +39,26 @@ from nitro_netd.netstack.datagram import (
 )
 from nitro_netd.netstack.dns import DNS_PORT
 from nitro_netd.netstack.dns_forward import DnsForwarder
-from nitro_netd.netstack.events import FlowId, HostEvent, UdpClose, UdpDatagram, UdpFailed, UdpSend
+from nitro_netd.netstack.events import (
+    FlowId,
+    HostEvent,
+    UdpClose,
+    UdpDatagram,
+    UdpFailed,
+    UdpInbound,
+    UdpReply,
+    UdpSend,
+)
 from nitro_netd.netstack.icmp import UNREACHABLE_FOR_ERRNO, build_unreachable
 from nitro_netd.netstack.nat import nat_from_enclave, nat_from_host
 from nitro_netd.netstack.output import StackOutput
 
 logger = logging.getLogger(__name__)
 
-UDP_EVENTS: Final = (UdpDatagram, UdpFailed)
+UDP_EVENTS: Final = (UdpDatagram, UdpInbound, UdpFailed)
 """The host events the UDP layer consumes."""
+_NO_HEADER: Final = IPv4Header(IPv4Address(0), IPv4Address(0), IpProto.UDP, 0, 0, 20)
+"""Placeholder for flows that have not yet carried an enclave datagram."""
 UdpKey = tuple[int, IPv4Address, int]
 """(enclave port, remote address as the enclave sees it, remote port)."""
 
@@ -63,6 +74,8 @@ class UdpFlow(DatagramFlow):
     last_header: IPv4Header
     last_head: bytes
     """The first 8 bytes (the UDP header) of the enclave's last datagram."""
+    inbound_port: int | None = None
+    """For a client of an exposed UDP port: that parent port (replies leave through it)."""
 
 
 class UdpLayer:
@@ -88,11 +101,18 @@ class UdpLayer:
         flow = self._flow_for(header, udp, now)
         flow.last_header, flow.last_head = header, bytes(body[:8])
         self.flows.touch(flow, now)
+        if flow.inbound_port is not None:
+            reply = UdpReply(flow.inbound_port, address, udp.destination_port, bytes(payload))
+            self.output.send_command(reply)
+            return
         send = UdpSend(flow.id, address, udp.destination_port, bytes(payload))
         self.output.send_command(send)
 
     def handle_event(self, event: HostEvent, now: float) -> None:
         """A datagram or an error on a host UDP socket."""
+        if isinstance(event, UdpInbound):
+            self._inbound(event, now)
+            return
         if self.dns.owns(event.flow):
             self.dns.handle_event(event, now)
             return
@@ -104,11 +124,41 @@ class UdpLayer:
         elif isinstance(event, UdpFailed):
             self._failed(flow, event.errno)
 
+    def _inbound(self, event: UdpInbound, now: float) -> None:
+        """A client of an exposed port: deliver its datagram from its real address."""
+        remote = nat_from_host(self.config, event.address)
+        key = (event.enclave_port, remote, event.port)
+        flow = self.flows.get(key)
+        if flow is None:
+            if not self.flows.budget.try_take("UDP datagrams"):
+                self.output.stats.count_drop(DropReason.LIMIT)
+                return
+            log = flow_logger(
+                logger, f"udp {remote}:{event.port}→{self.config.enclave_ip}:{event.enclave_port}"
+            )
+            flow = UdpFlow(
+                self._new_id(),
+                now,
+                key[0],
+                remote,
+                event.port,
+                log,
+                _NO_HEADER,
+                b"",
+                event.parent_port,
+            )
+            self.flows.add(key, flow)
+            log.debug("opened from exposed port %d", event.parent_port)
+        self.flows.touch(flow, now)
+        if not send_udp(self.output, remote, event.port, event.enclave_port, event.data):
+            flow.log.debug("datagram of %d bytes exceeds the MTU: dropped", len(event.data))
+
     def handle_timer(self, now: float) -> None:
         """Close idle flows; move timed-out DNS queries on."""
         for flow in self.flows.pop_expired(now):
             flow.log.debug("idle: closed")
-            self.output.send_command(UdpClose(flow.id))
+            if flow.inbound_port is None:
+                self.output.send_command(UdpClose(flow.id))
         self.dns.handle_timer(now)
 
     def get_timer(self) -> float | None:

@@ -32,7 +32,7 @@ from nitro_netd.netstack import StackConfig
 from nitro_netd.parent.bridge import Bridge
 from nitro_netd.parent.control import ControlServer, StatusInputs, status_getter
 from nitro_netd.parent.enclave_watch import DEFAULT_POLL, EnclaveWatcher, PinVerdict, decide_pin
-from nitro_netd.parent.expose import ExposeSpec, TcpExposer
+from nitro_netd.parent.expose import ExposeSpec, TcpExposer, UdpExposer
 from nitro_netd.parent.host_ping import HostPing
 from nitro_netd.parent.host_tcp import HostTcp
 from nitro_netd.parent.host_udp import HostUdp
@@ -92,6 +92,8 @@ class Daemon:
             self.bridge.post_event,
             lambda: self.bridge.session is not None,
         )
+        self.udp_exposer = UdpExposer(self.loop, self.bridge.post_event)
+        self.bridge.add_host_side(self.udp_exposer)
         self.watcher = self._make_watcher()
         self.inputs = StatusInputs(
             self.bridge, str(config.listen), config.name, config.exposes, self.watcher,
@@ -128,6 +130,7 @@ class Daemon:
             self.pcap = _open_pcap(c.pcap)
             self.bridge.frame_tap = self.pcap.write
         self.exposer.open(c.exposes)
+        self.udp_exposer.open(c.exposes)
         if self.watcher is not None:
             await self.watcher.poll_once()
             self.watcher.start()
@@ -150,6 +153,7 @@ class Daemon:
             if helper is not None:
                 await helper.close()
         self.exposer.close()
+        self.udp_exposer.close()
         self.bridge.close()
         if self.server is not None:
             await self.server.wait_closed()
@@ -194,7 +198,7 @@ async def serve(
     config: DaemonConfig,
     stop: asyncio.Event,
     on_ready: Callable[[], None] | None = None,
-    on_stopping: Callable[[], None] | None = None,
+    on_stopping: Callable[[], object] | None = None,
 ) -> None:
     """Listen and bridge until `stop` is set; call `on_ready` once everything is bound.
 

@@ -106,7 +106,7 @@ def decide_pin(*, following: bool, enclave_cid: int | None, peer_cid: int | None
     return PinVerdict.ACCEPT if peer_cid == enclave_cid else PinVerdict.REFUSE
 
 
-async def describe_enclaves(nitro_cli: str, timeout: float = CLI_TIMEOUT) -> list[EnclaveInfo]:
+async def describe_enclaves(nitro_cli: str, time_limit: float = CLI_TIMEOUT) -> list[EnclaveInfo]:
     """Run ``nitro-cli describe-enclaves`` and parse its output.
 
     Raises:
@@ -123,11 +123,11 @@ async def describe_enclaves(nitro_cli: str, timeout: float = CLI_TIMEOUT) -> lis
     except OSError as exc:
         raise NitroCliError(f"cannot run {nitro_cli}: {exc.strerror or exc}") from None
     try:
-        out, err = await asyncio.wait_for(process.communicate(), timeout)
+        out, err = await asyncio.wait_for(process.communicate(), time_limit)
     except TimeoutError:
         process.kill()
         await process.wait()
-        raise NitroCliError(f"{nitro_cli} describe-enclaves took over {timeout:g} s") from None
+        raise NitroCliError(f"{nitro_cli} describe-enclaves took over {time_limit:g} s") from None
     if process.returncode != 0:
         detail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
         raise NitroCliError(

@@ -26,7 +26,7 @@ from ipaddress import IPv4Address
 from itertools import count
 from typing import Final
 
-from nitro_netd.netstack.events import SHELL_FLOW_BASE, HostEvent, TcpAccepted
+from nitro_netd.netstack.events import SHELL_FLOW_BASE, HostEvent, TcpAccepted, UdpInbound, UdpReply
 
 logger = logging.getLogger(__name__)
 
@@ -198,3 +198,115 @@ class TcpExposer:
             self.loop.remove_reader(fd)
             sock.close()
         self.listeners.clear()
+
+
+def bind_udp_listener(item: ExposeSpec) -> socket.socket:
+    """Bind one exposed UDP port.
+
+    Raises:
+        OSError: with a message naming the port (e.g. already in use).
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind((BIND_ADDRESS, item.parent_port))
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise OSError(
+            exc.errno, f"cannot expose udp port {item.parent_port}: {exc.strerror}"
+        ) from exc
+    return sock
+
+
+class UdpExposer:
+    """Exposed UDP ports: client datagrams go in as `UdpInbound`; `UdpReply` goes back out.
+
+    Implements `HostSide` for `UdpReply`. The listeners outlive enclave links.
+    """
+
+    command_types: tuple[type, ...] = (UdpReply,)
+    READ_BATCH: Final = 64
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, post_event: Callable[[HostEvent], None]
+    ) -> None:
+        self.loop = loop
+        self._post = post_event
+        self.sockets: dict[int, tuple[socket.socket, ExposeSpec]] = {}
+        self._buffer = bytearray(65536)
+        self._paused = False
+
+    def open(self, items: Sequence[ExposeSpec]) -> None:
+        """Bind every UDP item (all or nothing).
+
+        Raises:
+            OSError: a port could not be bound; nothing stays bound.
+        """
+        bound: list[tuple[socket.socket, ExposeSpec]] = []
+        try:
+            for item in items:
+                if item.protocol == "udp":
+                    bound.append((bind_udp_listener(item), item))
+        except OSError:
+            for sock, _ in bound:
+                sock.close()
+            raise
+        for sock, item in bound:
+            self.sockets[item.parent_port] = (sock, item)
+            self.loop.add_reader(sock.fileno(), self._on_readable, sock, item)
+            logger.info(
+                "exposing udp port %d -> enclave port %d", item.parent_port, item.enclave_port
+            )
+
+    def _on_readable(self, sock: socket.socket, item: ExposeSpec) -> None:
+        view = memoryview(self._buffer)
+        for _ in range(self.READ_BATCH):
+            try:
+                size, (address, port) = sock.recvfrom_into(self._buffer)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                logger.debug("udp port %d: %s", item.parent_port, exc)
+                return
+            event = UdpInbound(
+                item.parent_port, IPv4Address(address), port, item.enclave_port, bytes(view[:size])
+            )
+            self._post(event)
+
+    def execute(self, command: UdpReply) -> None:
+        """Send the enclave's reply to the client from the exposed port."""
+        entry = self.sockets.get(command.parent_port)
+        if entry is None:
+            return
+        try:
+            entry[0].sendto(command.data, (str(command.address), command.port))
+        except OSError as exc:
+            logger.debug(
+                "udp port %d: reply to %s:%d: %s",
+                command.parent_port,
+                command.address,
+                command.port,
+                exc,
+            )
+
+    def set_link_paused(self, paused: bool) -> None:
+        """Stop reading clients while the link to the enclave is backed up."""
+        if paused == self._paused:
+            return
+        self._paused = paused
+        for sock, item in self.sockets.values():
+            if paused:
+                self.loop.remove_reader(sock.fileno())
+            else:
+                self.loop.add_reader(sock.fileno(), self._on_readable, sock, item)
+
+    def close_all(self) -> None:
+        """Listeners stay across enclave links: nothing to close."""
+
+    def close(self) -> None:
+        """Stop listening."""
+        for sock, _ in self.sockets.values():
+            if not self._paused:
+                self.loop.remove_reader(sock.fileno())
+            sock.close()
+        self.sockets.clear()

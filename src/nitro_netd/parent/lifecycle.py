@@ -122,6 +122,24 @@ class PidLock:
             os.close(fd)  # the holder unlinked it between our open and our lock
         raise LifecycleError(f"cannot lock {path}: it keeps being replaced")
 
+    @staticmethod
+    def check(path: Path, name: str) -> None:
+        """Fail early if a daemon holds the lock (the launcher's check before forking).
+
+        Raises:
+            AlreadyRunning: the lock is held (message names the pid).
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AlreadyRunning(_running_message(path, name)) from None
+        finally:
+            os.close(fd)
+
     def release(self) -> None:
         """Remove the pidfile and drop the lock (idempotent)."""
         if self._fd is None:
@@ -209,6 +227,15 @@ def daemonize(log_path: Path) -> Readiness | tuple[int, str]:
     os.close(log_fd)
     os.waitpid(child, 0)  # the first child exits as soon as it has forked again
     return wait_for_daemon(read_fd, log_path)
+
+
+def remove_new_log(log_path: Path, existed: bool) -> None:
+    """After a failed start (already reported): drop a log file this launch created."""
+    if existed:
+        return
+    with contextlib.suppress(OSError):
+        log_path.unlink()
+        log_path.parent.rmdir()
 
 
 def _become_daemon(log_fd: int, write_fd: int) -> None:

@@ -10,6 +10,7 @@ than stopping the daemon.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 import time
@@ -88,7 +89,5 @@ class PcapWriter:
     def _close_quietly(self) -> None:
         file, self._file = self._file, None
         if file is not None:
-            try:
+            with contextlib.suppress(OSError):
                 file.close()
-            except OSError:
-                pass

@@ -36,6 +36,7 @@ from nitro_netd.netstack.events import (
     TcpFailed,
     TcpWriteBlocked,
     TcpWriteUnblocked,
+    UdpInbound,
 )
 from nitro_netd.netstack.nat import nat_from_enclave, nat_from_host
 from nitro_netd.netstack.output import StackOutput
@@ -188,6 +189,8 @@ class TcpLayer:
         """Route a host event to its flow (events for forgotten flows are ignored)."""
         if isinstance(event, TcpAccepted):
             self._open_inbound(event, now)
+            return
+        if isinstance(event, UdpInbound):
             return
         conn = self.flows.get(event.flow)
         if conn is None:
