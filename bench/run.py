@@ -345,6 +345,53 @@ def tree_cpu_seconds(root: int) -> float:
     return total / CLK_TCK
 
 
+def diagnose(session: Session) -> dict[str, Any]:
+    """After a failure: state, kernel wait channel and CPU use over 1 s of every process in
+    the daemon's and the agent's trees (is it spinning, blocked, or gone?)."""
+    roots = {"daemon": session.daemon, "agent": session.agent}
+    before = {name: tree_cpu_seconds(p.pid) for name, p in roots.items() if p is not None}
+    time.sleep(1.0)
+    out: dict[str, Any] = {}
+    for name, process in roots.items():
+        if process is None:
+            continue
+        pids = [process.pid, *descendants(process.pid)]
+        states = []
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+                    state = stat.read().rsplit(")", 1)[1].split()[0]
+                with open(f"/proc/{pid}/wchan", encoding="ascii", errors="replace") as wchan:
+                    channel = wchan.read().strip()
+            except OSError:
+                continue
+            states.append(f"{pid}:{state}:{channel or '-'}")
+        out[name] = {
+            "cpu_percent_over_1s": round((tree_cpu_seconds(process.pid) - before[name]) * 100),
+            "processes": states,
+        }
+    return out
+
+
+def descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as stat:
+                    ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found: list[int] = []
+    stack = [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
 def nettool_json(sim: Simulator, args: Sequence[object], timeout: float) -> dict[str, Any]:
     argv = [sim.python, NETTOOL, *map(str, args)]
     try:
@@ -523,6 +570,7 @@ def run_peer_once(peer: Peer, settings: Settings, run: int) -> dict[str, Any]:
                 errors[f"{process.name}-exit"] = f"exited {process.returncode} during the run"
         if errors:
             record["log_tail"] = sim.logs_tail(15)
+            record["diagnostics"] = diagnose(session)
     record["seconds"] = round(time.monotonic() - started, 1)
     return record
 
@@ -563,12 +611,14 @@ def fmt(value: float) -> str:
     return f"{value:.2f}"
 
 
-def cell(figure: Figure | None, reference: Figure | None) -> str:
+def cell(figure: Figure | None, reference: Figure | None, runs: int) -> str:
     if figure is None:
         return "n/a"
     text = fmt(figure.median)
     if figure.n > 1:
         text += f" ({fmt(figure.low)}-{fmt(figure.high)})"
+    if figure.n < runs:
+        text += f" [{figure.n}/{runs} runs]"
     if reference is not None and reference.median > 0:
         text += f" · {figure.median / reference.median:.2f}x"
     elif reference is not None and figure.median == 0 and reference.median == 0:
@@ -588,7 +638,7 @@ def table(summary: dict[str, dict[str, Figure]], peers: list[str], settings: Set
         cells = []
         for peer in peers:
             ref = summary[reference].get(metric.key) if reference else None
-            cells.append(cell(summary[peer].get(metric.key), ref))
+            cells.append(cell(summary[peer].get(metric.key), ref, settings.runs))
         better = "higher" if metric.higher_is_better else "lower"
         lines.append(f"| {metric.label} | {metric.unit} | {better} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -707,6 +757,16 @@ def render_markdown(
     errors = error_lines(records)
     if errors:
         out += ["", "## Errors", "", *errors]
+        for record in records:
+            if record.get("diagnostics"):
+                out.append(
+                    f"- after the errors, {record['peer']} run {record['run']} "
+                    f"(pid:state:wait channel, CPU over 1 s): "
+                    + "; ".join(
+                        f"{name} {d['cpu_percent_over_1s']} % [{', '.join(d['processes'])}]"
+                        for name, d in record["diagnostics"].items()
+                    )
+                )
     if plots:
         out += ["", "## Plots", "", *[f"![{Path(p).stem}]({Path(p).name})" for p in plots]]
     return "\n".join(out) + "\n"

@@ -13,7 +13,7 @@ from ipaddress import IPv4Address
 from nitro_netd.frames.ethernet import EtherType, build_ethernet, parse_ethernet
 from nitro_netd.frames.ipv4 import IpProto, build_ipv4_header, parse_ipv4
 from nitro_netd.frames.tcp import TcpFlags, TcpHeader, TcpOptions, build_tcp, parse_tcp
-from nitro_netd.netstack import HostCommand, NetStack
+from nitro_netd.netstack import HostCommand, NetStack, TcpConnect
 from nitro_netd.netstack.tcp.seq import seq_add
 
 Segment = tuple[TcpHeader, bytes]
@@ -113,7 +113,7 @@ class TcpPeer:
 
     def establish(self, host: FakeHost, now: float = 1.0) -> int:
         """SYN, host connected, SYN-ACK, ACK: return the flow id."""
-        from nitro_netd.netstack import TcpConnect, TcpConnected
+        from nitro_netd.netstack import TcpConnected
 
         self.syn(now)
         [connect] = [c for c in host.take(self.stack) if isinstance(c, TcpConnect)]
@@ -136,3 +136,10 @@ class FakeHost:
         commands = stack.commands_to_send()
         self.log.extend(commands)
         return commands
+
+    def take_connects(self, stack: NetStack) -> list[TcpConnect]:
+        """The commands drained now, which must all be connects."""
+        commands = self.take(stack)
+        connects = [c for c in commands if isinstance(c, TcpConnect)]
+        assert connects == commands, commands
+        return connects

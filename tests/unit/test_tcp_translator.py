@@ -43,7 +43,7 @@ def make(**config: object) -> tuple[NetStack, TcpPeer, FakeHost]:
 def test_tcp_ipv4_enclave_syn_asks_host_to_connect_and_waits() -> None:
     stack, peer, host = make()
     peer.syn()
-    [command] = host.take(stack)
+    [command] = host.take_connects(stack)
     assert command == TcpConnect(command.flow, IPv4Address("198.18.0.2"), 80, 10.0)
     assert peer.receive() == []
 
@@ -51,7 +51,7 @@ def test_tcp_ipv4_enclave_syn_asks_host_to_connect_and_waits() -> None:
 def test_tcp_ipv4_syn_ack_carries_mss_and_window_scale_once_connected() -> None:
     stack, peer, host = make(mtu=9001)
     peer.syn()
-    [connect] = host.take(stack)
+    [connect] = host.take_connects(stack)
     stack.handle_host_event(TcpConnected(connect.flow), now=1.0)
     [(synack, _)] = peer.receive()
     assert synack.flags == TcpFlags.SYN | ACK
@@ -140,7 +140,7 @@ def test_tcp_ipv4_host_eof_first_keeps_enclave_direction_open() -> None:
 def test_tcp_ipv4_connect_refused_answers_syn_with_rst() -> None:
     stack, peer, host = make()
     peer.syn()
-    [connect] = host.take(stack)
+    [connect] = host.take_connects(stack)
     stack.handle_host_event(TcpFailed(connect.flow, errno.ECONNREFUSED), now=1.0)
     [(rst, _)] = peer.receive()
     assert rst.flags == TcpFlags.RST | ACK
@@ -151,7 +151,7 @@ def test_tcp_ipv4_connect_refused_answers_syn_with_rst() -> None:
 def test_tcp_ipv4_connect_timeout_answers_with_icmp_host_unreachable_quoting_syn() -> None:
     stack, peer, host = make()
     peer.syn()
-    [connect] = host.take(stack)
+    [connect] = host.take_connects(stack)
     stack.handle_host_event(TcpFailed(connect.flow, errno.ETIMEDOUT), now=11.0)
     [frame] = stack.frames_to_send()
     _, payload = parse_ethernet(frame)

@@ -265,8 +265,6 @@ def _daemonize(args: argparse.Namespace, config: DaemonConfig) -> Readiness | in
 
 
 def _run(config: DaemonConfig, readiness: Readiness | None) -> int:
-    if config.name is not None and config.nitro_cli is None:
-        logging.getLogger(__name__).info("nitro-cli not found: links are not pinned to a CID")
     try:
         return run(config, readiness)
     except (LifecycleError, OSError) as exc:

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Final
 
+from nitro_netd.cli import status as status_cmd
 from nitro_netd.cli.common import fail
 from nitro_netd.sim import (
     ENCLAVE_ADDRESS,
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("role", choices=[role.value for role in Role])
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
     sim.add_parser("list", help="list simulators and their status")
+    status_cmd.add_parser(commands)
     return parser
 
 
@@ -78,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run `nitro-netd`; return its exit status."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "status":
+            return status_cmd.run(args)
         if args.command == "demo":
             return demo(args.mtu)
         handler = {"up": sim_up, "down": sim_down, "exec": sim_exec, "list": sim_list}

@@ -31,6 +31,7 @@ _MAX_POINTERS: Final = 16
 _QR: Final = 0x8000
 _OPCODE_MASK: Final = 0x7800
 _AA: Final = 0x0400
+_TC: Final = 0x0200
 _RD: Final = 0x0100
 _RA: Final = 0x0080
 
@@ -182,6 +183,17 @@ def build_query(ident: int, question: DnsQuestion, *, recursion: bool = True) ->
 def build_servfail(query: DnsQuery) -> bytes:
     """The SERVFAIL answer to `query`: same ID, opcode, RD and question, RCODE 2."""
     return _build_response(query, RCode.SERVFAIL, answers=b"", count=0)
+
+
+def truncate_response(response: bytes | bytearray | memoryview, query: DnsQuery) -> bytes:
+    """`response` cut to its header and `query`'s question, with TC set (RFC 1035 §4.1.1,
+    RFC 2181 §9): the answer does not fit the link, so the client asks again over TCP.
+
+    Raises:
+        FrameError: `response` is shorter than a DNS header.
+    """
+    header = parse_header(response)
+    return _HEADER.pack(header.id, header.flags | _TC, 1, 0, 0, 0) + _build_question(query.question)
 
 
 def build_local_answer(query: DnsQuery, address: IPv4Address) -> bytes:

@@ -7,10 +7,11 @@ other type -> NOERROR with no records). Every other query is forwarded *raw* (un
 bytes, so every record type and EDNS option passes through) to the parent's resolvers,
 `StackConfig.dns_servers`, in order. Each attempt is its own UDP flow for the host side
 (a fresh connected socket, so a fresh source port per query): the first answer with the
-query's ID is relayed unchanged to the enclave and the flow closed. An attempt that times
-out (`dns_timeout`) or fails on the host (ECONNREFUSED...) moves on to the next resolver;
-when none is left, or none is configured, the enclave gets SERVFAIL with its ID and
-question, never NXDOMAIN. Attempts expire in the order they started, so the pending
+query's ID is relayed unchanged to the enclave and the flow closed; an answer too big for
+the link goes as its header and question with TC set, so the client asks again over TCP.
+An attempt that times out (`dns_timeout`) or fails on the host (ECONNREFUSED...) moves on
+to the next resolver; when none is left, or none is configured, the enclave gets SERVFAIL
+with its ID and question, never NXDOMAIN. Attempts expire in the order they started, so the pending
 queries sit in an `OrderedDict` whose first entry is always the next deadline.
 """
 
@@ -31,6 +32,7 @@ from nitro_netd.netstack.dns import (
     build_servfail,
     is_local_name,
     parse_query,
+    truncate_response,
 )
 from nitro_netd.netstack.events import (
     FlowId,
@@ -112,13 +114,15 @@ class DnsForwarder:
             return
         elif event.data[:2] != pending.raw[:2]:
             pending.log.debug("answer with another ID ignored")
-        elif send_udp(
-            self.output, self.config.gateway_ip, DNS_PORT, pending.enclave_port, event.data
-        ):
+        else:
             self._finish_attempt(pending)
             self.budget.give_back()
-        else:
-            pending.log.debug("answer of %d bytes exceeds the MTU: dropped", len(event.data))
+            if not send_udp(
+                self.output, self.config.gateway_ip, DNS_PORT, pending.enclave_port, event.data
+            ):
+                size = len(event.data)
+                pending.log.debug("answer of %d bytes exceeds the MTU: sent truncated (TC)", size)
+                self._reply(pending.enclave_port, truncate_response(event.data, pending.query))
 
     def handle_timer(self, now: float) -> None:
         """Move timed-out queries on to their next resolver (or SERVFAIL)."""

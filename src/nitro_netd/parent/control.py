@@ -135,9 +135,10 @@ class ControlServer:
         Raises:
             OSError: the socket cannot be bound (message names it).
         """
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
         try:
+            self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
             self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
             os.chmod(self.path, SOCKET_MODE)
         except OSError as exc:

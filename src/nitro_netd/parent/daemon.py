@@ -85,7 +85,7 @@ class Daemon:
         self.bridge.add_host_side(self.host_tcp)
         self.bridge.add_host_side(HostUdp(self.loop, self.bridge.post_event))
         self.bridge.add_host_side(HostPing(self.loop, self.bridge.post_event))
-        self.bridge.admit_link = self._admit
+        self.bridge.admit_link = self.admit
         self.exposer = TcpExposer(
             self.loop,
             self.host_tcp.adopt,
@@ -107,6 +107,8 @@ class Daemon:
 
     def _make_watcher(self) -> EnclaveWatcher | None:
         c = self.config
+        if c.name is not None and c.nitro_cli is None:
+            logger.info("nitro-cli not found: links are not pinned to enclave %s's CID", c.name)
         if c.name is None or c.nitro_cli is None:
             return None
         on_gone = self._enclave_gone if c.exit_with_enclave else None
@@ -163,7 +165,8 @@ class Daemon:
             self.pcap.close()
             self.bridge.frame_tap = None
 
-    def _admit(self, session: LinkSession, cid: int | None) -> str | None:
+    def admit(self, session: LinkSession, cid: int | None) -> str | None:
+        """The pinning check before a link goes live: None, or why it is refused."""
         watcher = self.watcher
         verdict = decide_pin(
             following=watcher is not None,

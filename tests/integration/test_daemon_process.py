@@ -1,0 +1,233 @@
+"""`nitro-netd-parent` as a process on unix sockets: --daemonize readiness, single instance,
+SIGTERM cleanup, systemd notify, --exit-with-enclave. No namespaces, no root needed."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from nitro_netd.parent.lifecycle import read_pid
+
+TIMEOUT = 15.0
+NAME = "app"
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:g} s")
+        time.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Workdir:
+    """Paths of one test's daemon, and the daemons it started (stopped at the end)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.state = root / "state"
+        self.link = root / "link.sock"
+        self.pids: list[int] = []
+
+    @property
+    def pidfile(self) -> Path:
+        return self.state / NAME / "parent.pid"
+
+    @property
+    def control(self) -> Path:
+        return self.state / NAME / "control.sock"
+
+    def argv(self, *extra: str) -> list[str]:
+        return [
+            sys.executable, "-m", "nitro_netd.cli.parent", "--listen", f"unix://{self.link}",
+            "--enclave-name", NAME, "--state-dir", str(self.state), *extra,
+        ]  # fmt: skip
+
+    def daemonize(self, *extra: str) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            self.argv("--daemonize", *extra), capture_output=True, text=True, timeout=60
+        )
+        pid = read_pid(self.pidfile)
+        if result.returncode == 0 and pid is not None:
+            self.pids.append(pid)
+        return result
+
+    def stop_all(self) -> None:
+        for pid in self.pids:
+            if alive(pid) and str(self.state).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Iterator[Workdir]:
+    work = Workdir(tmp_path)
+    try:
+        yield work
+    finally:
+        work.stop_all()
+
+
+def test_daemonize_returns_when_link_and_exposed_port_are_ready(work: Workdir) -> None:
+    port = free_port()
+    result = work.daemonize("--expose", f"{port}:80")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert result.stderr == ""
+
+    # No waiting: everything is bound once it returned.
+    pid = read_pid(work.pidfile)
+    assert pid is not None
+    assert alive(pid)
+    with socket.socket(socket.AF_UNIX) as link:
+        link.connect(str(work.link))
+    # With no enclave link the daemon resets clients: a reset, not a refusal, proves it.
+    with contextlib.suppress(ConnectionResetError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    assert work.control.exists()
+    assert (work.state / NAME / "parent.log").exists()
+
+
+def test_sigterm_stops_with_status_0_and_removes_state_files(work: Workdir) -> None:
+    assert work.daemonize().returncode == 0
+    pid = read_pid(work.pidfile)
+    assert pid is not None
+
+    os.kill(pid, signal.SIGTERM)
+
+    wait_until(lambda: not alive(pid), "daemon exits on SIGTERM")
+    assert not work.pidfile.exists()
+    assert not work.control.exists()
+    assert not work.link.exists()
+    log = (work.state / NAME / "parent.log").read_text()
+    assert "stopping" in log
+    assert "Traceback" not in log
+
+
+def test_second_daemon_for_a_name_is_refused_naming_the_first_pid(work: Workdir) -> None:
+    assert work.daemonize().returncode == 0
+    pid = read_pid(work.pidfile)
+
+    second = subprocess.run(
+        work.argv("--listen", f"unix://{work.root}/other.sock"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert second.returncode == 1
+    assert f"already running (pid {pid}" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    assert read_pid(work.pidfile) == pid, "the first daemon's pidfile must be untouched"
+    assert work.control.exists()
+
+
+def test_daemonize_failure_prints_the_error_and_leaves_nothing(work: Workdir) -> None:
+    with socket.socket() as blocker:
+        blocker.bind(("0.0.0.0", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        result = work.daemonize("--expose", str(port))
+
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"nitro-netd-parent: error: cannot expose tcp port {port}: Address already in use"
+    )
+    assert not (work.state / NAME).exists()
+    assert not work.link.exists()
+
+
+def test_foreground_speaks_systemd_notify_ready_and_stopping(work: Workdir) -> None:
+    notify_path = work.root / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        notify.settimeout(TIMEOUT)
+        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
+        daemon = subprocess.Popen(work.argv(), env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            ready = notify.recv(4096).decode().splitlines()
+            assert "READY=1" in ready
+            assert f"MAINPID={daemon.pid}" in ready
+            assert work.control.exists()
+            assert work.link.exists()
+            daemon.send_signal(signal.SIGTERM)
+            assert "STOPPING=1" in notify.recv(4096).decode().splitlines()
+            assert daemon.wait(TIMEOUT) == 0
+        finally:
+            daemon.kill()
+            daemon.wait()
+            assert daemon.stderr is not None
+            daemon.stderr.close()
+    assert not work.pidfile.exists()
+    assert not work.control.exists()
+    assert not work.link.exists()
+
+
+def test_exit_with_enclave_exits_0_once_the_enclave_is_gone(work: Workdir) -> None:
+    enclaves = work.root / "enclaves.json"
+    enclaves.write_text(json.dumps([{"EnclaveName": NAME, "EnclaveCID": 16, "State": "RUNNING"}]))
+    fake = work.root / "nitro-cli"
+    fake.write_text(f"#!/bin/sh\nexec cat {enclaves}\n")
+    fake.chmod(0o755)
+    daemon = subprocess.Popen(
+        work.argv("--nitro-cli", str(fake), "--enclave-poll", "0.1", "--exit-with-enclave"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(work.control.exists, "daemon ready")
+        enclaves.write_text("[]")
+        assert daemon.wait(TIMEOUT) == 0
+    finally:
+        daemon.kill()
+        daemon.wait()
+    assert daemon.stderr is not None
+    log = daemon.stderr.read()
+    daemon.stderr.close()
+    assert "enclave app is gone" in log
+    assert not work.pidfile.exists()
+    assert not work.control.exists()
+    assert not work.link.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--exit-with-enclave", "--nitro-cli", "/nonexistent/nitro-cli"), "--exit-with-enclave needs nitro-cli"),
+        (("--nitro-cli", "/nonexistent/nitro-cli"), "not an executable"),
+        (("--enclave-name", "../etc"), "--enclave-name '../etc'"),
+        (("--metrics-listen", "localhost"), "expected HOST:PORT"),
+    ],
+)  # fmt: skip
+def test_bad_lifecycle_flags_exit_2_with_one_line(
+    work: Workdir, args: tuple[str, ...], message: str
+) -> None:
+    result = subprocess.run(work.argv(*args), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not work.state.exists()

@@ -1,0 +1,151 @@
+"""The daemon in-process on unix sockets: status over the control socket, Prometheus
+metrics, the pcap file, and CID pinning of links."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from nitro_netd.cli.status import StatusError, query_status, render_status
+from nitro_netd.link import LinkProtocol
+from nitro_netd.parent import DaemonConfig, serve
+from nitro_netd.parent.daemon import Daemon
+from nitro_netd.parent.enclave_watch import EnclaveInfo
+from nitro_netd.parent.lifecycle import StatePaths
+from nitro_netd.parent.pcap import LINKTYPE_ETHERNET, PCAP_MAGIC
+from nitro_netd.parent.session import LinkSession
+from nitro_netd.transport import parse_endpoint
+from tests.integration.test_parent_link import Agent, ping_roundtrip
+
+TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def make_config(tmp_path: Path, **extra: Any) -> DaemonConfig:
+    return DaemonConfig(
+        listen=parse_endpoint(f"unix://{tmp_path}/link.sock"),
+        name="app",
+        state=StatePaths(tmp_path / "state", "app"),
+        **extra,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(config: DaemonConfig) -> AsyncIterator[None]:
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(serve(config, stop, ready.set))
+    await asyncio.wait_for(ready.wait(), TIMEOUT)
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, TIMEOUT)
+
+
+async def test_status_reports_link_counters_and_flows_over_control_socket(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    assert config.state is not None
+    async with running(config):
+        agent = await Agent.connect(tmp_path / "link.sock", LinkProtocol.GVPROXY)
+        await ping_roundtrip(agent)
+        status = await asyncio.to_thread(query_status, config.state)
+        agent.close()
+
+    assert status["name"] == "app"
+    assert status["link"]["up"] is True
+    assert status["link"]["peer"] == "unix peer"
+    assert status["link"]["accepted"] == 1
+    assert status["counters"]["frames_in"] >= 1
+    assert status["counters"]["frames_out"] >= 1
+    assert set(status["flows"]) == {"icmp", "tcp", "udp"}
+    assert status["enclave"]["following"] is False
+    assert "link          up for" in render_status(status, now=status["time"])
+    assert not config.state.control.exists(), "control socket left behind"
+
+
+async def test_status_of_a_stopped_daemon_is_a_clear_error(tmp_path: Path) -> None:
+    paths = StatePaths(tmp_path, "gone")
+    with pytest.raises(StatusError, match="no nitro-netd-parent is running for 'gone'"):
+        await asyncio.to_thread(query_status, paths)
+
+
+async def http_get(port: int, path: str) -> tuple[str, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    data = await asyncio.wait_for(reader.read(), TIMEOUT)
+    writer.close()
+    head, _, body = data.decode().partition("\r\n\r\n")
+    return head.splitlines()[0], body
+
+
+async def test_metrics_serve_prometheus_text_from_the_same_snapshot(tmp_path: Path) -> None:
+    port = free_port()
+    async with running(make_config(tmp_path, metrics_listen=("127.0.0.1", port))):
+        agent = await Agent.connect(tmp_path / "link.sock", LinkProtocol.GVPROXY)
+        await ping_roundtrip(agent)
+        status_line, body = await http_get(port, "/metrics")
+        missing, _ = await http_get(port, "/")
+        agent.close()
+
+    assert status_line == "HTTP/1.1 200 OK"
+    assert "nitro_netd_link_up 1" in body
+    assert 'nitro_netd_frames_total{direction="from_enclave"}' in body
+    assert 'nitro_netd_flows{protocol="tcp"} 0' in body
+    assert missing == "HTTP/1.1 404 Not Found"
+
+
+async def test_pcap_records_link_frames_both_ways(tmp_path: Path) -> None:
+    pcap = tmp_path / "link.pcap"
+    async with running(make_config(tmp_path, pcap=pcap)):
+        agent = await Agent.connect(tmp_path / "link.sock", LinkProtocol.GVPROXY)
+        await ping_roundtrip(agent)
+        agent.close()
+
+    data = pcap.read_bytes()
+    magic, _major, _minor, _zone, _sigfigs, _snaplen, linktype = struct.unpack_from(
+        "=IHHiIII", data
+    )
+    assert (magic, linktype) == (PCAP_MAGIC, LINKTYPE_ETHERNET)
+    frames = []
+    offset = 24
+    while offset < len(data):
+        _sec, _usec, captured, original = struct.unpack_from("=IIII", data, offset)
+        frames.append(data[offset + 16 : offset + 16 + captured])
+        assert captured == original
+        offset += 16 + captured
+    assert len(frames) == 2, "the echo request and its reply"
+    assert all(frame[12:14] == b"\x08\x00" for frame in frames)  # IPv4
+
+
+class _Session:
+    peer = "cid 17 port 5000"
+
+
+async def test_link_from_another_cid_is_refused_and_the_enclaves_accepted(tmp_path: Path) -> None:
+    config = make_config(tmp_path, nitro_cli="/bin/true")
+    daemon = Daemon(config, asyncio.Event())
+    assert daemon.watcher is not None
+    session = cast(LinkSession, _Session())
+    daemon.watcher.update(EnclaveInfo("app", 16, "RUNNING"))
+
+    assert daemon.admit(session, 16) is None
+    refusal = daemon.admit(session, 17)
+    assert refusal is not None
+    assert "CID 17 is not enclave 'app' (CID 16)" in refusal
+    assert daemon.admit(session, None) is None  # unix links are not pinned
+
+    daemon.watcher.update(None)
+    assert "not running" in (daemon.admit(session, 16) or "")

@@ -1,0 +1,127 @@
+"""The daemon's lifecycle flags, state paths and single-instance pidfile lock."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from nitro_netd.cli.parent import build_config, build_parser
+from nitro_netd.parent.daemon import DaemonConfig
+from nitro_netd.parent.lifecycle import (
+    DEFAULT_STATE_ROOT,
+    AlreadyRunning,
+    PidLock,
+    StatePaths,
+    check_name,
+    read_pid,
+)
+from nitro_netd.transport import Scheme
+
+
+def config(*argv: str) -> DaemonConfig:
+    return build_config(build_parser().parse_args(list(argv)))
+
+
+def fake_nitro_cli(tmp_path: Path) -> Path:
+    path = tmp_path / "nitro-cli"
+    path.write_text("#!/bin/sh\necho '[]'\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_defaults_keep_vsock_listener_and_no_state() -> None:
+    c = config()
+    assert c.listen.scheme is Scheme.VSOCK
+    assert c.listen.port == 1024
+    assert (c.name, c.state, c.nitro_cli, c.pcap, c.metrics_listen) == (
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+    assert c.exit_with_enclave is False
+
+
+def test_enclave_name_puts_state_under_run_nitro_netd() -> None:
+    c = config("--enclave-name", "app", "--nitro-cli", "/bin/true")
+    assert c.state == StatePaths(DEFAULT_STATE_ROOT, "app")
+    assert c.state.pidfile == Path("/run/nitro-netd/app/parent.pid")
+    assert c.state.control == Path("/run/nitro-netd/app/control.sock")
+    assert c.nitro_cli == "/bin/true"
+
+
+def test_state_dir_overrides_the_root_and_daemonize_alone_uses_default(tmp_path: Path) -> None:
+    c = config("--daemonize", "--state-dir", str(tmp_path))
+    assert c.state == StatePaths(tmp_path, "default")
+
+
+def test_lifecycle_flags_are_parsed(tmp_path: Path) -> None:
+    cli = fake_nitro_cli(tmp_path)
+    c = config(
+        "--enclave-name", "app", "--nitro-cli", str(cli), "--enclave-poll", "0.5",
+        "--exit-with-enclave", "--pcap", "x.pcap", "--metrics-listen", "[::1]:9464",
+    )  # fmt: skip
+    assert c.exit_with_enclave is True
+    assert c.enclave_poll == 0.5
+    assert c.pcap == Path("x.pcap").absolute()
+    assert c.metrics_listen == ("::1", 9464)
+    assert c.nitro_cli == str(cli)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--exit-with-enclave",), "needs --enclave-name"),
+        (("--enclave-name", "a", "--exit-with-enclave", "--nitro-cli", "/nope"), "--exit-with-enclave needs nitro-cli"),
+        (("--enclave-name", "a", "--nitro-cli", "/nope"), "not an executable"),
+        (("--enclave-name", "a/b"), "--enclave-name 'a/b'"),
+        (("--enclave-name", ".hidden"), "starting with a letter or digit"),
+        (("--enclave-poll", "0"), "--enclave-poll must be a positive"),
+        (("--metrics-listen", "9464"), "expected HOST:PORT"),
+        (("--metrics-listen", "h:99999"), "expected HOST:PORT"),
+    ],
+)  # fmt: skip
+def test_bad_lifecycle_flags_are_rejected_naming_the_flag(
+    argv: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config(*argv)
+
+
+def test_check_name_accepts_ordinary_names() -> None:
+    assert check_name("my-enclave_1.prod") == "my-enclave_1.prod"
+
+
+def test_pidlock_writes_pid_and_refuses_a_second_holder(tmp_path: Path) -> None:
+    path = tmp_path / "app" / "parent.pid"
+    lock = PidLock.acquire(path, "app")
+    assert read_pid(path) == os.getpid()
+
+    with pytest.raises(AlreadyRunning, match=rf"already running \(pid {os.getpid()}, lock on"):
+        PidLock.acquire(path, "app")
+    with pytest.raises(AlreadyRunning):
+        PidLock.check(path, "app")
+
+    lock.release()
+    lock.release()
+    assert not path.exists()
+    assert not path.parent.exists(), "the empty state dir is removed too"
+
+
+def test_pidlock_takes_over_a_stale_pidfile(tmp_path: Path) -> None:
+    path = tmp_path / "parent.pid"
+    path.write_text("999999\n")
+    PidLock.check(path, "app")
+    lock = PidLock.acquire(path, "app")
+    assert read_pid(path) == os.getpid()
+    lock.release()
+
+
+def test_read_pid_of_missing_or_garbage_file_is_none(tmp_path: Path) -> None:
+    assert read_pid(tmp_path / "none") is None
+    (tmp_path / "bad").write_text("x")
+    assert read_pid(tmp_path / "bad") is None

@@ -1,0 +1,128 @@
+"""Status rendering (table and Prometheus), the control protocol's answers, flow counts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nitro_netd.cli.status import StatusError, format_duration, render_status, resolve_name
+from nitro_netd.parent.control import ControlServer, flow_count
+from nitro_netd.parent.metrics import MetricsServer, parse_metrics_listen, render_metrics
+
+NOW = 1_800_000_000.0
+
+
+def sample_status(**link: Any) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "name": "app",
+        "pid": 4242,
+        "started": NOW - 3725,
+        "uptime": 3725.4,
+        "listen": "vsock://:1024",
+        "link": {"up": True, "peer": "cid 16 port 3000", "cid": 16, "since": NOW - 65,
+                 "accepted": 2, "refused": 1, **link},
+        "enclave": {"name": "app", "following": True, "nitro_cli": "/usr/bin/nitro-cli",
+                    "cid": 16, "state": "RUNNING"},
+        "exposed": [{"protocol": "tcp", "parent_port": 8080, "enclave_port": 80}],
+        "flows": {"icmp": 0, "tcp": 3, "udp": 1},
+        "counters": {"frames_in": 10, "bytes_in": 1000, "frames_out": 12, "bytes_out": 2000,
+                     "drops": {"bad_checksum": 2}},
+        "pcap": None,
+        "time": NOW,
+    }  # fmt: skip
+
+
+def test_render_status_table() -> None:
+    assert render_status(sample_status(), now=NOW).splitlines() == [
+        "nitro-netd-parent app",
+        "  daemon        pid 4242, up 1h02m05s, listening on vsock://:1024",
+        "  link          up for 1m05s, peer cid 16 port 3000; 2 accepted, 1 refused",
+        "  enclave       app: CID 16, RUNNING (following with /usr/bin/nitro-cli)",
+        "  exposed       tcp 8080->80",
+        "  flows         icmp 0  tcp 3  udp 1",
+        "  from enclave  10 frames, 1000 bytes",
+        "  to enclave    12 frames, 2000 bytes",
+        "  drops         bad_checksum 2",
+    ]
+
+
+def test_render_status_link_down_shows_last_peer() -> None:
+    text = render_status(sample_status(up=False), now=NOW)
+    assert "link          down for 1m05s, last peer cid 16 port 3000" in text
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(4.2, "4s"), (65, "1m05s"), (3725, "1h02m05s"), (90061, "1d01h01m")],
+)
+def test_format_duration(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+
+
+def test_render_metrics_prometheus_text() -> None:
+    lines = render_metrics(sample_status()).splitlines()
+    assert "# TYPE nitro_netd_frames_total counter" in lines
+    assert 'nitro_netd_frames_total{direction="from_enclave"} 10' in lines
+    assert 'nitro_netd_bytes_total{direction="to_enclave"} 2000' in lines
+    assert 'nitro_netd_drops_total{reason="bad_checksum"} 2' in lines
+    assert 'nitro_netd_flows{protocol="tcp"} 3' in lines
+    assert "nitro_netd_link_up 1" in lines
+    assert "nitro_netd_links_refused_total 1" in lines
+
+
+def test_metrics_http_answers() -> None:
+    server = MetricsServer("127.0.0.1", 1, sample_status)
+    assert server.answer(b"GET /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200 OK\r\n")
+    assert server.answer(b"GET / HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 404")
+    assert server.answer(b"POST /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405")
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [("127.0.0.1:9464", ("127.0.0.1", 9464)), (":9464", ("127.0.0.1", 9464)),
+     ("0.0.0.0:1", ("0.0.0.0", 1)), ("[::]:9464", ("::", 9464))],
+)  # fmt: skip
+def test_parse_metrics_listen(text: str, parsed: tuple[str, int]) -> None:
+    assert parse_metrics_listen(text) == parsed
+
+
+def test_control_answers_status_and_refuses_other_requests() -> None:
+    server = ControlServer(Path("/nonexistent"), sample_status)
+    assert server.answer(b"status\n") == {"ok": True, "status": sample_status()}
+    reply = server.answer(b"shutdown\n")
+    assert reply["ok"] is False
+    assert "unknown request 'shutdown'" in reply["error"]
+    json.dumps(reply)
+
+
+class _WithCount:
+    def flow_count(self) -> int:
+        return 7
+
+
+class _WithFlows:
+    def __init__(self) -> None:
+        self.flows = {1: "a", 2: "b"}
+
+
+def test_flow_count_by_duck_typing() -> None:
+    assert flow_count(_WithCount()) == 7
+    assert flow_count(_WithFlows()) == 2
+    assert flow_count(object()) == 0
+
+
+def test_resolve_name_picks_the_only_daemon(tmp_path: Path) -> None:
+    with pytest.raises(StatusError, match="no nitro-netd-parent is running under"):
+        resolve_name(tmp_path, None)
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "control.sock").touch()
+    assert resolve_name(tmp_path, None) == "app"
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "control.sock").touch()
+    with pytest.raises(StatusError, match=r"several daemons run .*\(app, b\)"):
+        resolve_name(tmp_path, None)
+    assert resolve_name(tmp_path, "b") == "b"
