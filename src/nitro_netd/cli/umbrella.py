@@ -14,6 +14,7 @@ from typing import Final
 
 from nitro_netd.cli import status as status_cmd
 from nitro_netd.cli.common import fail
+from nitro_netd.cli.demo import demo
 from nitro_netd.sim import (
     ENCLAVE_ADDRESS,
     GATEWAY_ADDRESS,
@@ -170,75 +171,6 @@ def sim_list(args: argparse.Namespace) -> int:
 def _report_stale(removed: list[str]) -> None:
     if removed:
         print(f"(removed leftovers of dead simulators: {', '.join(removed)})")
-
-
-# -- demo ------------------------------------------------------------------------------
-
-
-def demo(mtu: int | None) -> int:
-    """Walk a newcomer through the bridge: build, start, ping, tear down."""
-    require_host(["ping"])
-    _report_stale(cleanup_stale())
-    extra = ["--mtu", str(mtu)] if mtu else []
-    step = _Steps()
-    with Simulator() as sim:
-        step(
-            f"Built simulator {sim.name}: three network namespaces on this machine.",
-            f"enclave  {sim.netns('enclave')}: only lo for now; plays the Nitro Enclave (no NIC)",
-            f"parent   {sim.netns('parent')}: plays the EC2 instance, eth0 {PARENT_ADDRESS}",
-            f"world    {sim.netns('world')}: plays the internet, {WORLD_ADDRESS}",
-            f"The link is the unix socket {sim.link_path} in place of vsock.",
-        )
-        parent = sim.start_parent(extra)
-        step(
-            f"Started the parent daemon in the parent namespace (pid {parent.pid}).",
-            f"It listens on {sim.link_url} and answers for the gateway {GATEWAY_ADDRESS}.",
-        )
-        agent = sim.start_agent(extra)
-        try:
-            agent.wait_for_log("link up", LINK_TIMEOUT)
-        except SimError as exc:
-            return _demo_failed(sim, f"the agent did not bring the link up: {exc}")
-        tap = sim.run(Role.ENCLAVE, ["ip", "-brief", "address", "show", "tap0"]).stdout.strip()
-        step(
-            f"Started the agent in the enclave namespace (pid {agent.pid}); the link is up.",
-            "It created tap0 and moves its Ethernet frames over the link:",
-            tap or "(tap0 not found)",
-        )
-        ping_argv = ["ping", "-c", "3", "-W", "2", GATEWAY_ADDRESS]
-        result = sim.run(Role.ENCLAVE, ping_argv)
-        step(
-            f"Ran `{' '.join(ping_argv)}` inside the enclave namespace:",
-            *result.stdout.strip().splitlines(),
-            *result.stderr.strip().splitlines(),
-        )
-        if result.returncode != 0:
-            return _demo_failed(sim, f"ping exited with status {result.returncode}")
-        print(f"\n{step.number + 1}. Tearing down: stopping both processes, removing namespaces.")
-    print("\nResult: OK. The enclave reached its gateway through the userspace bridge.")
-    print(f"To keep one running and explore: {PROG} sim up --bridge")
-    return 0
-
-
-def _demo_failed(sim: Simulator, reason: str) -> int:
-    print(f"\nResult: FAILED: {reason.splitlines()[0]}\nLogs of the processes:")
-    print(sim.logs_tail())
-    print("Tearing down.")
-    return 1
-
-
-class _Steps:
-    """Prints numbered steps with indented details."""
-
-    def __init__(self) -> None:
-        self.number = 0
-
-    def __call__(self, headline: str, *details: str) -> None:
-        self.number += 1
-        print(f"\n{self.number}. {headline}")
-        for line in details:
-            print(f"     {line}")
-        sys.stdout.flush()
 
 
 if __name__ == "__main__":
