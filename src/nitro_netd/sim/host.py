@@ -21,6 +21,13 @@ APT_PACKAGES: Final = {
     "tcpdump": "tcpdump",
     "dnsmasq": "dnsmasq-base",
     "socat": "socat",
+    "dig": "bind9-dnsutils",
+    "getent": "libc-bin",
+    "ss": "iproute2",
+    "ssh": "openssh-client",
+    "scp": "openssh-client",
+    "ssh-keygen": "openssh-client",
+    "/usr/sbin/sshd": "openssh-server",
 }
 """Debian package that provides each tool the simulator or its users may run."""
 
