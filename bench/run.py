@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any, Final
 
 from nitro_netd.sim import (
@@ -894,6 +896,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "peers": [p.name for p in peers],
         "skipped": skipped,
     }
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)  # unwind like Ctrl-C: simulators removed, JSON kept
     records: list[dict[str, Any]] = []
     raw_path = raw_dir / f"{stamp.strftime('%Y%m%dT%H%M%SZ')}.json"
     interrupted = False
@@ -938,6 +942,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if plot_note:
         print(plot_note)
     return 130 if interrupted else 0
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 if __name__ == "__main__":

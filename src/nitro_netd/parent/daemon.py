@@ -210,6 +210,8 @@ async def serve(
     """
     daemon = Daemon(config, stop)
     await daemon.start()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR1, _log_flows, daemon)
     try:
         if on_ready is not None:
             on_ready()
@@ -218,8 +220,19 @@ async def serve(
         logger.info("stopping")
         if on_stopping is not None:
             on_stopping()
+        loop.remove_signal_handler(signal.SIGUSR1)
         await daemon.close()
         logger.info("counters: %s", daemon.bridge.stack.stats.snapshot())
+
+
+def _log_flows(daemon: Daemon) -> None:
+    """SIGUSR1: log every TCP flow's state and the counters (for operators debugging)."""
+    tcp = daemon.bridge.stack.tcp
+    logger.info(
+        "SIGUSR1: %d TCP flows; counters %s", len(tcp.flows), daemon.bridge.stack.stats.snapshot()
+    )
+    for conn in tcp.flows.values():
+        conn.log.info("%s", conn.describe())
 
 
 def _remove_unix_socket(endpoint: Endpoint) -> None:

@@ -60,10 +60,11 @@ class LinkWriter:
         """Queue frames with their length prefixes and write what the kernel takes now."""
         pack = self._pack
         queue = self._queue
+        header = self.protocol.header_size
         for frame in frames:
             queue.append(pack(len(frame)))
             queue.append(frame)
-            self.queued += len(frame) + 4
+            self.queued += len(frame) + header
         self._flush()
 
     def write_raw(self, data: bytes) -> None:

@@ -172,6 +172,17 @@ class TcpConnection:
         b = self.builder
         return f"tcp {self.output.config.enclave_ip}:{b.destination_port}→{IPv4Address(b._src)}:{b.source_port}"
 
+    def describe(self) -> str:
+        """One line of this flow's state, for operators (SIGUSR1) and debugging."""
+        return (
+            f"{self.state.value} rcv_nxt={self.rcv_nxt} edge={seq_diff(self.rcv_right_edge, self.rcv_nxt)}"
+            f" blocked={self.write_blocked} enclave_fin={self.enclave_fin} una={self.snd_una}"
+            f" nxt+{seq_diff(self.snd_nxt, self.snd_una)} max+{seq_diff(self.snd_max, self.snd_una)}"
+            f" wnd={self.snd_wnd} queued={len(self.send_buffer)} host_eof={self.host_eof}"
+            f" fin_acked={self.fin_acked} paused={self.reading_paused} rto={self.rto}"
+            f" deadline={self.deadline} retries={self.retries} dupacks={self.dupacks}"
+        )
+
     @property
     def closed(self) -> bool:
         """True once the flow is finished or reset."""
