@@ -417,6 +417,8 @@ class Context:
         self.session = session
         self.settings = settings
         self._port = IPERF_BASE_PORT
+        self.details: dict[str, Any] = {}
+        """Per-workload extras for the raw JSON (e.g. iperf3's per-second rates)."""
 
     @contextlib.contextmanager
     def iperf_server(self) -> Iterator[int]:
@@ -477,6 +479,13 @@ def workload_tcp(ctx: Context, metrics: dict[str, float], errors: dict[str, str]
             except (WorkloadError, SimError) as exc:
                 errors[key] = str(exc).splitlines()[0]
                 continue
+            ctx.details[key] = {
+                "interval_gbps": [
+                    round(interval["sum"]["bits_per_second"] / 1e9, 3)
+                    for interval in report.get("intervals", [])
+                ],
+                "sender_retransmits": report["end"].get("sum_sent", {}).get("retransmits"),
+            }
             received = report["end"]["sum_received"]
             metrics[key] = received["bits_per_second"] / 1e9
             gigabytes = received["bytes"] / 1e9
@@ -565,6 +574,7 @@ def run_peer_once(peer: Peer, settings: Settings, run: int) -> dict[str, Any]:
             return record
         record["notes"] = session.notes
         ctx = Context(sim, session, settings)
+        record["details"] = ctx.details
         for name in settings.workloads:
             WORKLOADS[name](ctx, metrics, errors)
         for process in (session.daemon, session.agent):
@@ -678,8 +688,29 @@ def machine_info() -> dict[str, str]:
         "python": platform.python_version(),
         "iperf3": version(["iperf3", "--version"]),
         "passt": passt_version,
+        "source": source_version(),
         "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
+
+
+def source_version() -> str:
+    """The commit and whether src/ differs from it (the package is installed editable, so
+    the daemon and agent run whatever src/ holds when each simulator starts)."""
+    root = BENCH_DIR.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=False,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "src"],
+            capture_output=True, text=True, timeout=10, check=False,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if not head:
+        return "unknown"
+    return f"{head} (src/ modified: {len(dirty.splitlines())} files)" if dirty else head
 
 
 def error_lines(records: list[dict[str, Any]]) -> list[str]:
@@ -719,6 +750,7 @@ def render_markdown(
         f"rotated); iperf3 -t {settings.seconds}; {settings.rr_rounds} round trips; "
         f"{settings.crr_count} connections; UDP at {settings.udp_rate}bit/s, "
         f"{settings.udp_length}-byte datagrams",
+        f"- source: {meta['machine']['source']}",
         f"- total time: {meta['seconds']:.0f} s",
         "",
         "Cells: median (min-max over the runs) · ratio to passt's median in the same "

@@ -67,7 +67,9 @@ class TcpPeer:
         self, flags: TcpFlags, payload: bytes = b"", *, now: float = 1.0, **kwargs: object
     ) -> None:
         """Send one segment to the stack (advancing snd_nxt for SYN, data and FIN)."""
-        self.stack.receive_frame(self.frame(flags, payload, **kwargs), now=now)  # type: ignore[arg-type]
+        # As the shell does: a view into a reused bytearray, not a bytes object.
+        frame = memoryview(bytearray(self.frame(flags, payload, **kwargs)))  # type: ignore[arg-type]
+        self.stack.receive_frame(frame, now=now)
         if "seq" not in kwargs:
             grow = len(payload) + (1 if flags & (TcpFlags.SYN | TcpFlags.FIN) else 0)
             self.snd_nxt = seq_add(self.snd_nxt, grow)

@@ -8,6 +8,7 @@ from ipaddress import IPv4Address
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nitro_netd.frames.checksum import internet_checksum
 from nitro_netd.frames.errors import DropReason
 from nitro_netd.frames.ethernet import parse_ethernet
 from nitro_netd.frames.icmp import IcmpType, UnreachableCode, parse_icmp
@@ -357,3 +358,30 @@ def test_tcp_ipv4_arbitrary_segments_on_live_flow_never_raise(
     stack.frames_to_send()
     host.take(stack)
     assert stack.stats.frames_in >= 3
+
+
+def test_tcp_ipv4_corrupted_segment_on_live_flow_is_dropped_as_bad_checksum() -> None:
+    stack, peer, host = make()
+    peer.establish(host)
+    frame = bytearray(peer.frame(ACK | TcpFlags.PSH, b"payload"))
+    frame[-1] ^= 0x55
+    stack.receive_frame(memoryview(frame), now=1.0)
+    assert not [c for c in host.take(stack) if isinstance(c, TcpSend)]
+    assert stack.stats.drops[DropReason.BAD_CHECKSUM] == 1
+
+
+def test_tcp_ipv4_fast_and_full_paths_deliver_the_same_bytes() -> None:
+    """A segment with IP options skips the fast path; both paths must agree."""
+    stack, peer, host = make()
+    flow = peer.establish(host)
+    peer.send(ACK | TcpFlags.PSH, b"fast-")
+    plain = peer.frame(ACK | TcpFlags.PSH, b"full")
+    ip_header = bytearray(plain[14:34])
+    ip_header[0] = 0x46  # IHL 6: one word of options (a NOP padding)
+    ip_header[2:4] = (int.from_bytes(ip_header[2:4], "big") + 4).to_bytes(2, "big")
+    ip_header[10:12] = b"\x00\x00"
+    with_options = ip_header + b"\x01\x01\x01\x00"
+    with_options[10:12] = internet_checksum(with_options).to_bytes(2, "big")
+    stack.receive_frame(plain[:14] + bytes(with_options) + plain[34:], now=1.0)
+    sent = b"".join(c.data for c in host.take(stack) if isinstance(c, TcpSend) and c.flow == flow)
+    assert sent == b"fast-full"

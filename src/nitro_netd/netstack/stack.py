@@ -80,6 +80,8 @@ class NetStack:
         """
         self.stats.frames_in += 1
         self.stats.bytes_in += len(frame)
+        if self.tcp.receive_fast(frame, now):
+            return
         try:
             header, payload = parse_ethernet(frame)
             if (
@@ -126,16 +128,24 @@ class NetStack:
     # --- output ------------------------------------------------------------------
 
     def frames_to_send(self) -> list[bytes | bytearray]:
-        """Return and clear the frames queued for the enclave, oldest first."""
-        for layer in self.layers.values():
-            layer.before_flush()
+        """Return and clear the frames queued for the enclave, oldest first.
+
+        Ends the batch first: layers emit what they deferred (one ACK per flow, one
+        coalesced `TcpSend` per flow), so drain this and `commands_to_send()` after each call.
+        """
+        self._end_batch()
         frames, self.output.frames = self.output.frames, []
         return frames
 
     def commands_to_send(self) -> list[HostCommand]:
-        """Return and clear the commands queued for the shell, oldest first."""
+        """Return and clear the commands queued for the shell, oldest first (ends the batch)."""
+        self._end_batch()
         commands, self.output.commands = self.output.commands, []
         return commands
+
+    def _end_batch(self) -> None:
+        for layer in self.layers.values():
+            layer.before_flush()
 
     # --- handlers ----------------------------------------------------------------
 

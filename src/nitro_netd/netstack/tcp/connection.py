@@ -70,7 +70,12 @@ _UNREACHABLE_CODES: Final = {
     errnos.ETIMEDOUT: UnreachableCode.HOST,
     errnos.EHOSTDOWN: UnreachableCode.HOST,
 }
-_ACK: Final = TcpFlags.ACK
+# Plain ints on the data path: IntFlag arithmetic costs a Python call per operation.
+_FIN: Final = int(TcpFlags.FIN)
+_SYN: Final = int(TcpFlags.SYN)
+_RST: Final = int(TcpFlags.RST)
+_PSH: Final = int(TcpFlags.PSH)
+_ACK: Final = int(TcpFlags.ACK)
 
 
 class TcpState(enum.Enum):
@@ -132,6 +137,8 @@ class TcpConnection:
         self.write_blocked = False
         self.enclave_fin = False
         self.ack_pending = False
+        self._to_host: list[bytes] = []
+        """Bytes from the enclave not yet handed to the host: one `TcpSend` per batch."""
         # Send side (host -> enclave).
         self.scaling = False
         self.enclave_ws = 0
@@ -213,7 +220,7 @@ class TcpConnection:
             self._refuse(error)
         elif self.state in (TcpState.ESTABLISHED, TcpState.SYN_SENT):
             self.log.info("host reset: %s", errnos.errorcode.get(error, error))
-            self._send(self.snd_nxt, TcpFlags.RST | _ACK)
+            self._send(self.snd_nxt, _RST | _ACK)
         self._finish(reset=False)
 
     def on_host_data(self, data: bytes, now: float) -> None:
@@ -242,42 +249,46 @@ class TcpConnection:
     # --- segments from the enclave ---------------------------------------------------
 
     def on_segment(self, header: TcpHeader, payload: memoryview, now: float) -> None:
-        """Process one segment of this flow from the enclave."""
-        flags = header.flags
-        if flags & TcpFlags.RST:
-            self._on_rst(header)
-            return
-        if flags & TcpFlags.SYN:
+        """Process one parsed segment of this flow from the enclave."""
+        flags = int(header.flags)
+        if flags & _RST:
+            self._on_rst(header.seq)
+        elif flags & _SYN:
             self._on_repeated_syn(header)
-            return
+        else:
+            self.on_fields(header.seq, header.ack, flags, header.window, payload, now)
+
+    def on_fields(
+        self, seq: int, ack: int, flags: int, window: int, payload: memoryview, now: float
+    ) -> None:
+        """Process a segment without SYN or RST, given by its fields (the fast path)."""
         if self.state is not TcpState.ESTABLISHED or not flags & _ACK:
             return
-        self._on_ack(header, payload, now)
+        self._on_ack(ack, window, flags, payload, now)
         if self.closed:
             return
-        if payload or flags & TcpFlags.FIN:
-            self._on_data(header.seq, payload, bool(flags & TcpFlags.FIN))
+        if payload or flags & _FIN:
+            self._on_data(seq, payload, bool(flags & _FIN))
         self._maybe_done()
 
     def _on_repeated_syn(self, header: TcpHeader) -> None:
         """A SYN on a known flow: a retransmit (answer it again) or a new connection."""
         if header.seq != self.irs:
             self.log.info("new SYN on a live flow: resetting it")
-            self._send(self.snd_nxt, TcpFlags.RST | _ACK)
+            self._send(self.snd_nxt, _RST | _ACK)
             self._finish(reset=True)
         elif self.state is TcpState.ESTABLISHED and not self.syn_acked:
             self._send_syn_ack()  # our SYN-ACK was lost
         elif self.syn_acked:
             self.ack_pending = True  # our ACK of its SYN-ACK was lost
 
-    def _on_rst(self, header: TcpHeader) -> None:
-        offset = seq_diff(header.seq, self.rcv_nxt)
+    def _on_rst(self, seq: int) -> None:
+        offset = seq_diff(seq, self.rcv_nxt)
         if 0 <= offset <= max(self.buffer, 1) or self.state is TcpState.CONNECTING:
             self.log.info("reset by enclave")
             self._finish(reset=True)
 
-    def _on_ack(self, header: TcpHeader, payload: memoryview, now: float) -> None:
-        ack = header.ack
+    def _on_ack(self, ack: int, window: int, flags: int, payload: memoryview, now: float) -> None:
         if not self.syn_acked:
             if ack != seq_add(self.iss, 1):
                 return
@@ -287,7 +298,7 @@ class TcpConnection:
             self.ack_pending = True  # acknowledges what we never sent
             return
         acked = seq_diff(ack, self.snd_una)
-        window = header.window << self.enclave_ws
+        window <<= self.enclave_ws
         if acked > 0:
             self._advance(ack, acked, now)
         elif (
@@ -295,7 +306,7 @@ class TcpConnection:
             and not payload
             and window == self.snd_wnd
             and self.snd_una != self.snd_max
-            and not header.flags & TcpFlags.FIN
+            and not flags & _FIN
         ):
             self._on_dupack(now)
         self.snd_wnd = window
@@ -339,12 +350,13 @@ class TcpConnection:
             self.output.stats.count_drop(DropReason.OUT_OF_WINDOW)
             new, fin = new[: max(room, 0)], False
         if new:
-            self.output.send_command(TcpSend(self.flow, bytes(new)))
+            self._to_host.append(bytes(new))
             self.rcv_nxt = seq_add(self.rcv_nxt, len(new))
         if fin and seq_add(seq, len(payload)) == self.rcv_nxt:
             self.rcv_nxt = seq_add(self.rcv_nxt, 1)
             self.enclave_fin = True
             self.log.debug("enclave FIN")
+            self._flush_to_host()
             self.output.send_command(TcpShutdown(self.flow))
 
     # --- sending -------------------------------------------------------------------
@@ -360,7 +372,7 @@ class TcpConnection:
         window = max(seq_diff(self._right_edge(), self.rcv_nxt), 0) >> self.our_ws
         return min(window, 0xFFFF)
 
-    def _send(self, seq: int, flags: TcpFlags, payload: memoryview | bytes = b"") -> None:
+    def _send(self, seq: int, flags: int, payload: memoryview | bytes = b"") -> None:
         frame = self.builder.build(seq, self.rcv_nxt, flags, self._window_field(), payload)
         self.output.send_frame(frame)
         if flags & _ACK:
@@ -372,13 +384,18 @@ class TcpConnection:
     def _send_syn_ack(self) -> None:
         options = TcpOptions(mss=self.our_mss, window_scale=self.our_ws if self.scaling else None)
         window = min(self.buffer, 0xFFFF)
-        frame = self.builder.build(
-            self.iss, self.rcv_nxt, TcpFlags.SYN | _ACK, window, options=options
-        )
+        frame = self.builder.build(self.iss, self.rcv_nxt, _SYN | _ACK, window, options=options)
         self.output.send_frame(frame)
 
+    def _flush_to_host(self) -> None:
+        if self._to_host:
+            chunks, self._to_host = self._to_host, []
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self.output.send_command(TcpSend(self.flow, data))
+
     def flush_ack(self) -> None:
-        """Send the ACK deferred to the end of the batch, if one is owed."""
+        """End of a batch: hand the enclave's bytes to the host, send the ACK owed."""
+        self._flush_to_host()
         if self.ack_pending and self.state is TcpState.ESTABLISHED and self.syn_acked:
             self._send_ack()
 
@@ -393,14 +410,14 @@ class TcpConnection:
             if n <= 0:
                 break
             last = offset + n == buffered
-            flags = _ACK | TcpFlags.PSH if last else _ACK
+            flags = _ACK | _PSH if last else _ACK
             if last and self.host_eof:
-                flags |= TcpFlags.FIN
+                flags |= _FIN
             self._send(self.snd_nxt, flags, queue.slice(offset, n))
-            self._sent(seq_add(self.snd_nxt, n + (1 if flags & TcpFlags.FIN else 0)))
+            self._sent(seq_add(self.snd_nxt, n + (1 if flags & _FIN else 0)))
         offset = seq_diff(self.snd_nxt, self.snd_una)
         if self.host_eof and offset == buffered and not self.fin_acked:
-            self._send(self.snd_nxt, TcpFlags.FIN | _ACK)
+            self._send(self.snd_nxt, _FIN | _ACK)
             self._sent(seq_add(self.snd_nxt, 1))
         self._arm(now)
 
@@ -418,10 +435,10 @@ class TcpConnection:
                 and self.host_eof
                 and seq_diff(self.snd_max, self.snd_una) > n
             )
-            flags = _ACK | TcpFlags.PSH | (TcpFlags.FIN if last else 0)
+            flags = _ACK | _PSH | (_FIN if last else 0)
             self._send(self.snd_una, flags, self.send_buffer.slice(0, n))
         elif self.host_eof:
-            self._send(self.snd_una, TcpFlags.FIN | _ACK)
+            self._send(self.snd_una, _FIN | _ACK)
 
     # --- timers ------------------------------------------------------------------------
 
@@ -440,7 +457,7 @@ class TcpConnection:
         self.retries += 1
         if self.retries > MAX_RETRIES:
             self.log.warning("enclave stopped acknowledging: resetting flow")
-            self._send(self.snd_nxt, TcpFlags.RST | _ACK)
+            self._send(self.snd_nxt, _RST | _ACK)
             self._finish(reset=True)
             return
         self.rto = min(self.rto * 2, MAX_RTO)
@@ -457,7 +474,7 @@ class TcpConnection:
     def _refuse(self, error: int) -> None:
         code = _UNREACHABLE_CODES.get(error)
         if code is None:
-            self._send(0, TcpFlags.RST | _ACK)
+            self._send(0, _RST | _ACK)
             return
         config = self.output.config
         quoted = (
@@ -478,6 +495,8 @@ class TcpConnection:
             return
         self.state = TcpState.CLOSED
         self.deadline = None
+        if not reset:
+            self._flush_to_host()
         self.output.send_command(TcpClose(self.flow, reset=reset))
         self._on_timer_change(self)
 

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import heapq
 import logging
+import struct
 from ipaddress import IPv4Address
+from typing import Final
 
+from nitro_netd.frames.checksum import ones_complement_sum
 from nitro_netd.frames.errors import DropReason, FrameError
 from nitro_netd.frames.ipv4 import IPv4Header
 from nitro_netd.frames.tcp import TcpFlags, TcpHeader, parse_tcp
@@ -59,6 +62,23 @@ TCP_EVENTS = (
     TcpWriteUnblocked,
 )
 DNS_PORT = 53
+_FAST_MIN: Final = 54
+_IPV4_NO_OPTIONS: Final = b"\x08\x00\x45"
+"""EtherType IPv4, then version 4 with a 20-byte header."""
+_TCP: Final = 6
+_SYN_RST: Final = int(TcpFlags.SYN | TcpFlags.RST)
+_IP_FIELDS: Final = struct.Struct("!H2xH")
+"""total length, (identification), flags and fragment offset."""
+_TCP_FIELDS: Final = struct.Struct("!HHIIBBH")
+
+
+def _sum_addresses(frame: bytes | bytearray | memoryview) -> int:
+    """The one's complement sum of the IPv4 source and destination (pseudo-header part)."""
+    words: tuple[int, int, int, int] = _ADDRESS_WORDS.unpack_from(frame, 26)
+    return sum(words)
+
+
+_ADDRESS_WORDS: Final = struct.Struct("!HHHH")
 
 
 class TcpLayer:
@@ -69,6 +89,10 @@ class TcpLayer:
         self.config: StackConfig = output.config
         self.flows: dict[FlowId, TcpConnection] = {}
         self.by_key: dict[FlowKey, TcpConnection] = {}
+        self._fast: dict[tuple[int, bytes, int], TcpConnection] = {}
+        """The same flows keyed by raw fields, for `receive_fast()`."""
+        self._gateway_mac = self.config.gateway_mac.octets
+        self._enclave_ip = self.config.enclave_ip.packed
         self._keys: dict[FlowId, FlowKey] = {}
         self._pending_connects: set[FlowId] = set()
         self._touched: set[FlowId] = set()
@@ -95,6 +119,41 @@ class TcpLayer:
             )
         conn.on_segment(tcp, payload, now)
         self._after(conn)
+
+    def receive_fast(self, frame: bytes | bytearray | memoryview, now: float) -> bool:
+        """Handle a plain data/ACK segment of a known flow without building header objects.
+
+        Returns False (having done nothing) for anything unusual — another EtherType or
+        protocol, IP options or fragments, SYN or RST, a bad checksum, an unknown flow —
+        which then takes the full path, where every check and drop count lives.
+        """
+        if (
+            len(frame) < _FAST_MIN
+            or frame[12:15] != _IPV4_NO_OPTIONS
+            or frame[23] != _TCP
+            or frame[0:6] != self._gateway_mac
+            or frame[26:30] != self._enclave_ip
+        ):
+            return False
+        total, fragment = _IP_FIELDS.unpack_from(frame, 16)
+        if fragment & 0x3FFF or total < 40 or total + 14 > len(frame):
+            return False
+        sport, dport, seq, ack, offset, flags, window = _TCP_FIELDS.unpack_from(frame, 34)
+        conn = self._fast.get((sport, bytes(frame[30:34]), dport))
+        header_length = (offset >> 4) * 4
+        if conn is None or flags & _SYN_RST or header_length < 20 or header_length > total - 20:
+            return False
+        view = memoryview(frame)
+        if ones_complement_sum(view[14:34]) != 0xFFFF:
+            return False
+        tcp_length = total - 20
+        pseudo = _sum_addresses(frame) + _TCP + tcp_length
+        if ones_complement_sum(view[34 : 14 + total], pseudo) != 0xFFFF:
+            return False
+        payload = view[34 + header_length : 14 + total]
+        conn.on_fields(seq, ack, flags, window, payload, now)
+        self._after(conn)
+        return True
 
     def _open(self, header: IPv4Header, tcp: TcpHeader, body: memoryview, now: float) -> None:
         target = self._host_target(header.destination, tcp.destination_port)
@@ -123,7 +182,7 @@ class TcpLayer:
         )
         conn.syn_quote = bytes(body[:8])
         key = (tcp.source_port, header.destination, tcp.destination_port)
-        self.flows[flow], self.by_key[key], self._keys[flow] = conn, conn, key
+        self._register(flow, key, conn)
         self._pending_connects.add(flow)
         conn.log.debug("SYN: connecting to %s:%d", *target)
         self.output.send_command(
@@ -241,9 +300,13 @@ class TcpLayer:
             give_up_at=now + self.config.connect_timeout,
             on_timer_change=self._on_timer_change,
         )
-        self.flows[event.flow], self.by_key[key], self._keys[event.flow] = conn, conn, key
+        self._register(event.flow, key, conn)
         conn.log.debug("accepted: opening towards the enclave")
         conn.start(now)
+
+    def _register(self, flow: FlowId, key: FlowKey, conn: TcpConnection) -> None:
+        self.flows[flow], self.by_key[key], self._keys[flow] = conn, conn, key
+        self._fast[(key[0], key[1].packed, key[2])] = conn
 
     def _after(self, conn: TcpConnection) -> None:
         if conn.state is TcpState.CLOSED:
@@ -258,6 +321,7 @@ class TcpLayer:
         key = self._keys.pop(conn.flow, None)
         if key is not None and self.by_key.get(key) is conn:
             del self.by_key[key]
+            del self._fast[(key[0], key[1].packed, key[2])]
 
     # --- batching, timers, reset ------------------------------------------------------
 
@@ -313,6 +377,7 @@ class TcpLayer:
             conn.reset()
         self.flows.clear()
         self.by_key.clear()
+        self._fast.clear()
         self._keys.clear()
         self._pending_connects.clear()
         self._touched.clear()

@@ -15,7 +15,7 @@ from typing import Final
 from nitro_netd.frames.checksum import ones_complement_sum
 from nitro_netd.frames.ethernet import EtherType, MacAddress
 from nitro_netd.frames.ipv4 import DEFAULT_TTL, IpProto
-from nitro_netd.frames.tcp import TcpFlags, TcpOptions, build_tcp_options
+from nitro_netd.frames.tcp import TcpOptions, build_tcp_options
 
 _ETH: Final = struct.Struct("!6s6sH")
 _IP: Final = struct.Struct("!BBHHHBBH4s4s")
@@ -56,7 +56,7 @@ class SegmentBuilder:
         self,
         seq: int,
         ack: int,
-        flags: TcpFlags,
+        flags: int,
         window: int,
         payload: bytes | bytearray | memoryview = b"",
         options: TcpOptions | None = None,
