@@ -19,13 +19,34 @@ _MIN_FRAME: Final = 60
 """Ethernet's minimum frame without FCS; shorter frames are zero-padded."""
 
 
+class SplitFrame:
+    """A frame kept as its headers and a view of its payload, so the payload is never copied
+    on its way from a flow's send queue to the link (the shell writes both with writev)."""
+
+    __slots__ = ("head", "payload")
+
+    def __init__(self, head: bytearray, payload: bytes | bytearray | memoryview) -> None:
+        self.head = head
+        self.payload = payload
+
+    def __len__(self) -> int:
+        return len(self.head) + len(self.payload)
+
+    def __bytes__(self) -> bytes:
+        return bytes(self.head) + bytes(self.payload)
+
+
+Frame = bytes | bytearray | SplitFrame
+"""A frame for the enclave: whole, or split into headers and payload."""
+
+
 class StackOutput:
     """Frames for the enclave and commands for the host, in the order they were queued."""
 
     def __init__(self, config: StackConfig, stats: StackStats) -> None:
         self.config = config
         self.stats = stats
-        self.frames: list[bytes | bytearray] = []
+        self.frames: list[Frame] = []
         self.commands: list[HostCommand] = []
         self.neighbours: dict[IPv4Address, MacAddress] = {}
         self._identification = 0
@@ -38,8 +59,8 @@ class StackOutput:
         """The 14-byte header of a frame from the gateway to the enclave."""
         return build_ethernet(self.enclave_mac(), self.config.gateway_mac, ethertype, b"")
 
-    def send_frame(self, frame: bytes | bytearray) -> None:
-        """Queue a whole frame (already addressed) for the enclave."""
+    def send_frame(self, frame: Frame) -> None:
+        """Queue a frame (already addressed) for the enclave."""
         if len(frame) < _MIN_FRAME:
             frame = bytes(frame) + bytes(_MIN_FRAME - len(frame))
         self.stats.frames_out += 1

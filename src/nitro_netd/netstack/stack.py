@@ -37,7 +37,7 @@ from nitro_netd.netstack.datagram import FlowBudget
 from nitro_netd.netstack.events import HostCommand, HostEvent
 from nitro_netd.netstack.icmp import PING_EVENTS, IcmpLayer
 from nitro_netd.netstack.layer import Layer
-from nitro_netd.netstack.output import StackOutput
+from nitro_netd.netstack.output import Frame, SplitFrame, StackOutput
 from nitro_netd.netstack.stats import StackStats
 from nitro_netd.netstack.tcp import TCP_EVENTS, TcpLayer
 from nitro_netd.netstack.udp import UDP_EVENTS, UdpLayer
@@ -128,11 +128,16 @@ class NetStack:
     # --- output ------------------------------------------------------------------
 
     def frames_to_send(self) -> list[bytes | bytearray]:
-        """Return and clear the frames queued for the enclave, oldest first.
+        """Return and clear the frames queued for the enclave, oldest first, each whole.
 
         Ends the batch first: layers emit what they deferred (one ACK per flow, one
         coalesced `TcpSend` per flow), so drain this and `commands_to_send()` after each call.
         """
+        return [bytes(f) if isinstance(f, SplitFrame) else f for f in self.frames_to_send_split()]
+
+    def frames_to_send_split(self) -> list[Frame]:
+        """As `frames_to_send()`, but large segments stay split as headers and a payload
+        view (`SplitFrame`) so that the shell can write them without copying."""
         self._end_batch()
         frames, self.output.frames = self.output.frames, []
         return frames

@@ -27,6 +27,7 @@ from typing import Any
 
 from nitro_netd.netstack import NetStack, StackConfig
 from nitro_netd.netstack.events import HostCommand, HostEvent
+from nitro_netd.netstack.output import SplitFrame
 from nitro_netd.parent.host import HostSide
 from nitro_netd.parent.session import LinkSession
 from nitro_netd.transport import peer_cid
@@ -136,11 +137,11 @@ class Bridge:
 
     def flush(self) -> None:
         """Drain the stack: frames to the link, commands to the host, re-arm the timer."""
-        frames = self.stack.frames_to_send()
+        frames = self.stack.frames_to_send_split()
         if frames and self.session is not None:
             if self.frame_tap is not None:
                 for frame in frames:
-                    self.frame_tap(frame)
+                    self.frame_tap(bytes(frame) if isinstance(frame, SplitFrame) else frame)
             self.session.send_frames(frames)
         for command in self.stack.commands_to_send():
             self.execute(command)

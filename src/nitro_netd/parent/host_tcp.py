@@ -128,18 +128,18 @@ class HostTcpFlow:
 
     def _on_readable(self) -> None:
         try:
-            n = self.sock.recv_into(self.owner.read_buffer)
+            data = self.sock.recv(READ_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._fail(exc)
             return
-        if n == 0:
+        if not data:
             self.eof_seen = True
             self.update_reading()
             self.owner.post(TcpEof(self.flow))
         else:
-            self.owner.post(TcpData(self.flow, bytes(self.owner.read_view[:n])))
+            self.owner.post(TcpData(self.flow, data))
 
     # --- writing ----------------------------------------------------------------------
 
@@ -261,8 +261,6 @@ class HostTcp:
         self.loop = loop
         self.post = post_event
         self.flows: dict[FlowId, HostTcpFlow] = {}
-        self.read_buffer = bytearray(READ_SIZE)
-        self.read_view = memoryview(self.read_buffer)
         self.link_paused = False
 
     def post_soon(self, event: HostEvent) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Final
 
 from nitro_netd.link import LinkProtocol
+from nitro_netd.netstack.output import Frame, SplitFrame
 
 IOV_MAX: Final = 1024
 _LE16: Final = struct.Struct("<H")
@@ -56,14 +57,18 @@ class LinkWriter:
         self.on_error: Callable[[OSError], None] | None = None
         self._pack = _LE16.pack if protocol is LinkProtocol.GVPROXY else _BE32.pack
 
-    def write_frames(self, frames: list[bytes | bytearray]) -> None:
+    def write_frames(self, frames: list[Frame]) -> None:
         """Queue frames with their length prefixes and write what the kernel takes now."""
         pack = self._pack
         queue = self._queue
         header = self.protocol.header_size
         for frame in frames:
             queue.append(pack(len(frame)))
-            queue.append(frame)
+            if isinstance(frame, SplitFrame):
+                queue.append(frame.head)
+                queue.append(frame.payload)
+            else:
+                queue.append(frame)
             self.queued += len(frame) + header
         self._flush()
 

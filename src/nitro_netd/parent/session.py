@@ -31,6 +31,7 @@ from nitro_netd.link import (
     check_connect_request,
     detect_protocol,
 )
+from nitro_netd.netstack.output import Frame
 from nitro_netd.parent.link_writer import LinkWriter
 
 logger = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ class LinkSession(asyncio.BufferedProtocol):
 
     # --- output and control ------------------------------------------------------
 
-    def send_frames(self, frames: list[bytes | bytearray]) -> None:
+    def send_frames(self, frames: list[Frame]) -> None:
         """Write frames to the agent, each with its length prefix (scatter-gather)."""
         if self._writer is not None and not self.closed and frames:
             self._writer.write_frames(frames)

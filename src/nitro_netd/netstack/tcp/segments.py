@@ -16,12 +16,15 @@ from nitro_netd.frames.checksum import ones_complement_sum
 from nitro_netd.frames.ethernet import EtherType, MacAddress
 from nitro_netd.frames.ipv4 import DEFAULT_TTL, IpProto
 from nitro_netd.frames.tcp import TcpOptions, build_tcp_options
+from nitro_netd.netstack.output import SplitFrame
 
 _ETH: Final = struct.Struct("!6s6sH")
 _IP: Final = struct.Struct("!BBHHHBBH4s4s")
 _TCP: Final = struct.Struct("!HHIIBBHHH")
 _FOLD: Final = 0xFFFF
 ETH_IP_TCP_LEN: Final = 14 + 20 + 20
+SPLIT_MIN: Final = 2048
+"""Payloads at least this long are not copied into the frame (see `SplitFrame`)."""
 _FLAG_DF: Final = 0x4000
 
 
@@ -60,11 +63,16 @@ class SegmentBuilder:
         window: int,
         payload: bytes | bytearray | memoryview = b"",
         options: TcpOptions | None = None,
-    ) -> bytearray:
-        """Return a whole Ethernet frame carrying one TCP segment."""
+    ) -> bytearray | SplitFrame:
+        """Return an Ethernet frame carrying one TCP segment.
+
+        A payload of `SPLIT_MIN` bytes or more is not copied: the frame comes back as a
+        `SplitFrame` of the headers and the payload itself.
+        """
         opts = build_tcp_options(options) if options is not None else b""
         tcp_len = 20 + len(opts) + len(payload)
-        frame = bytearray(ETH_IP_TCP_LEN + len(opts) + len(payload))
+        split = len(payload) >= SPLIT_MIN
+        frame = bytearray(ETH_IP_TCP_LEN + len(opts) + (0 if split else len(payload)))
         frame[:14] = self._eth
         self._ident = (self._ident + 1) & 0xFFFF
         _IP.pack_into(
@@ -99,9 +107,11 @@ class SegmentBuilder:
         )
         if opts:
             frame[54 : 54 + len(opts)] = opts
-        if payload:
-            frame[54 + len(opts) :] = payload
         pseudo = self._address_sum + IpProto.TCP + tcp_len
+        if split:
+            pseudo += ones_complement_sum(payload)
+        elif payload:
+            frame[54 + len(opts) :] = payload
         total = ones_complement_sum(memoryview(frame)[34:], pseudo)
         struct.pack_into("!H", frame, 50, ~_fold(total) & _FOLD)
-        return frame
+        return SplitFrame(frame, payload) if split else frame
