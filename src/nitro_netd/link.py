@@ -43,6 +43,10 @@ CONNECT_PATH: Final = "/connect"
 HEADER_VERSION: Final = "Nitro-Netd-Version"
 HEADER_WANT_REPLY: Final = "Nitro-Netd-Reply"
 HEADER_ENCLAVE: Final = "Nitro-Netd-Enclave"
+HEADER_OFFLOAD: Final = "Nitro-Netd-Offload"
+"""Agent: "csum" = it can mark enclave-bound TCP frames CHECKSUM_PARTIAL and lets the TAP hand
+it frames with partial checksums. Daemon reply: "csum" = agreed for this link."""
+OFFLOAD_CSUM: Final = "csum"
 
 _LE16: Final = struct.Struct("<H")
 _BE32: Final = struct.Struct(">I")

@@ -15,7 +15,9 @@ import pytest
 
 from nitro_netd.frames.icmp import IcmpType
 from nitro_netd.link import (
+    HEADER_OFFLOAD,
     HEADER_WANT_REPLY,
+    OFFLOAD_CSUM,
     FrameDecoder,
     HttpHeadReader,
     LinkProtocol,
@@ -196,3 +198,19 @@ async def test_stale_socket_file_is_replaced_and_removed_at_exit(tmp_path: Path)
         await ping_roundtrip(agent)
         agent.close()
     assert not os.path.exists(path)
+
+
+async def test_checksum_offload_is_agreed_only_when_offered_with_a_reply(tmp_path: Path) -> None:
+    path = tmp_path / "link.sock"
+    async with running_daemon(path):
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(build_connect_request({HEADER_WANT_REPLY: "1", HEADER_OFFLOAD: OFFLOAD_CSUM}))
+        offered = Agent(reader, writer, LinkProtocol.GVPROXY)
+        assert (await offered.read_reply()).get(HEADER_OFFLOAD.lower()) == OFFLOAD_CSUM
+        offered.close()
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(build_connect_request({HEADER_WANT_REPLY: "1"}))
+        plain = Agent(reader, writer, LinkProtocol.GVPROXY)
+        assert HEADER_OFFLOAD.lower() not in await plain.read_reply()
+        await ping_roundtrip(plain)
+        plain.close()

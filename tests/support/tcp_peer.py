@@ -36,6 +36,7 @@ class TcpPeer:
     received: bytearray = field(default_factory=bytearray)
     other: list[bytes] = field(default_factory=list)
     fin_received: bool = False
+    verify_checksums: bool = True
 
     def frame(
         self,
@@ -91,7 +92,12 @@ class TcpPeer:
             if ip.protocol != IpProto.TCP:
                 self.other.append(bytes(frame))
                 continue
-            tcp, data = parse_tcp(body, source=ip.source, destination=ip.destination)
+            tcp, data = parse_tcp(
+                body,
+                source=ip.source,
+                destination=ip.destination,
+                verify_checksum=self.verify_checksums,
+            )
             assert tcp.destination_port == self.port
             out.append((tcp, bytes(data)))
         return out

@@ -385,3 +385,24 @@ def test_tcp_ipv4_fast_and_full_paths_deliver_the_same_bytes() -> None:
     stack.receive_frame(plain[:14] + bytes(with_options) + plain[34:], now=1.0)
     sent = b"".join(c.data for c in host.take(stack) if isinstance(c, TcpSend) and c.flow == flow)
     assert sent == b"fast-full"
+
+
+def test_tcp_ipv4_checksum_offload_trusts_enclave_and_leaves_pseudo_header_sum() -> None:
+    """With offload agreed, partial checksums from the enclave's TAP pass, and our segments
+    carry only the folded pseudo-header sum (the agent marks them CHECKSUM_PARTIAL)."""
+    stack, peer, host = make()
+    stack.set_checksum_offload(True)
+    peer.verify_checksums = False
+    flow = peer.establish(host)
+    frame = bytearray(peer.frame(ACK | TcpFlags.PSH, b"partial"))
+    frame[50:52] = b"\x12\x34"  # not a valid checksum: the enclave's kernel left it partial
+    stack.receive_frame(memoryview(frame), now=1.0)
+    assert TcpSend(flow, b"partial") in host.take(stack)
+    peer.snd_nxt = seq_add(peer.snd_nxt, 7)
+    stack.handle_host_event(TcpData(flow, b"z" * 4000), now=1.0)
+    raw = next(f for f in stack.frames_to_send() if len(f) > 1000)
+    tcp_length = len(raw) - 34
+    pseudo = sum(int.from_bytes(raw[i : i + 2], "big") for i in range(26, 34, 2)) + 6 + tcp_length
+    while pseudo >> 16:
+        pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
+    assert int.from_bytes(raw[50:52], "big") == pseudo

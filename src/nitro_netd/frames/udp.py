@@ -30,7 +30,11 @@ class UdpHeader:
 
 # RFC 768 "Format" and "Fields"; RFC 1122 §4.1.3.4 for the length and checksum checks.
 def parse_udp(
-    data: bytes | bytearray | memoryview, *, source: IPv4Address, destination: IPv4Address
+    data: bytes | bytearray | memoryview,
+    *,
+    source: IPv4Address,
+    destination: IPv4Address,
+    verify_checksum: bool = True,
 ) -> tuple[UdpHeader, memoryview]:
     """Decode a UDP datagram carried in an IPv4 packet from `source` to `destination`.
 
@@ -41,6 +45,7 @@ def parse_udp(
         data: the IPv4 payload.
         source: the IPv4 source address (for the pseudo-header).
         destination: the IPv4 destination address.
+        verify_checksum: False when the link vouches for the checksum (offload).
 
     Returns:
         The header and a view of the payload.
@@ -57,7 +62,7 @@ def parse_udp(
     if length > len(data):
         raise FrameError(DropReason.TRUNCATED, f"UDP length field {length} of {len(data)} bytes")
     view = memoryview(data)[:length]
-    if checksum != 0:
+    if checksum != 0 and verify_checksum:
         initial = pseudo_header_sum(source, destination, IpProto.UDP, length)
         if internet_checksum(view, initial) != 0:
             raise FrameError(DropReason.BAD_CHECKSUM, "UDP checksum")

@@ -54,6 +54,8 @@ class StackConfig:
     """Host connects in flight at once; SYNs beyond it get a RST (counted as `limit`)."""
     max_udp_flows: int = 4096
     """Concurrent UDP and ping flows; datagrams beyond it are dropped (counted as `limit`)."""
+    checksum_offload: bool = True
+    """Agree when an agent offers checksum offload (see `StackOutput.checksum_offload`)."""
     tcp_buffer: int = 4 << 20
     """Bytes per flow and direction the stack lets wait (receive window, send buffer)."""
 

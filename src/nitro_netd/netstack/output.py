@@ -49,6 +49,10 @@ class StackOutput:
         self.frames: list[Frame] = []
         self.commands: list[HostCommand] = []
         self.neighbours: dict[IPv4Address, MacAddress] = {}
+        self.checksum_offload = False
+        """Set per link: the agent marks our TCP frames CHECKSUM_PARTIAL (so they carry only
+        the pseudo-header sum) and its TAP may hand us TCP/UDP with partial checksums (so
+        those are not verified)."""
         self._identification = 0
 
     def enclave_mac(self) -> MacAddress:

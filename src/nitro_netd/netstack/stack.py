@@ -119,6 +119,13 @@ class NetStack:
         times = [t for t in (layer.get_timer() for layer in self.layers.values()) if t is not None]
         return min(times, default=None)
 
+    def set_checksum_offload(self, enabled: bool) -> None:
+        """Switch checksum offload for the current link (see `StackOutput.checksum_offload`).
+
+        Call right after `handle_link_reset()` for a new link, before its first frame.
+        """
+        self.output.checksum_offload = enabled
+
     def handle_link_reset(self) -> None:
         """Forget everything tied to the old link (a new enclave link replaced it)."""
         self.output.neighbours.clear()

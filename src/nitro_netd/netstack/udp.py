@@ -91,7 +91,12 @@ class UdpLayer:
 
     def receive(self, header: IPv4Header, body: memoryview, now: float) -> None:
         """Forward a datagram from the enclave (or serve it, for the gateway)."""
-        udp, payload = parse_udp(body, source=header.source, destination=header.destination)
+        udp, payload = parse_udp(
+            body,
+            source=header.source,
+            destination=header.destination,
+            verify_checksum=not self.output.checksum_offload,
+        )
         if udp.source_port == 0 or udp.destination_port == 0:
             raise FrameError(DropReason.BAD_HEADER, f"UDP port 0 ({udp})")
         if header.destination == self.config.gateway_ip:

@@ -102,7 +102,12 @@ class Bridge:
         if old is not None and not old.closed:
             old.close("replaced by a new link")
         self.stack.handle_link_reset()
+        self.stack.set_checksum_offload(session.checksum_offload)
         self.flush()
+
+    def offload_allowed(self) -> bool:
+        """Agree to checksum offload unless the configuration turned it off."""
+        return self.config.checksum_offload
 
     def on_frame(self, session: LinkSession, frame: memoryview) -> None:
         """Feed one frame of the live link to the stack."""

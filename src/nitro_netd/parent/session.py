@@ -22,7 +22,9 @@ from collections.abc import Mapping
 from typing import Final, Protocol
 
 from nitro_netd.link import (
+    HEADER_OFFLOAD,
     HEADER_WANT_REPLY,
+    OFFLOAD_CSUM,
     FrameDecoder,
     HttpHeadReader,
     LinkError,
@@ -57,6 +59,9 @@ class LinkOwner(Protocol):
     def link_plan(self) -> Mapping[str, str]:
         """Headers describing the network plan, sent to agents that ask for a reply."""
 
+    def offload_allowed(self) -> bool:
+        """Whether this daemon agrees to checksum offload with agents that offer it."""
+
     def on_link_writable(self, session: LinkSession, writable: bool) -> None:
         """The link's write buffer crossed its high (False) or low (True) water mark."""
 
@@ -77,6 +82,8 @@ class LinkSession(asyncio.BufferedProtocol):
         self._decoder: FrameDecoder | None = None
         self._up = False
         self._writer: LinkWriter | None = None
+        self.checksum_offload = False
+        """Agreed in the handshake: see `StackOutput.checksum_offload`."""
 
     # --- asyncio callbacks -------------------------------------------------------
 
@@ -128,10 +135,14 @@ class LinkSession(asyncio.BufferedProtocol):
         if head is None:
             return
         check_connect_request(head)
-        reply = head.get(HEADER_WANT_REPLY) is not None
-        self._start_frames(
-            self._head.rest, build_connect_reply(self.owner.link_plan()) if reply else b""
-        )
+        reply = b""
+        if head.get(HEADER_WANT_REPLY) is not None:
+            plan = dict(self.owner.link_plan())
+            if head.get(HEADER_OFFLOAD) == OFFLOAD_CSUM and self.owner.offload_allowed():
+                self.checksum_offload = True
+                plan[HEADER_OFFLOAD] = OFFLOAD_CSUM
+            reply = build_connect_reply(plan)
+        self._start_frames(self._head.rest, reply)
 
     def _start_frames(self, rest: bytes, reply: bytes = b"") -> None:
         assert self.protocol is not None
@@ -146,7 +157,12 @@ class LinkSession(asyncio.BufferedProtocol):
         self._decoder = FrameDecoder(self.protocol, max_frame=self.max_frame)
         self._decoder.receive_data(rest)
         self._up = True
-        logger.info("link from %s: up (%s framing)", self.peer, self.protocol.value)
+        logger.info(
+            "link from %s: up (%s framing, checksum offload %s)",
+            self.peer,
+            self.protocol.value,
+            "on" if self.checksum_offload else "off",
+        )
         self.owner.on_link_up(self)
 
     def _deliver_frames(self, decoder: FrameDecoder) -> None:

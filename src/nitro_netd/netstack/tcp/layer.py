@@ -105,7 +105,12 @@ class TcpLayer:
 
     def receive(self, header: IPv4Header, body: memoryview, now: float) -> None:
         """Handle one TCP segment from the enclave."""
-        tcp, payload = parse_tcp(body, source=header.source, destination=header.destination)
+        tcp, payload = parse_tcp(
+            body,
+            source=header.source,
+            destination=header.destination,
+            verify_checksum=not self.output.checksum_offload,
+        )
         key = (tcp.source_port, header.destination, tcp.destination_port)
         conn = self.by_key.get(key)
         if conn is None:
@@ -146,10 +151,10 @@ class TcpLayer:
         view = memoryview(frame)
         if ones_complement_sum(view[14:34]) != 0xFFFF:
             return False
-        tcp_length = total - 20
-        pseudo = _sum_addresses(frame) + _TCP + tcp_length
-        if ones_complement_sum(view[34 : 14 + total], pseudo) != 0xFFFF:
-            return False
+        if not self.output.checksum_offload:
+            pseudo = _sum_addresses(frame) + _TCP + total - 20
+            if ones_complement_sum(view[34 : 14 + total], pseudo) != 0xFFFF:
+                return False
         payload = view[34 + header_length : 14 + total]
         conn.on_fields(seq, ack, flags, window, payload, now)
         self._after(conn)
@@ -163,6 +168,7 @@ class TcpLayer:
         flow = self._next_flow
         self._next_flow += 1
         builder = SegmentBuilder(
+            self.output.checksum_offload,
             self.output.enclave_mac(),
             self.config.gateway_mac,
             header.destination,
@@ -221,6 +227,7 @@ class TcpLayer:
         if tcp.flags & TcpFlags.RST:
             return
         builder = SegmentBuilder(
+            self.output.checksum_offload,
             self.output.enclave_mac(),
             self.config.gateway_mac,
             header.destination,
@@ -283,6 +290,7 @@ class TcpLayer:
             self.output.send_command(TcpClose(event.flow, reset=True))
             return
         builder = SegmentBuilder(
+            self.output.checksum_offload,
             self.output.enclave_mac(),
             self.config.gateway_mac,
             remote,

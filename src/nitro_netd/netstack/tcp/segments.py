@@ -39,6 +39,7 @@ class SegmentBuilder:
 
     def __init__(
         self,
+        partial_checksum: bool,
         enclave_mac: MacAddress,
         gateway_mac: MacAddress,
         source: IPv4Address,
@@ -46,6 +47,9 @@ class SegmentBuilder:
         source_port: int,
         destination_port: int,
     ) -> None:
+        self.partial_checksum = partial_checksum
+        """Leave only the pseudo-header sum in the TCP checksum (the agent marks the frame
+        CHECKSUM_PARTIAL: checksum offload negotiated for this link)."""
         self.source_port = source_port
         self.destination_port = destination_port
         self._eth = _ETH.pack(enclave_mac.octets, gateway_mac.octets, EtherType.IPV4)
@@ -108,10 +112,13 @@ class SegmentBuilder:
         if opts:
             frame[54 : 54 + len(opts)] = opts
         pseudo = self._address_sum + IpProto.TCP + tcp_len
-        if split:
-            pseudo += ones_complement_sum(payload)
-        elif payload:
+        if payload and not split:
             frame[54 + len(opts) :] = payload
-        total = ones_complement_sum(memoryview(frame)[34:], pseudo)
-        struct.pack_into("!H", frame, 50, ~_fold(total) & _FOLD)
+        if self.partial_checksum:
+            struct.pack_into("!H", frame, 50, _fold(pseudo))
+        else:
+            if split:
+                pseudo += ones_complement_sum(payload)
+            total = ones_complement_sum(memoryview(frame)[34:], pseudo)
+            struct.pack_into("!H", frame, 50, ~_fold(total) & _FOLD)
         return SplitFrame(frame, payload) if split else frame
