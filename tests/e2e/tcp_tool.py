@@ -261,9 +261,14 @@ def client_downup(address: str, port: int, n: int) -> dict[str, Any]:
 
 
 def client_rst(address: str, port: int) -> dict[str, Any]:
-    with _connect(address, port) as sock:
-        sock.sendall(b"RST\n")
+    """Expect a reset: during the connect (it can win the race) or on the first read."""
+    try:
+        sock = _connect(address, port)
+    except ConnectionResetError:
+        return {"ok": True, "error": "ECONNRESET"}
+    with sock:
         try:
+            sock.sendall(b"RST\n")
             data = sock.recv(10)
         except ConnectionResetError:
             return {"ok": True, "error": "ECONNRESET"}

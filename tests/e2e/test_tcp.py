@@ -3,7 +3,9 @@ the world namespace and on the parent's loopback. Every transfer is checksummed.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -147,3 +149,20 @@ def test_tcp_ipv4_transfers_at_smaller_mtus(sim: Simulator, mtu: int) -> None:
     start_server(sim, "world", WORLD)
     client(sim, "up", WORLD, PORT, 32 * MiB)
     client(sim, "down", WORLD, PORT, 32 * MiB)
+
+
+@pytest.mark.netns("curl")
+def test_tcp_ipv4_curl_in_enclave_downloads_from_world_http_server(bridge: Simulator) -> None:
+    root = bridge.workdir / "www"
+    root.mkdir()
+    data = os.urandom(40 * MiB)
+    (root / "blob.bin").write_bytes(data)
+    argv = [sys.executable, "-m", "http.server", "8000", "--bind", WORLD, "--directory", str(root)]
+    server = bridge.spawn("http", "world", argv)
+    wait_for_log(bridge, server, "Serving HTTP", LINK_TIMEOUT)
+    target = bridge.workdir / "got.bin"
+    result = bridge.run(
+        "enclave", ["curl", "-sS", "-o", str(target), f"http://{WORLD}:8000/blob.bin"]
+    )
+    assert result.returncode == 0, result.stderr + bridge.logs_tail()
+    assert hashlib.sha256(target.read_bytes()).digest() == hashlib.sha256(data).digest()
