@@ -2,6 +2,8 @@
 
 A SOCK_SEQPACKET socketpair stands in for the TAP. The fake parent is driven from the test
 thread; the agent runs `run_forever` in a thread and forks its pump as it would for real.
+For checksum offload the fake TAP plays an ``IFF_VNET_HDR`` TAP (10-byte virtio-net headers
+both ways) and ``TUNSETOFFLOAD`` is replaced by a recorder.
 """
 
 from __future__ import annotations
@@ -14,13 +16,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from nitro_netd.enclave.agent import Agent, AgentConfig
 from nitro_netd.enclave.backoff import Backoff
 from nitro_netd.enclave.handshake import HandshakeResult, PeerKind
+from nitro_netd.enclave.tap import TUN_F_CSUM
 from nitro_netd.link import (
+    HEADER_OFFLOAD,
     HEADER_VERSION,
     HEADER_WANT_REPLY,
     FrameDecoder,
@@ -32,6 +37,14 @@ from nitro_netd.link import (
     encode_frame,
 )
 from nitro_netd.transport import Endpoint, Scheme, open_listener
+from tests.support.vnet_frames import (
+    NEEDS_CSUM,
+    PLAIN_HEADER,
+    PROTO_TCP,
+    PROTO_UDP,
+    ipv4_frame,
+    vnet_header,
+)
 
 TIMEOUT = 10.0
 FRAME_A = bytes(range(60))
@@ -106,18 +119,47 @@ def parent(tmp_path: Path) -> Iterator[FakeParent]:
     fake.close()
 
 
-def start_agent(endpoint: Endpoint, protocol: LinkProtocol, reply_wait: float) -> AgentRig:
+class FakeOffload:
+    """Stands in for TUNSETOFFLOAD: records each call's flags; fails the calls listed."""
+
+    def __init__(self, fail_calls: frozenset[int] = frozenset()) -> None:
+        self.calls: list[int] = []
+        self.fail_calls = fail_calls
+        """0-based numbers of the calls that raise (ENOTTY, as on a non-TAP)."""
+
+    def __call__(self, fd: int, flags: int) -> None:
+        self.calls.append(flags)
+        if len(self.calls) - 1 in self.fail_calls:
+            raise OSError(25, "Inappropriate ioctl for device")
+
+
+def start_agent(
+    endpoint: Endpoint,
+    protocol: LinkProtocol,
+    reply_wait: float,
+    *,
+    vnet_hdr: bool = False,
+    set_offload: FakeOffload | None = None,
+    offload: bool = True,
+) -> AgentRig:
     config = AgentConfig(
         endpoint=endpoint,
         protocol=protocol,
         reply_wait=reply_wait,
+        offload=offload,
         stable_after=0.0,
         backoff=lambda: Backoff(initial=0.01, cap=0.05),
     )
     tap_agent, tap_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     tap_test.settimeout(TIMEOUT)
     link_ups: list[HandshakeResult] = []
-    agent = Agent(config, tap_agent.detach(), on_link_up=link_ups.append)
+    agent = Agent(
+        config,
+        tap_agent.detach(),
+        on_link_up=link_ups.append,
+        vnet_hdr=vnet_hdr,
+        set_offload=set_offload or FakeOffload(),
+    )
     errors: list[BaseException] = []
 
     def run() -> None:
@@ -135,8 +177,10 @@ def start_agent(endpoint: Endpoint, protocol: LinkProtocol, reply_wait: float) -
 def make_agent(parent: FakeParent) -> Iterator[Callable[..., AgentRig]]:
     rigs: list[AgentRig] = []
 
-    def make(protocol: LinkProtocol = LinkProtocol.GVPROXY, reply_wait: float = 0.2) -> AgentRig:
-        rig = start_agent(parent.endpoint, protocol, reply_wait)
+    def make(
+        protocol: LinkProtocol = LinkProtocol.GVPROXY, reply_wait: float = 0.2, **kwargs: Any
+    ) -> AgentRig:
+        rig = start_agent(parent.endpoint, protocol, reply_wait, **kwargs)
         rigs.append(rig)
         return rig
 
@@ -311,3 +355,194 @@ def test_agent_stop_during_session_is_prompt(
         assert time.monotonic() - started < 3.0
         assert conn.recv(1) == b""  # the agent closed its end
     assert "link closed: agent stopping" in messages(caplog)
+
+
+# --- checksum offload ------------------------------------------------------------------
+
+TCP_SEGMENT = ipv4_frame(PROTO_TCP, payload=b"t" * 500)
+UDP_DATAGRAM = ipv4_frame(PROTO_UDP, payload=b"u" * 100)
+CSUM_HEADER = vnet_header(NEEDS_CSUM, csum_start=34, csum_offset=16)
+OFFLOAD_REPLY = build_connect_reply({HEADER_OFFLOAD: "csum"})
+
+
+def offload_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [m for m in messages(caplog) if m.startswith("checksum offload")]
+
+
+def exchange_vnet_frames(rig: AgentRig, conn: socket.socket, offload: bool) -> None:
+    """Frames both ways through a vnet fake TAP; check the headers the agent wrote."""
+    conn.sendall(encode_frame(LinkProtocol.GVPROXY, TCP_SEGMENT))
+    assert rig.tap.recv(70000) == (CSUM_HEADER if offload else PLAIN_HEADER) + TCP_SEGMENT
+    conn.sendall(encode_frame(LinkProtocol.GVPROXY, UDP_DATAGRAM))
+    assert rig.tap.recv(70000) == PLAIN_HEADER + UDP_DATAGRAM
+    rig.tap.send(CSUM_HEADER + TCP_SEGMENT)  # a partial checksum from the enclave's kernel
+    assert read_frames(conn, LinkProtocol.GVPROXY, 1) == [TCP_SEGMENT]
+
+
+def test_agent_offload_on_when_the_parent_agrees(
+    parent: FakeParent, make_agent: Callable[..., AgentRig], caplog: pytest.LogCaptureFixture
+) -> None:
+    tunsetoffload = FakeOffload()
+    rig = make_agent(reply_wait=30.0, vnet_hdr=True, set_offload=tunsetoffload)
+    assert tunsetoffload.calls == [TUN_F_CSUM, 0]  # the start-up probe: set, then reset
+    with parent.accept() as conn:
+        head, _ = read_request(conn)
+        assert head.get(HEADER_OFFLOAD) == "csum"
+        conn.sendall(OFFLOAD_REPLY)
+        wait_for(lambda: rig.link_ups, "link up")
+        exchange_vnet_frames(rig, conn, offload=True)
+    assert tunsetoffload.calls == [TUN_F_CSUM, 0, TUN_F_CSUM]
+    assert rig.link_ups[0].offload is True
+    assert rig.agent.offload is True
+    assert offload_lines(caplog)[0] == "checksum offload on"
+
+
+def test_agent_offload_off_when_the_parent_does_not_agree(
+    parent: FakeParent, make_agent: Callable[..., AgentRig], caplog: pytest.LogCaptureFixture
+) -> None:
+    tunsetoffload = FakeOffload()
+    rig = make_agent(reply_wait=30.0, vnet_hdr=True, set_offload=tunsetoffload)
+    with parent.accept() as conn:
+        head, _ = read_request(conn)
+        assert head.get(HEADER_OFFLOAD) == "csum"
+        conn.sendall(build_connect_reply())
+        wait_for(lambda: rig.link_ups, "link up")
+        exchange_vnet_frames(rig, conn, offload=False)
+    assert tunsetoffload.calls == [TUN_F_CSUM, 0, 0]
+    assert rig.link_ups[0].offload is False
+    assert rig.agent.offload is False
+    assert offload_lines(caplog)[0] == "checksum offload off: the parent did not agree"
+
+
+def test_agent_offload_off_with_a_stock_gvproxy(
+    parent: FakeParent, make_agent: Callable[..., AgentRig], caplog: pytest.LogCaptureFixture
+) -> None:
+    tunsetoffload = FakeOffload()
+    rig = make_agent(reply_wait=0.2, vnet_hdr=True, set_offload=tunsetoffload)
+    with parent.accept() as conn:
+        head, rest = read_request(conn)
+        assert head.get(HEADER_OFFLOAD) == "csum"  # asked; a stock gvproxy ignores it
+        wait_for(lambda: rig.link_ups, "link up after the reply wait")
+        conn.sendall(encode_frame(LinkProtocol.GVPROXY, TCP_SEGMENT))
+        assert rig.tap.recv(70000) == PLAIN_HEADER + TCP_SEGMENT
+        rig.tap.send(PLAIN_HEADER + FRAME_B)
+        assert read_frames(conn, LinkProtocol.GVPROXY, 1, rest) == [FRAME_B]
+    assert tunsetoffload.calls == [TUN_F_CSUM, 0, 0]
+    assert (
+        offload_lines(caplog)[0] == "checksum offload off: the peer did not reply (stock gvproxy)"
+    )
+
+
+def test_agent_offload_reconnect_to_a_stock_peer_turns_it_off_again(
+    parent: FakeParent, make_agent: Callable[..., AgentRig], caplog: pytest.LogCaptureFixture
+) -> None:
+    tunsetoffload = FakeOffload()
+    rig = make_agent(reply_wait=0.2, vnet_hdr=True, set_offload=tunsetoffload)
+    with parent.accept() as conn:
+        read_request(conn)
+        conn.sendall(OFFLOAD_REPLY)
+        wait_for(lambda: rig.link_ups, "first link up")
+        exchange_vnet_frames(rig, conn, offload=True)
+    with parent.accept() as conn:
+        head, _ = read_request(conn)
+        assert head.get(HEADER_OFFLOAD) == "csum"
+        wait_for(lambda: len(rig.link_ups) == 2, "second link up (no reply)")
+        conn.sendall(encode_frame(LinkProtocol.GVPROXY, TCP_SEGMENT))
+        assert rig.tap.recv(70000) == PLAIN_HEADER + TCP_SEGMENT
+    assert tunsetoffload.calls == [TUN_F_CSUM, 0, TUN_F_CSUM, 0]
+    assert [r.offload for r in rig.link_ups] == [True, False]
+    assert offload_lines(caplog)[:2] == [
+        "checksum offload on",
+        "checksum offload off: the peer did not reply (stock gvproxy)",
+    ]
+
+
+def test_agent_offload_not_asked_when_the_tap_refuses_tunsetoffload(
+    parent: FakeParent, make_agent: Callable[..., AgentRig], caplog: pytest.LogCaptureFixture
+) -> None:
+    tunsetoffload = FakeOffload(fail_calls=frozenset({0}))
+    rig = make_agent(reply_wait=30.0, vnet_hdr=True, set_offload=tunsetoffload)
+    with parent.accept() as conn:
+        head, _ = read_request(conn)
+        assert head.get(HEADER_OFFLOAD) is None
+        conn.sendall(OFFLOAD_REPLY)  # a daemon that agrees unasked is not followed
+        wait_for(lambda: rig.link_ups, "link up")
+        exchange_vnet_frames(rig, conn, offload=False)
+    assert tunsetoffload.calls == [TUN_F_CSUM]  # never tried again
+    assert rig.link_ups[0].offload is False
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert [r.getMessage() for r in warnings] == [
+        "cannot set the TAP's offloads (TUNSETOFFLOAD: Inappropriate ioctl for device): "
+        "no checksum offload"
+    ]
+    assert offload_lines(caplog)[0] == (
+        "checksum offload off: the TAP cannot do it (TUNSETOFFLOAD failed)"
+    )
+
+
+def test_agent_offload_failing_to_turn_on_ends_the_session_and_stops_asking(
+    parent: FakeParent, make_agent: Callable[..., AgentRig], caplog: pytest.LogCaptureFixture
+) -> None:
+    tunsetoffload = FakeOffload(fail_calls=frozenset({2}))  # the probe works, the session's not
+    rig = make_agent(reply_wait=30.0, vnet_hdr=True, set_offload=tunsetoffload)
+    with parent.accept() as conn:
+        head, _ = read_request(conn)
+        assert head.get(HEADER_OFFLOAD) == "csum"
+        conn.sendall(OFFLOAD_REPLY)
+        assert conn.recv(1) == b""  # the agent gave this session up
+    with parent.accept() as conn:
+        head, _ = read_request(conn)
+        assert head.get(HEADER_OFFLOAD) is None
+        conn.sendall(build_connect_reply())
+        wait_for(lambda: rig.link_ups, "link up without offload")
+        exchange_vnet_frames(rig, conn, offload=False)
+    assert tunsetoffload.calls == [TUN_F_CSUM, 0, TUN_F_CSUM]
+    assert [r.offload for r in rig.link_ups] == [False]
+    assert has_message(caplog, "cannot turn the TAP's checksum offload on (TUNSETOFFLOAD: ")()
+    assert offload_lines(caplog)[0] == (
+        "checksum offload off: the TAP cannot do it (TUNSETOFFLOAD failed)"
+    )
+
+
+def test_agent_no_offload_never_asks_and_keeps_the_tap_off(
+    parent: FakeParent, make_agent: Callable[..., AgentRig], caplog: pytest.LogCaptureFixture
+) -> None:
+    tunsetoffload = FakeOffload()
+    rig = make_agent(reply_wait=30.0, vnet_hdr=True, set_offload=tunsetoffload, offload=False)
+    with parent.accept() as conn:
+        head, _ = read_request(conn)
+        assert head.get(HEADER_OFFLOAD) is None
+        conn.sendall(OFFLOAD_REPLY)
+        wait_for(lambda: rig.link_ups, "link up")
+        exchange_vnet_frames(rig, conn, offload=False)
+    assert tunsetoffload.calls == [0, 0]
+    assert offload_lines(caplog)[0] == "checksum offload off: not asked for (--no-offload)"
+
+
+def test_agent_offload_off_with_the_qemu_framing(
+    parent: FakeParent, make_agent: Callable[..., AgentRig], caplog: pytest.LogCaptureFixture
+) -> None:
+    tunsetoffload = FakeOffload()
+    rig = make_agent(protocol=LinkProtocol.QEMU, vnet_hdr=True, set_offload=tunsetoffload)
+    with parent.accept() as conn:
+        conn.sendall(encode_frame(LinkProtocol.QEMU, TCP_SEGMENT))
+        assert rig.tap.recv(70000) == PLAIN_HEADER + TCP_SEGMENT
+        rig.tap.send(PLAIN_HEADER + FRAME_B)
+        assert read_frames(conn, LinkProtocol.QEMU, 1) == [FRAME_B]
+    assert tunsetoffload.calls == [TUN_F_CSUM, 0, 0]
+    assert offload_lines(caplog)[0] == "checksum offload off: qemu framing"
+
+
+def test_agent_without_vnet_headers_never_asks_nor_touches_the_tap(
+    parent: FakeParent, make_agent: Callable[..., AgentRig], caplog: pytest.LogCaptureFixture
+) -> None:
+    tunsetoffload = FakeOffload()
+    rig = make_agent(reply_wait=30.0, set_offload=tunsetoffload)
+    with parent.accept() as conn:
+        head, _ = read_request(conn)
+        assert head.get(HEADER_OFFLOAD) is None
+        conn.sendall(OFFLOAD_REPLY + encode_frame(LinkProtocol.GVPROXY, TCP_SEGMENT))
+        assert rig.tap.recv(70000) == TCP_SEGMENT
+    assert tunsetoffload.calls == []
+    assert rig.link_ups[0].offload is False
+    assert offload_lines(caplog)[0] == "checksum offload off: the TAP has no virtio-net headers"

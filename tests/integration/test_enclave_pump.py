@@ -1,6 +1,10 @@
 """The agent's frame pump, unprivileged: a SOCK_SEQPACKET socketpair stands in for the TAP
 and a unix stream socketpair for the link. Thousands of random frames of random sizes go
-both ways at once, in both framings, and must arrive intact and in order."""
+both ways at once, in both framings, and must arrive intact and in order.
+
+With ``vnet_hdr`` the fake TAP plays an ``IFF_VNET_HDR`` TAP: the test writes a 10-byte
+virtio-net header before each frame it puts in, and finds one before each frame it takes
+out."""
 
 from __future__ import annotations
 
@@ -17,10 +21,20 @@ from nitro_netd.enclave.pump import (
     COALESCE_LIMIT,
     DirectionStats,
     PumpResult,
+    pump_link_to_tap,
     pump_tap_to_link,
     run_pump,
 )
 from nitro_netd.link import MIN_FRAME, FrameDecoder, LinkProtocol, encode_frame
+from tests.support.vnet_frames import (
+    NEEDS_CSUM,
+    PLAIN_HEADER,
+    PROTO_TCP,
+    expected_header,
+    ipv4_frame,
+    mixed_frames,
+    vnet_header,
+)
 
 FRAMES_PER_DIRECTION = 3000
 MAX_TEST_FRAME = 65535
@@ -54,10 +68,20 @@ class PumpRig:
     link_test: socket.socket
     result: list[PumpResult] = field(default_factory=list)
     thread: threading.Thread | None = None
+    vnet_hdr: bool = False
+    csum_offload: bool = False
 
     def start(self) -> None:
         def run() -> None:
-            self.result.append(run_pump(self.tap_agent.fileno(), self.link_agent, self.protocol))
+            self.result.append(
+                run_pump(
+                    self.tap_agent.fileno(),
+                    self.link_agent,
+                    self.protocol,
+                    vnet_hdr=self.vnet_hdr,
+                    csum_offload=self.csum_offload,
+                )
+            )
 
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
@@ -274,3 +298,189 @@ def test_pump_throughput_smoke(rig: PumpRig) -> None:
     sender.join(DEADLINE)
     assert len(received) == count
     assert count * len(frame) * 8 / elapsed > 100e6
+
+
+# --- with virtio-net headers (an IFF_VNET_HDR TAP) -------------------------------------
+
+
+@pytest.fixture(params=[False, True], ids=["offload-off", "offload-on"])
+def vnet_rig(request: pytest.FixtureRequest, rig: PumpRig) -> PumpRig:
+    """`rig` (both framings) with virtio-net headers, checksum offload off and on."""
+    rig.vnet_hdr, rig.csum_offload = True, request.param
+    return rig
+
+
+def tap_headers(seed: int, count: int) -> list[bytes]:
+    """Headers the kernel may put before frames it hands over: zero, NEEDS_CSUM, DATA_VALID."""
+    rng = random.Random(seed)
+    choices = [PLAIN_HEADER, vnet_header(NEEDS_CSUM, csum_start=34, csum_offset=16),
+               vnet_header(2)]  # fmt: skip
+    return [rng.choice(choices) for _ in range(count)]
+
+
+def split_headers(messages: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    return [m[:10] for m in messages], [m[10:] for m in messages]
+
+
+def test_pump_vnet_frames_both_ways_arrive_intact_and_in_order(vnet_rig: PumpRig) -> None:
+    rig = vnet_rig
+    outbound = random_frames(3, FRAMES_PER_DIRECTION // 2) + mixed_frames(4, 500)
+    inbound = random_frames(5, FRAMES_PER_DIRECTION // 2) + mixed_frames(6, 500)
+    headers = tap_headers(7, len(outbound))
+    rig.start()
+    senders = [
+        send_frames_into_tap(rig.tap_test, [h + f for h, f in zip(headers, outbound, strict=True)]),
+        send_stream_into_link(rig.link_test, rig.protocol, inbound),
+    ]
+    received_inbound: list[list[bytes]] = []
+    reader = threading.Thread(
+        target=lambda: received_inbound.append(receive_from_tap(rig.tap_test, len(inbound))),
+        daemon=True,
+    )
+    reader.start()
+    received_outbound = receive_from_link(rig.link_test, rig.protocol, len(outbound))
+    reader.join(DEADLINE)
+    for sender in senders:
+        sender.join(DEADLINE)
+
+    assert received_outbound == outbound  # headers stripped, frames unchanged
+    assert len(received_inbound) == 1
+    got_headers, got_frames = split_headers(received_inbound[0])
+    assert got_frames == inbound
+    assert got_headers == [expected_header(f, rig.csum_offload) for f in inbound]
+    marked = sum(h != PLAIN_HEADER for h in got_headers)
+    assert (marked > 100) is rig.csum_offload
+
+    rig.link_test.close()
+    result = rig.wait_result()
+    assert result.reason == "parent closed the link"
+    assert result.link_to_tap.stats.frames == len(inbound)
+    assert result.tap_to_link.stats.frames == len(outbound)
+    assert result.tap_to_link.stats.dropped == result.link_to_tap.stats.dropped == 0
+
+
+def test_pump_vnet_tcp_segment_gets_needs_csum_only_with_offload(vnet_rig: PumpRig) -> None:
+    rig = vnet_rig
+    segment = ipv4_frame(PROTO_TCP, payload=b"p" * 1000, options=b"\x01" * 8)
+    rig.start()
+    rig.link_test.sendall(encode_frame(rig.protocol, segment))
+    [message] = receive_from_tap(rig.tap_test, 1)
+    if rig.csum_offload:
+        assert message[:10] == vnet_header(NEEDS_CSUM, csum_start=42, csum_offset=16)
+    else:
+        assert message[:10] == bytes(10)
+    assert message[10:] == segment
+
+
+def test_pump_vnet_tap_closed_ends_the_session(vnet_rig: PumpRig) -> None:
+    rig = vnet_rig
+    rig.start()
+    rig.tap_test.send(PLAIN_HEADER + b"\x01" * 60)
+    assert receive_from_link(rig.link_test, rig.protocol, 1) == [b"\x01" * 60]
+    rig.tap_test.close()
+    result = rig.wait_result()
+    assert result.reason == "tap closed"
+
+
+def test_pump_vnet_offload_needs_vnet_headers() -> None:
+    tap_agent, tap_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    link_agent, link_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with (
+        tap_agent,
+        tap_test,
+        link_agent,
+        link_test,
+        pytest.raises(ValueError, match="virtio-net headers"),
+    ):
+        run_pump(tap_agent.fileno(), link_agent, LinkProtocol.GVPROXY, csum_offload=True)
+
+
+def pump_queued_tap_messages(
+    messages: list[bytes], protocol: LinkProtocol = LinkProtocol.GVPROXY
+) -> tuple[RecordingSender, DirectionStats, str]:
+    """Run tap → link with virtio-net headers over `messages` queued in a fake TAP."""
+    tap_agent, tap_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with tap_agent, tap_test:
+        tap_test.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        tap_agent.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        for message in messages:
+            tap_test.send(message)
+        tap_test.close()
+        tap_agent.setblocking(False)
+        sender = RecordingSender()
+        stats = DirectionStats()
+        reason = pump_tap_to_link(tap_agent.fileno(), sender, protocol, stats, vnet_hdr=True)
+    return sender, stats, reason
+
+
+def test_tap_to_link_vnet_drops_and_counts_gso_frames() -> None:
+    good, big = b"\x0a" * 100, b"\x0b" * 3000
+    gso = vnet_header(NEEDS_CSUM, gso_type=1, hdr_len=54, gso_size=1448, csum_start=34,
+                      csum_offset=16)  # fmt: skip
+    sender, stats, reason = pump_queued_tap_messages(
+        [PLAIN_HEADER + good, gso + big, vnet_header(gso_type=4) + good, PLAIN_HEADER + big]
+    )
+    assert reason == "tap closed"
+    assert (stats.frames, stats.dropped, stats.bytes) == (2, 2, 3100)
+    assert b"".join(sender.sends) == b"".join(
+        encode_frame(LinkProtocol.GVPROXY, f) for f in (good, big)
+    )
+
+
+def test_tap_to_link_vnet_drops_runts_and_header_only_reads() -> None:
+    sender, stats, _ = pump_queued_tap_messages(
+        [PLAIN_HEADER, PLAIN_HEADER[:5], PLAIN_HEADER + b"\x01" * 13, PLAIN_HEADER + b"\x02" * 14]
+    )
+    assert (stats.frames, stats.dropped) == (1, 3)
+    assert sender.sends == [encode_frame(LinkProtocol.GVPROXY, b"\x02" * 14)]
+
+
+def test_tap_to_link_vnet_giant_frame_is_dropped_not_truncated() -> None:
+    tap_agent, tap_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with tap_agent, tap_test:
+        tap_test.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        tap_test.send(PLAIN_HEADER + b"\x03" * 1515)
+        tap_test.send(PLAIN_HEADER + b"\x04" * 1514)
+        tap_test.close()
+        tap_agent.setblocking(False)
+        sender = RecordingSender()
+        stats = DirectionStats()
+        pump_tap_to_link(
+            tap_agent.fileno(), sender, LinkProtocol.GVPROXY, stats, max_frame=1514, vnet_hdr=True
+        )
+    assert (stats.frames, stats.dropped) == (1, 1)
+    assert sender.sends == [encode_frame(LinkProtocol.GVPROXY, b"\x04" * 1514)]
+
+
+@pytest.mark.parametrize("protocol", list(LinkProtocol), ids=lambda p: p.value)
+def test_tap_to_link_vnet_still_coalesces_small_frames(protocol: LinkProtocol) -> None:
+    frames = [b"\x05" * 100] * 500 + [b"\x06" * 40000] + [b"\x07" * 1500] * 30
+    sender, stats, reason = pump_queued_tap_messages([PLAIN_HEADER + f for f in frames], protocol)
+    assert reason == "tap closed"
+    assert stats.frames == len(frames)
+    assert len(sender.sends) < len(frames) // 10
+    decoder = FrameDecoder(protocol)
+    decoder.receive_data(b"".join(sender.sends))
+    assert [bytes(f) for f in iter(decoder.maybe_next_frame, None)] == frames
+
+
+def test_link_to_tap_vnet_write_errors_drop_the_frame_with_its_header() -> None:
+    """A frame the TAP refuses (here: too big for the fake TAP) is dropped and counted."""
+    tap_agent, tap_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    link_agent, link_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with tap_agent, tap_test, link_agent, link_test:
+        tap_agent.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        small = ipv4_frame(PROTO_TCP)
+        link_test.sendall(
+            encode_frame(LinkProtocol.GVPROXY, b"\x01" * 60000)
+            + encode_frame(LinkProtocol.GVPROXY, small)
+        )
+        link_test.close()
+        decoder = FrameDecoder(LinkProtocol.GVPROXY)
+        stats = DirectionStats()
+        reason = pump_link_to_tap(
+            link_agent, tap_agent.fileno(), decoder, stats, vnet_hdr=True, csum_offload=True
+        )
+        assert reason == "parent closed the link"
+        assert (stats.frames, stats.dropped) == (1, 1)
+        assert tap_test.recv(70000) == expected_header(small, True) + small

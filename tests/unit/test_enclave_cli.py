@@ -131,3 +131,14 @@ def test_cli_exit_status_of_killed_command() -> None:
     assert cli._shell_status(0) == 0
     assert cli._shell_status(3) == 3
     assert cli._shell_status(-15) == 143
+
+
+def test_cli_offload_is_asked_for_by_default() -> None:
+    assert cli.parse_args([]).agent.offload is True
+
+
+def test_cli_no_offload() -> None:
+    assert cli.parse_args(["--no-offload"]).agent.offload is False
+    options = cli.parse_args(["run", "--no-offload", "--", "true"])
+    assert options.agent.offload is False
+    assert options.command == ("true",)

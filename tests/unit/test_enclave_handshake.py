@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from nitro_netd.enclave.handshake import Handshake, PeerKind
+from nitro_netd.enclave.handshake import Handshake, PeerKind, offload_agreed
 from nitro_netd.link import (
+    HEADER_OFFLOAD,
+    OFFLOAD_CSUM,
+    HttpHead,
     HttpHeadReader,
     LinkError,
     LinkProtocol,
@@ -115,3 +118,90 @@ def test_handshake_data_after_result_is_a_bug() -> None:
     handshake = Handshake(LinkProtocol.QEMU)
     with pytest.raises(RuntimeError):
         handshake.receive_data(b"x")
+
+
+# --- checksum offload negotiation ------------------------------------------------------
+
+
+def request_head(handshake: Handshake) -> HttpHead:
+    head = HttpHeadReader().receive_data(handshake.request())
+    assert head is not None
+    check_connect_request(head)
+    return head
+
+
+def test_handshake_offload_request_carries_the_offload_header() -> None:
+    request = Handshake(LinkProtocol.GVPROXY, offload=True).request()
+    assert b"\r\nNitro-Netd-Offload: csum\r\n" in request
+    head = request_head(Handshake(LinkProtocol.GVPROXY, offload=True))
+    assert head.get(HEADER_OFFLOAD) == OFFLOAD_CSUM == "csum"
+    assert head.get("Nitro-Netd-Reply") == "1"
+
+
+def test_handshake_without_offload_does_not_ask() -> None:
+    head = request_head(Handshake(LinkProtocol.GVPROXY))
+    assert head.get(HEADER_OFFLOAD) is None
+    assert b"Offload" not in Handshake(LinkProtocol.GVPROXY, offload=False).request()
+
+
+def test_handshake_qemu_never_asks_and_never_has_offload() -> None:
+    handshake = Handshake(LinkProtocol.QEMU, offload=True)
+    assert handshake.request() == b""
+    assert handshake.result is not None
+    assert handshake.result.offload is False
+
+
+def test_handshake_offload_on_when_the_reply_agrees() -> None:
+    handshake = Handshake(LinkProtocol.GVPROXY, offload=True)
+    result = handshake.receive_data(build_connect_reply({HEADER_OFFLOAD: "csum"}) + FRAME)
+    assert result is not None
+    assert result.peer is PeerKind.NITRO_NETD
+    assert result.offload is True
+    assert result.initial == FRAME
+
+
+def test_handshake_offload_off_when_the_reply_does_not_agree() -> None:
+    result = Handshake(LinkProtocol.GVPROXY, offload=True).receive_data(build_connect_reply())
+    assert result is not None
+    assert result.peer is PeerKind.NITRO_NETD
+    assert result.offload is False
+
+
+def test_handshake_offload_off_when_not_asked_even_if_the_reply_says_so() -> None:
+    handshake = Handshake(LinkProtocol.GVPROXY, offload=False)
+    result = handshake.receive_data(build_connect_reply({HEADER_OFFLOAD: "csum"}))
+    assert result is not None
+    assert result.offload is False
+
+
+def test_handshake_offload_off_with_a_stock_gvproxy() -> None:
+    silent = Handshake(LinkProtocol.GVPROXY, offload=True).wait_expired()
+    assert silent is not None
+    assert silent.offload is False
+    framing = Handshake(LinkProtocol.GVPROXY, offload=True).receive_data(FRAME)
+    assert framing is not None
+    assert framing.offload is False
+
+
+@pytest.mark.parametrize(
+    ("value", "agreed"),
+    [
+        (None, False),
+        ("", False),
+        ("csum", True),
+        ("CSUM", True),
+        (" csum ", True),
+        ("tso, csum", True),
+        ("csum,tso", True),
+        ("no", False),
+        ("csum4", False),
+        ("0", False),
+    ],
+)
+def test_handshake_offload_decision_from_the_reply_header(value: str | None, agreed: bool) -> None:
+    headers = {} if value is None else {HEADER_OFFLOAD.lower(): value}
+    assert offload_agreed(HttpHead("HTTP/1.1 200 OK", headers)) is agreed
+
+
+def test_handshake_offload_decision_without_a_reply() -> None:
+    assert offload_agreed(None) is False

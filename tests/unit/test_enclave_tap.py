@@ -1,14 +1,26 @@
-"""TAP creation: the ifreq layout and one-line errors (no real device needed)."""
+"""TAP creation: the ifreq layout, offload ioctls and one-line errors (no real device)."""
 
 from __future__ import annotations
 
 import errno
+import os
+import socket
 import struct
 from pathlib import Path
 
 import pytest
 
-from nitro_netd.enclave.tap import IFF_NO_PI, IFF_TAP, TapError, build_ifreq, open_tap
+from nitro_netd.enclave import tap
+from nitro_netd.enclave.tap import (
+    IFF_NO_PI,
+    IFF_TAP,
+    IFF_VNET_HDR,
+    TapError,
+    build_ifreq,
+    has_vnet_hdr,
+    open_tap,
+    set_offload,
+)
 
 
 def test_tap_ifreq_layout() -> None:
@@ -16,7 +28,39 @@ def test_tap_ifreq_layout() -> None:
     assert len(ifreq) == 40
     name, flags = struct.unpack_from("16sH", ifreq)
     assert name.rstrip(b"\0") == b"tap0"
-    assert flags == IFF_TAP | IFF_NO_PI
+    assert flags == IFF_TAP | IFF_NO_PI | IFF_VNET_HDR == 0x5002
+
+
+def _ioc(direction: int, kind: str, number: int, size: int) -> int:
+    """<asm-generic/ioctl.h>'s _IOC."""
+    return (direction << 30) | (size << 16) | (ord(kind) << 8) | number
+
+
+def test_tap_ioctl_numbers() -> None:
+    write, read = 1, 2
+    assert _ioc(write, "T", 202, 4) == tap.TUNSETIFF
+    assert _ioc(write, "T", 208, 4) == tap.TUNSETOFFLOAD == 0x400454D0
+    assert _ioc(read, "T", 210, 4) == tap.TUNGETIFF
+    assert (tap.TUN_F_CSUM, tap.VNET_HDR_SIZE) == (0x01, 10)
+
+
+def test_tap_has_vnet_hdr_is_false_for_anything_but_a_tap() -> None:
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    read_fd, write_fd = os.pipe()
+    try:
+        assert has_vnet_hdr(left.fileno()) is False
+        assert has_vnet_hdr(read_fd) is False
+    finally:
+        for fd in (read_fd, write_fd):
+            os.close(fd)
+        left.close()
+        right.close()
+
+
+def test_tap_set_offload_on_a_non_tap_raises_oserror() -> None:
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with left, right, pytest.raises(OSError, match="ioctl"):
+        set_offload(left.fileno(), tap.TUN_F_CSUM)
 
 
 @pytest.mark.parametrize("name", ["", "a" * 16, "tâp", "a/b"])

@@ -26,7 +26,13 @@ from nitro_netd.enclave.agent import Agent, AgentConfig, AgentError
 from nitro_netd.enclave.netconfig import InterfacePlan, NetConfigError
 from nitro_netd.enclave.resolv import DEFAULT_RESOLV_CONF, ResolvConfError
 from nitro_netd.enclave.setup import bring_up_network
-from nitro_netd.enclave.tap import DEFAULT_TAP_NAME, TapError, build_ifreq, open_tap
+from nitro_netd.enclave.tap import (
+    DEFAULT_TAP_NAME,
+    TapError,
+    build_ifreq,
+    has_vnet_hdr,
+    open_tap,
+)
 from nitro_netd.link import DEFAULT_MTU, MAX_MTU, LinkProtocol
 from nitro_netd.transport import Endpoint, EndpointError, Scheme, parse_endpoint
 
@@ -199,6 +205,9 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
         help="resolv.conf to point at the gateway's DNS (default: %(default)s)")  # fmt: skip
     group.add_argument("--no-resolv-conf", action="store_true",
         help="leave resolv.conf alone")  # fmt: skip
+    add("--no-offload", action="store_true",
+        help="never ask the parent for checksum offload (by default the agent asks "
+        "nitro-netd-parent, and uses it when the parent agrees)")  # fmt: skip
     add("--link-up-fd", type=_link_up_fd, default=None, metavar="FD",
         help="write one byte to this open descriptor each time the link comes up "
         "(for supervisors)")  # fmt: skip
@@ -207,7 +216,12 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _options(ns: argparse.Namespace, command: tuple[str, ...] | None) -> EnclaveOptions:
-    agent = AgentConfig(endpoint=ns.parent, protocol=LinkProtocol(ns.protocol), mtu=ns.mtu)
+    agent = AgentConfig(
+        endpoint=ns.parent,
+        protocol=LinkProtocol(ns.protocol),
+        mtu=ns.mtu,
+        offload=not ns.no_offload,
+    )
     return EnclaveOptions(
         agent=agent,
         plan=InterfacePlan(name=ns.tap, mtu=ns.mtu),
@@ -274,7 +288,9 @@ def _link_up_fd(text: str) -> int:
 
 def run_agent(options: EnclaveOptions, tap_fd: int) -> int:
     """Run the agent in this process until SIGTERM or SIGINT; return the exit status."""
-    agent = Agent(options.agent, tap_fd, link_up_fd=options.link_up_fd)
+    agent = Agent(
+        options.agent, tap_fd, link_up_fd=options.link_up_fd, vnet_hdr=has_vnet_hdr(tap_fd)
+    )
     stop: Callable[[int, object], None] = lambda signum, frame: agent.stop()  # noqa: E731
     try:
         with _signal_handlers((signal.SIGTERM, signal.SIGINT), stop):
@@ -307,7 +323,9 @@ def run_command(options: EnclaveOptions, tap_fd: int) -> int:
 def _agent_child(options: EnclaveOptions, tap_fd: int, link_up_fd: int) -> str:
     """The agent process of ``run``: runs until SIGTERM, reports how it ended."""
     os.set_blocking(link_up_fd, False)
-    agent = Agent(replace(options.agent), tap_fd, link_up_fd=link_up_fd)
+    agent = Agent(
+        replace(options.agent), tap_fd, link_up_fd=link_up_fd, vnet_hdr=has_vnet_hdr(tap_fd)
+    )
     signal.signal(signal.SIGTERM, lambda signum, frame: agent.stop())
     try:
         agent.run_forever()

@@ -11,11 +11,19 @@ exponential backoff; the backoff starts again after a session whose link stayed 
 `AgentConfig.stable_after` seconds, so a parent that accepts and at once drops or garbles
 the link does not make the agent spin.
 
+Checksum offload: when the TAP carries virtio-net headers, the agent tries once at start
+whether it can set the TAP's offloads (``TUNSETOFFLOAD``), and only then asks each gvproxy
+session's parent for it (``Nitro-Netd-Offload: csum``). After each handshake, before the
+pump starts, it sets the TAP to `TUN_F_CSUM` if the parent agreed and to 0 otherwise, so a
+reconnect to a stock peer turns offload off again. If turning it on fails after all, the
+session ends and the agent stops asking.
+
 Every wait (backoff, handshake, pump) also watches a self-pipe, so `Agent.stop` (safe to
 call from a signal handler) ends the agent promptly. Operator log lines, one per event::
 
     connecting to unix:///run/nitro-netd.sock (gvproxy framing)
     link up: nitro-netd (protocol version 1) at unix:///run/nitro-netd.sock
+    checksum offload on
     link lost: parent closed the link
     retry in 0.05 s
 
@@ -36,8 +44,10 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from nitro_netd.enclave.backoff import Backoff
-from nitro_netd.enclave.handshake import Handshake, HandshakeResult
+from nitro_netd.enclave.handshake import Handshake, HandshakeResult, PeerKind
 from nitro_netd.enclave.pump import run_pump
+from nitro_netd.enclave.tap import TUN_F_CSUM
+from nitro_netd.enclave.tap import set_offload as tap_set_offload
 from nitro_netd.link import DEFAULT_MTU, LinkError, LinkProtocol
 from nitro_netd.transport import Endpoint, connect
 
@@ -68,6 +78,8 @@ class AgentConfig:
     """Seconds to wait for our daemon's reply before taking the peer for a stock gvproxy."""
     handshake_timeout: float = 5.0
     """Seconds to finish reading a reply once it has started."""
+    offload: bool = True
+    """Ask the parent for checksum offload when the TAP can do it (``--no-offload``: never)."""
     stable_after: float = 1.0
     """Seconds a link must stay up for the backoff to start again from its first delay."""
     backoff: Callable[[], Backoff] = field(default=Backoff)
@@ -97,6 +109,8 @@ class Agent:
         *,
         on_link_up: Callable[[HandshakeResult], None] | None = None,
         link_up_fd: int | None = None,
+        vnet_hdr: bool = False,
+        set_offload: Callable[[int, int], None] = tap_set_offload,
     ) -> None:
         """Args:
         config: where and how to connect.
@@ -104,16 +118,33 @@ class Agent:
         on_link_up: called in the agent's process each time the link comes up.
         link_up_fd: a descriptor (e.g. a pipe) that gets one byte each time the link comes
             up, for a parent process; written without blocking.
+        vnet_hdr: the TAP's frames carry virtio-net headers (opened with ``IFF_VNET_HDR``);
+            checksum offload needs them.
+        set_offload: sets the TAP's offloads (``TUNSETOFFLOAD``; replaceable in tests).
         """
         self.config = config
         self.tap_fd = tap_fd
         self.on_link_up = on_link_up
         self.link_up_fd = link_up_fd
+        self.vnet_hdr = vnet_hdr
         self.sessions = 0
         """Sessions whose link came up."""
+        self.offload: bool | None = None
+        """Whether checksum offload is on for the current (or last) link; None before one."""
+        self._set_offload = set_offload
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._last_failure = ""
         self._quiet = False
+        self._offload_settable = False
+        """TUNSETOFFLOAD works on this TAP: set it for every session."""
+        self._no_offload_reason: str | None = None
+        """Why the agent does not ask for offload; None while it asks."""
+        self._probe_offload()
+
+    @property
+    def asks_for_offload(self) -> bool:
+        """True if the agent asks gvproxy-framed parents for checksum offload."""
+        return self._no_offload_reason is None
 
     def stop(self) -> None:
         """Ask the agent to stop; safe from a signal handler or another thread."""
@@ -187,6 +218,10 @@ class Agent:
             reason = f"handshake failed: {_describe(exc)}"
             self._log_failure(reason)
             return SessionOutcome(reason)
+        problem = self._apply_offload(result.offload)
+        if problem is not None:
+            self._log_failure(problem)
+            return SessionOutcome(problem)
         self._announce_link_up(result)
         up_at = time.monotonic()
         pumped = run_pump(
@@ -196,6 +231,8 @@ class Agent:
             initial=result.initial,
             stop_fd=self._stop_r,
             max_frame=self.config.mtu + ETHERNET_HEADER,
+            vnet_hdr=self.vnet_hdr,
+            csum_offload=result.offload,
         )
         up_seconds = time.monotonic() - up_at
         if self.stopping:
@@ -213,7 +250,7 @@ class Agent:
             OSError: the link failed.
             _StopRequested: `stop` was called meanwhile.
         """
-        handshake = Handshake(self.config.protocol)
+        handshake = Handshake(self.config.protocol, offload=self.asks_for_offload)
         sock.sendall(handshake.request())
         deadline = time.monotonic() + self.config.reply_wait
         expired = False
@@ -230,6 +267,73 @@ class Agent:
                 raise LinkError("the parent closed the link during the handshake")
             handshake.receive_data(data)
         return handshake.result
+
+    def _probe_offload(self) -> None:
+        """Decide once whether to ask for checksum offload: the TAP must take TUNSETOFFLOAD.
+
+        Sets `TUN_F_CSUM` and then 0 again (with ``--no-offload`` only 0); a failure is
+        logged once, as a warning, and the agent then never asks.
+        """
+        if not self.vnet_hdr:
+            self._no_offload_reason = "the TAP has no virtio-net headers"
+            return
+        try:
+            if self.config.offload:
+                self._set_offload(self.tap_fd, TUN_F_CSUM)
+            self._set_offload(self.tap_fd, 0)
+        except OSError as exc:
+            logger.warning(
+                "cannot set the TAP's offloads (TUNSETOFFLOAD: %s): no checksum offload",
+                _describe(exc),
+            )
+            self._no_offload_reason = "the TAP cannot do it (TUNSETOFFLOAD failed)"
+            return
+        self._offload_settable = True
+        if not self.config.offload:
+            self._no_offload_reason = "not asked for (--no-offload)"
+
+    def _apply_offload(self, on: bool) -> str | None:
+        """Set the TAP's offloads for a new session; return why the session cannot go on.
+
+        Only failing to turn offload on ends the session: the parent has agreed to leave
+        the checksums of enclave-bound TCP segments partial. The agent then stops asking,
+        so the next session runs without offload. Failing to turn it off is logged; the
+        session goes on (nothing better can be done).
+        """
+        self.offload = on
+        if not self._offload_settable:
+            return None
+        try:
+            self._set_offload(self.tap_fd, TUN_F_CSUM if on else 0)
+        except OSError as exc:
+            self._offload_settable = False
+            self._no_offload_reason = "the TAP cannot do it (TUNSETOFFLOAD failed)"
+            if on:
+                self.offload = False
+                return (
+                    f"cannot turn the TAP's checksum offload on (TUNSETOFFLOAD: "
+                    f"{_describe(exc)}): reconnecting without it"
+                )
+            logger.warning(
+                "cannot turn the TAP's checksum offload off (TUNSETOFFLOAD: %s): frames "
+                "to the parent may carry partial checksums",
+                _describe(exc),
+            )
+        return None
+
+    def _describe_offload(self, result: HandshakeResult) -> str:
+        """Return the session's log line about checksum offload."""
+        if result.offload:
+            return "checksum offload on"
+        if self._no_offload_reason is not None:
+            why = self._no_offload_reason
+        elif result.peer is PeerKind.QEMU:
+            why = "qemu framing"
+        elif result.peer is PeerKind.GVPROXY:
+            why = "the peer did not reply (stock gvproxy)"
+        else:
+            why = "the parent did not agree"
+        return f"checksum offload off: {why}"
 
     def _wait_readable(self, sock: socket.socket, timeout: float) -> bool:
         """Wait for `sock` to be readable; False on timeout.
@@ -250,6 +354,7 @@ class Agent:
         self.sessions += 1
         self._last_failure, self._quiet = "", False
         logger.info("link up: %s at %s", result.describe(), self.config.endpoint)
+        logger.info("%s", self._describe_offload(result))
         if result.reply is not None:
             logger.debug("parent's reply headers: %s", dict(result.reply.headers))
         if self.on_link_up is not None:

@@ -13,6 +13,10 @@ for a short while:
 A partial ``HTTP/1.`` prefix when the wait expires keeps the handshake waiting for the rest;
 the caller bounds that with its own deadline. No real frame can start with ``HTTP/1.``: its
 destination MAC would be ``54:50:2f:31:2e:..``, neither ours nor a group address.
+
+Checksum offload is negotiated here too: an agent that can use it sends
+``Nitro-Netd-Offload: csum``, and the session has it only if our daemon's reply carries the
+same header (`offload_agreed`). A stock gvproxy (no reply) and the qemu framing never do.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from dataclasses import dataclass
 from typing import Final
 
 from nitro_netd.link import (
+    HEADER_OFFLOAD,
     HEADER_VERSION,
     HEADER_WANT_REPLY,
+    OFFLOAD_CSUM,
     PROTOCOL_VERSION,
     HttpHead,
     HttpHeadReader,
@@ -38,6 +44,23 @@ REQUEST_HEADERS: Final[Mapping[str, str]] = {
     HEADER_VERSION: PROTOCOL_VERSION,
     HEADER_WANT_REPLY: "1",
 }
+OFFLOAD_REQUEST_HEADERS: Final[Mapping[str, str]] = {
+    **REQUEST_HEADERS,
+    HEADER_OFFLOAD: OFFLOAD_CSUM,
+}
+"""The request of an agent that asks for checksum offload."""
+
+
+def offload_agreed(reply: HttpHead | None) -> bool:
+    """Return True if our daemon's reply agrees to checksum offload for this link.
+
+    The value is read as a comma-separated list of offloads, case-insensitively, so that
+    a later daemon may agree to more than one.
+    """
+    value = reply.get(HEADER_OFFLOAD) if reply is not None else None
+    if not value:
+        return False
+    return OFFLOAD_CSUM in (token.strip().lower() for token in value.split(","))
 
 
 class PeerKind(enum.Enum):
@@ -60,6 +83,8 @@ class HandshakeResult:
     """Stream bytes received after the handshake: the start of the frame stream."""
     reply: HttpHead | None = None
     """Our daemon's reply head (its ``Nitro-Netd-*`` headers carry the network plan)."""
+    offload: bool = False
+    """Checksum offload is on for this link: the agent asked and the daemon agreed."""
 
     def describe(self) -> str:
         """Return the peer's kind for the operator's log."""
@@ -74,8 +99,13 @@ class HandshakeResult:
 class Handshake:
     """Decide from the parent's first bytes what kind of peer it is."""
 
-    def __init__(self, protocol: LinkProtocol) -> None:
+    def __init__(self, protocol: LinkProtocol, *, offload: bool = False) -> None:
+        """Args:
+        protocol: the link framing.
+        offload: ask for checksum offload (the gvproxy framing only; ignored for qemu).
+        """
         self.protocol = protocol
+        self.offload = offload and protocol is LinkProtocol.GVPROXY
         self.result: HandshakeResult | None = None
         """Set once the link is up; at once for the qemu framing."""
         self._prefix = b""
@@ -87,7 +117,7 @@ class Handshake:
         """Return the bytes to send first (nothing for the qemu framing)."""
         if self.protocol is LinkProtocol.QEMU:
             return b""
-        return build_connect_request(REQUEST_HEADERS)
+        return build_connect_request(OFFLOAD_REQUEST_HEADERS if self.offload else REQUEST_HEADERS)
 
     def receive_data(self, data: bytes) -> HandshakeResult | None:
         """Add bytes from the parent; return the result once decided.
@@ -124,5 +154,6 @@ class Handshake:
         if head is None:
             return None
         check_connect_reply(head)
-        self.result = HandshakeResult(PeerKind.NITRO_NETD, self._reader.rest, head)
+        offload = self.offload and offload_agreed(head)
+        self.result = HandshakeResult(PeerKind.NITRO_NETD, self._reader.rest, head, offload)
         return self.result

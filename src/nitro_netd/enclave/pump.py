@@ -18,6 +18,13 @@ works: tests use a ``SOCK_SEQPACKET`` socketpair) and a connected, handshaken li
   refuses is dropped and counted; a bad length from the parent (`LinkError`) ends the
   session.
 
+With ``vnet_hdr`` (a real TAP, opened with ``IFF_VNET_HDR``) each frame read from the TAP
+starts with a 10-byte ``virtio_net_hdr``: the same ``readv`` puts it into a scratch buffer,
+and the frame goes on unchanged (its checksum may be partial when offload is on: the parent
+then does not check it). A frame with a GSO type is dropped and counted (GSO is never
+enabled). Each frame written into the TAP gets a header in the same ``os.writev``: all
+zeros, or with ``csum_offload`` a ``NEEDS_CSUM`` one for IPv4 TCP segments (`vnet`).
+
 No per-byte Python work happens on either path. When either child ends (EOF, error, bad
 frame), the parent stops the other with SIGTERM and returns the first child's reason; the
 same happens when the agent's stop descriptor becomes readable. Each child reports one
@@ -30,11 +37,13 @@ import errno
 import os
 import select
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
 from nitro_netd.enclave import _process
+from nitro_netd.enclave.tap import VNET_HDR_SIZE
+from nitro_netd.enclave.vnet import CSUM_HEADERS, MIN_TCP_FRAME, ZERO_HEADER
 from nitro_netd.link import MIN_FRAME, FrameDecoder, LinkError, LinkProtocol, pack_length
 
 COALESCE_LIMIT: Final = 32 * 1024
@@ -106,8 +115,11 @@ def pump_tap_to_link(
     *,
     max_frame: int | None = None,
     coalesce: int = COALESCE_LIMIT,
+    vnet_hdr: bool = False,
 ) -> str:
     """Move frames from a non-blocking TAP descriptor to the link until one side ends.
+
+    With `vnet_hdr`, each read starts with a ``virtio_net_hdr``, which is stripped.
 
     Returns:
         Why it stopped ("tap closed").
@@ -123,23 +135,29 @@ def pump_tap_to_link(
     poller = select.poll()
     poller.register(tap_fd, select.POLLIN)
     readv, sendall = os.readv, sock.sendall
+    # The virtio-net header lands in `scratch`; its gso_type byte stays 0 without one.
+    scratch = bytearray(VNET_HDR_SIZE)
+    vnet = VNET_HDR_SIZE if vnet_hdr else 0
+    buffers: list[bytearray | memoryview] = [scratch, view] if vnet_hdr else [view]
+    last = len(buffers) - 1
     offset = 0
     while True:
         start = offset + header
+        buffers[last] = view[start : start + read_size]
         try:
-            n = readv(tap_fd, [view[start : start + read_size]])
+            n = readv(tap_fd, buffers) - vnet
         except BlockingIOError:
             if offset:
                 sendall(view[:offset])
                 offset = 0
             poller.poll()
             continue
-        if not MIN_FRAME <= n <= limit:
-            if n == 0:
+        if not MIN_FRAME <= n <= limit or scratch[1]:
+            if n == -vnet:
                 if offset:
                     sendall(view[:offset])
                 return "tap closed"
-            stats.dropped += 1
+            stats.dropped += 1  # a runt, a giant, or a GSO frame
             continue
         stats.frames += 1
         stats.bytes += n
@@ -159,9 +177,18 @@ def pump_tap_to_link(
 
 
 def pump_link_to_tap(
-    sock: socket.socket, tap_fd: int, decoder: FrameDecoder, stats: DirectionStats
+    sock: socket.socket,
+    tap_fd: int,
+    decoder: FrameDecoder,
+    stats: DirectionStats,
+    *,
+    vnet_hdr: bool = False,
+    csum_offload: bool = False,
 ) -> str:
     """Move frames from the link to the TAP until one side ends.
+
+    With `vnet_hdr`, each frame is written behind a ``virtio_net_hdr``: all zeros, or with
+    `csum_offload` one marking an IPv4 TCP segment's checksum as partial.
 
     Returns:
         Why it stopped ("parent closed the link").
@@ -170,6 +197,8 @@ def pump_link_to_tap(
         LinkError: the parent sent a bad frame length.
         OSError: receiving on the link or writing the TAP failed.
     """
+    if vnet_hdr:
+        return _pump_link_to_vnet_tap(sock, tap_fd, decoder, stats, csum_offload)
     recv_into, write = sock.recv_into, os.write
     while True:
         frame = decoder.maybe_next_frame()
@@ -179,7 +208,45 @@ def pump_link_to_tap(
                 stats.frames += 1
                 stats.bytes += len(frame)
             except OSError as exc:
-                _handle_tap_write_error(tap_fd, frame, exc, stats)
+                _handle_tap_write_error(tap_fd, (frame,), exc, stats)
+            frame = decoder.maybe_next_frame()
+        n = recv_into(decoder.get_buffer())
+        if not n:
+            return "parent closed the link"
+        decoder.buffer_updated(n)
+
+
+def _pump_link_to_vnet_tap(
+    sock: socket.socket,
+    tap_fd: int,
+    decoder: FrameDecoder,
+    stats: DirectionStats,
+    csum_offload: bool,
+) -> str:
+    """`pump_link_to_tap` for a TAP that takes a virtio-net header before each frame."""
+    recv_into, writev = sock.recv_into, os.writev
+    zero, csum_headers, min_tcp = ZERO_HEADER, CSUM_HEADERS, MIN_TCP_FRAME
+    while True:
+        frame = decoder.maybe_next_frame()
+        while frame is not None:
+            # The inlined form of vnet.header_for: IPv4 (0x0800), TCP (6), not a fragment.
+            if (
+                csum_offload
+                and len(frame) >= min_tcp
+                and frame[23] == 6
+                and frame[12] == 8
+                and frame[13] == 0
+                and not (frame[20] & 0x3F or frame[21])
+            ):
+                buffers = (csum_headers[frame[14]], frame)
+            else:
+                buffers = (zero, frame)
+            try:
+                writev(tap_fd, buffers)
+                stats.frames += 1
+                stats.bytes += len(frame)
+            except OSError as exc:
+                _handle_tap_write_error(tap_fd, buffers, exc, stats)
             frame = decoder.maybe_next_frame()
         n = recv_into(decoder.get_buffer())
         if not n:
@@ -188,16 +255,20 @@ def pump_link_to_tap(
 
 
 def _handle_tap_write_error(
-    tap_fd: int, frame: memoryview, exc: OSError, stats: DirectionStats
+    tap_fd: int, buffers: Sequence[bytes | memoryview], exc: OSError, stats: DirectionStats
 ) -> None:
-    """Retry a frame the TAP could not take yet; drop one it refuses; raise otherwise."""
+    """Retry a frame the TAP could not take yet; drop one it refuses; raise otherwise.
+
+    `buffers` is the frame, behind its virtio-net header if the TAP takes one.
+    """
+    frame = buffers[-1]
     if isinstance(exc, BlockingIOError):
         poller = select.poll()
         poller.register(tap_fd, select.POLLOUT)
         while True:
             poller.poll()
             try:
-                os.write(tap_fd, frame)
+                os.writev(tap_fd, buffers)
             except BlockingIOError:
                 continue
             except OSError as again:
@@ -212,12 +283,19 @@ def _handle_tap_write_error(
 
 
 def run_tap_to_link(
-    tap_fd: int, sock: socket.socket, protocol: LinkProtocol, max_frame: int | None = None
+    tap_fd: int,
+    sock: socket.socket,
+    protocol: LinkProtocol,
+    max_frame: int | None = None,
+    *,
+    vnet_hdr: bool = False,
 ) -> PumpReport:
     """Run the tap → link direction to its end and say why it ended."""
     stats = DirectionStats()
     try:
-        reason = pump_tap_to_link(tap_fd, sock, protocol, stats, max_frame=max_frame)
+        reason = pump_tap_to_link(
+            tap_fd, sock, protocol, stats, max_frame=max_frame, vnet_hdr=vnet_hdr
+        )
     except _process.Stopped:
         reason = "stopped"
     except OSError as exc:
@@ -226,14 +304,22 @@ def run_tap_to_link(
 
 
 def run_link_to_tap(
-    sock: socket.socket, tap_fd: int, protocol: LinkProtocol, initial: bytes = b""
+    sock: socket.socket,
+    tap_fd: int,
+    protocol: LinkProtocol,
+    initial: bytes = b"",
+    *,
+    vnet_hdr: bool = False,
+    csum_offload: bool = False,
 ) -> PumpReport:
     """Run the link → tap direction to its end and say why it ended."""
     stats = DirectionStats()
     decoder = FrameDecoder(protocol, capacity=RECEIVE_CAPACITY)
     decoder.receive_data(initial)
     try:
-        reason = pump_link_to_tap(sock, tap_fd, decoder, stats)
+        reason = pump_link_to_tap(
+            sock, tap_fd, decoder, stats, vnet_hdr=vnet_hdr, csum_offload=csum_offload
+        )
     except _process.Stopped:
         reason = "stopped"
     except LinkError as exc:
@@ -251,6 +337,8 @@ def run_pump(
     initial: bytes = b"",
     stop_fd: int | None = None,
     max_frame: int | None = None,
+    vnet_hdr: bool = False,
+    csum_offload: bool = False,
 ) -> PumpResult:
     """Pump frames both ways in two child processes until either direction ends.
 
@@ -261,17 +349,31 @@ def run_pump(
         initial: link bytes already received (frames that followed the handshake).
         stop_fd: becoming readable stops the pump (reason "agent stopping").
         max_frame: the largest frame read from the TAP (default: the framing's limit).
+        vnet_hdr: the TAP's frames carry a ``virtio_net_hdr`` both ways (``IFF_VNET_HDR``).
+        csum_offload: with `vnet_hdr`, mark enclave-bound IPv4 TCP segments ``NEEDS_CSUM``
+            (the session agreed checksum offload with the parent).
 
     Returns:
         The reason of the direction that ended first, and both directions' reports.
+
+    Raises:
+        ValueError: `csum_offload` without `vnet_hdr`.
     """
+    if csum_offload and not vnet_hdr:
+        raise ValueError("checksum offload needs a TAP with virtio-net headers")
     os.set_blocking(tap_fd, False)
     keep = (tap_fd, sock.fileno())
     out = _spawn_direction(
-        "tap→link", lambda: run_tap_to_link(tap_fd, sock, protocol, max_frame), keep
+        "tap→link",
+        lambda: run_tap_to_link(tap_fd, sock, protocol, max_frame, vnet_hdr=vnet_hdr),
+        keep,
     )
     back = _spawn_direction(
-        "link→tap", lambda: run_link_to_tap(sock, tap_fd, protocol, initial), keep
+        "link→tap",
+        lambda: run_link_to_tap(
+            sock, tap_fd, protocol, initial, vnet_hdr=vnet_hdr, csum_offload=csum_offload
+        ),
+        keep,
     )
     first, reason = _wait_first([out, back], stop_fd)
     reports = {first.name: PumpReport.decode(reason)} if first is not None else {}

@@ -1,4 +1,11 @@
-"""Create the enclave's TAP device from ``/dev/net/tun`` (no packet-info header).
+"""Create the enclave's TAP device from ``/dev/net/tun`` and set its offloads.
+
+The TAP is opened without a packet-info header and with ``IFF_VNET_HDR``: every frame read
+from it starts with a 10-byte ``struct virtio_net_hdr`` and every frame written must start
+with one (`VNET_HDR_SIZE`, the kernel's default size). That header lets the agent hand the
+enclave's kernel TCP segments whose checksum is only partial (``NEEDS_CSUM``), and, with
+``TUNSETOFFLOAD`` = `TUN_F_CSUM`, lets the kernel hand the agent such frames. GSO stays
+off (no ``TUN_F_TSO*``), so frames are never larger than the MTU.
 
 The returned file descriptor *is* the device: the kernel removes a non-persistent TAP when
 its last descriptor closes, so the agent opens it once and keeps it for its whole life,
@@ -16,8 +23,19 @@ from typing import Final
 TUN_PATH: Final = "/dev/net/tun"
 TUNSETIFF: Final = 0x400454CA
 """<linux/if_tun.h>: _IOW('T', 202, int)."""
+TUNSETOFFLOAD: Final = 0x400454D0
+"""<linux/if_tun.h>: _IOW('T', 208, unsigned int); the argument is the flags themselves."""
+TUNGETIFF: Final = 0x800454D2
+"""<linux/if_tun.h>: _IOR('T', 210, unsigned int); fills a ``struct ifreq``."""
 IFF_TAP: Final = 0x0002
 IFF_NO_PI: Final = 0x1000
+IFF_VNET_HDR: Final = 0x4000
+TAP_FLAGS: Final = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+"""What `open_tap` asks for."""
+TUN_F_CSUM: Final = 0x01
+"""TUNSETOFFLOAD: the agent accepts frames with partial checksums (never TSO: no GSO)."""
+VNET_HDR_SIZE: Final = 10
+"""``struct virtio_net_hdr`` without ``num_buffers``: the default TUNSETVNETHDRSZ."""
 IFNAMSIZ: Final = 16
 DEFAULT_TAP_NAME: Final = "tap0"
 
@@ -26,7 +44,7 @@ class TapError(Exception):
     """The TAP device cannot be created; the message says what to do."""
 
 
-def build_ifreq(name: str, flags: int = IFF_TAP | IFF_NO_PI) -> bytes:
+def build_ifreq(name: str, flags: int = TAP_FLAGS) -> bytes:
     """Return a ``struct ifreq`` naming the interface and carrying TUN flags.
 
     Raises:
@@ -44,7 +62,8 @@ def build_ifreq(name: str, flags: int = IFF_TAP | IFF_NO_PI) -> bytes:
 def open_tap(name: str = DEFAULT_TAP_NAME, tun_path: str = TUN_PATH) -> int:
     """Create (or attach to) TAP interface `name` and return its file descriptor.
 
-    The descriptor is blocking and close-on-exec; the caller owns it.
+    The descriptor is blocking and close-on-exec, and carries virtio-net headers
+    (`TAP_FLAGS`); the caller owns it.
 
     Raises:
         TapError: no TUN device, not permitted, or the name is busy.
@@ -60,6 +79,28 @@ def open_tap(name: str = DEFAULT_TAP_NAME, tun_path: str = TUN_PATH) -> int:
         os.close(fd)
         raise _explain(exc, name, tun_path) from exc
     return fd
+
+
+def has_vnet_hdr(fd: int) -> bool:
+    """Return True if `fd` is a TUN/TAP descriptor whose frames carry virtio-net headers.
+
+    Anything else (a socket standing in for the TAP in tests) answers False.
+    """
+    try:
+        ifreq = fcntl.ioctl(fd, TUNGETIFF, bytes(40))
+    except OSError:
+        return False
+    (flags,) = struct.unpack_from("H", ifreq, IFNAMSIZ)
+    return bool(flags & IFF_VNET_HDR)
+
+
+def set_offload(fd: int, flags: int) -> None:
+    """Set the TAP's offloads (``TUNSETOFFLOAD``): `TUN_F_CSUM` or 0.
+
+    Raises:
+        OSError: not a TAP, or the kernel refuses the flags.
+    """
+    fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
 
 
 def _explain(exc: OSError, name: str, tun_path: str) -> TapError:

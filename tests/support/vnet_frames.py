@@ -1,0 +1,105 @@
+"""Frames and virtio-net headers for the agent's checksum-offload tests, built by hand.
+
+Independent of `nitro_netd.enclave.vnet` on purpose: the expected header of a frame is
+derived here from the frame's fields with `struct`, so the pump's inlined classifier and
+the precomputed headers are checked against a second implementation.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+
+VNET_HDR_LEN = 10
+NEEDS_CSUM = 1
+PLAIN_HEADER = bytes(VNET_HDR_LEN)
+MAC_ENCLAVE = bytes.fromhex("5255c0a87f02")
+MAC_GATEWAY = bytes.fromhex("5255c0a87f01")
+ETHERTYPE_IPV4 = 0x0800
+ETHERTYPE_ARP = 0x0806
+ETHERTYPE_IPV6 = 0x86DD
+ETHERTYPE_VLAN = 0x8100
+PROTO_ICMP = 1
+PROTO_TCP = 6
+PROTO_UDP = 17
+
+
+def vnet_header(
+    flags: int = 0,
+    gso_type: int = 0,
+    hdr_len: int = 0,
+    gso_size: int = 0,
+    csum_start: int = 0,
+    csum_offset: int = 0,
+) -> bytes:
+    """Return a ``struct virtio_net_hdr`` (little-endian)."""
+    return struct.pack("<BBHHHH", flags, gso_type, hdr_len, gso_size, csum_start, csum_offset)
+
+
+def ipv4_frame(
+    proto: int = PROTO_TCP,
+    *,
+    payload: bytes = b"x" * 40,
+    options: bytes = b"",
+    flags_fragment: int = 0x4000,
+    ethertype: int = ETHERTYPE_IPV4,
+    version: int = 4,
+) -> bytes:
+    """Return an Ethernet frame with an IPv4 header and a 20-byte L4 header stand-in.
+
+    `flags_fragment` is the IPv4 flags + fragment offset field (default: DF only);
+    checksums are left zero, the agent never looks at them.
+    """
+    assert len(options) % 4 == 0
+    ihl = 5 + len(options) // 4
+    l4 = bytes(20) + payload
+    total = ihl * 4 + len(l4)
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        (version << 4) | ihl,
+        0,
+        total,
+        0x1234,
+        flags_fragment,
+        64,
+        proto,
+        0,
+        bytes([192, 168, 127, 1]),
+        bytes([192, 168, 127, 2]),
+    )
+    return MAC_ENCLAVE + MAC_GATEWAY + struct.pack("!H", ethertype) + ip + options + l4
+
+
+def expected_header(frame: bytes, offload: bool) -> bytes:
+    """The header the agent must write before an enclave-bound `frame`."""
+    if not offload or len(frame) < 54:
+        return PLAIN_HEADER
+    (ethertype,) = struct.unpack_from("!H", frame, 12)
+    version_ihl, _, _, _, flags_fragment, _, proto = struct.unpack_from("!BBHHHBB", frame, 14)
+    version, ihl = version_ihl >> 4, version_ihl & 0x0F
+    if ethertype != ETHERTYPE_IPV4 or proto != PROTO_TCP or version != 4 or ihl < 5:
+        return PLAIN_HEADER
+    if flags_fragment & 0x3FFF:
+        return PLAIN_HEADER
+    return vnet_header(NEEDS_CSUM, csum_start=14 + ihl * 4, csum_offset=16)
+
+
+def mixed_frames(seed: int, count: int) -> list[bytes]:
+    """IPv4 TCP (with and without options, fragments), UDP, ICMP, ARP, IPv6, VLAN, runts."""
+    rng = random.Random(seed)
+    makers = [
+        lambda: ipv4_frame(PROTO_TCP, payload=rng.randbytes(rng.randint(0, 1400))),
+        lambda: ipv4_frame(PROTO_TCP, payload=rng.randbytes(rng.randint(9000, 60000))),
+        lambda: ipv4_frame(PROTO_TCP, options=rng.randbytes(4 * rng.randint(1, 10))),
+        lambda: ipv4_frame(PROTO_TCP, flags_fragment=0x2000),  # MF
+        lambda: ipv4_frame(PROTO_TCP, flags_fragment=rng.randint(1, 0x1FFF)),  # an offset
+        lambda: ipv4_frame(PROTO_TCP, flags_fragment=0),  # no DF: still marked
+        lambda: ipv4_frame(PROTO_UDP, payload=rng.randbytes(rng.randint(0, 1400))),
+        lambda: ipv4_frame(PROTO_ICMP),
+        lambda: ipv4_frame(PROTO_TCP, ethertype=ETHERTYPE_ARP),
+        lambda: ipv4_frame(PROTO_TCP, ethertype=ETHERTYPE_VLAN),
+        lambda: ipv4_frame(PROTO_TCP, version=6),
+        lambda: ipv4_frame(PROTO_TCP, payload=b"")[: rng.randint(14, 53)],  # too short for TCP
+        lambda: rng.randbytes(rng.randint(14, 3000)),
+    ]
+    return [rng.choice(makers)() for _ in range(count)]
