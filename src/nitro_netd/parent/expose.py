@@ -126,6 +126,26 @@ def bind_tcp_listener(item: ExposeSpec) -> socket.socket:
     return sock
 
 
+def bind_all(
+    items: Sequence[ExposeSpec], protocol: str, bind: Callable[[ExposeSpec], socket.socket]
+) -> list[tuple[socket.socket, ExposeSpec]]:
+    """Bind every item of `protocol`, all or nothing.
+
+    Raises:
+        OSError: the first port that could not be bound; the others are closed again.
+    """
+    bound: list[tuple[socket.socket, ExposeSpec]] = []
+    try:
+        for item in items:
+            if item.protocol == protocol:
+                bound.append((bind(item), item))
+    except OSError:
+        for sock, _ in bound:
+            sock.close()
+        raise
+    return bound
+
+
 class TcpExposer:
     """Accepts clients on exposed TCP ports and hands them to the bridge as flows."""
 
@@ -149,15 +169,7 @@ class TcpExposer:
         Raises:
             OSError: a port could not be bound; nothing stays bound.
         """
-        bound: list[tuple[socket.socket, ExposeSpec]] = []
-        try:
-            for item in items:
-                if item.protocol == "tcp":
-                    bound.append((bind_tcp_listener(item), item))
-        except OSError:
-            for sock, _ in bound:
-                sock.close()
-            raise
+        bound = bind_all(items, "tcp", bind_tcp_listener)
         for sock, item in bound:
             self.listeners[sock.fileno()] = (sock, item)
             self.loop.add_reader(sock.fileno(), self._on_acceptable, sock, item)
@@ -242,15 +254,7 @@ class UdpExposer:
         Raises:
             OSError: a port could not be bound; nothing stays bound.
         """
-        bound: list[tuple[socket.socket, ExposeSpec]] = []
-        try:
-            for item in items:
-                if item.protocol == "udp":
-                    bound.append((bind_udp_listener(item), item))
-        except OSError:
-            for sock, _ in bound:
-                sock.close()
-            raise
+        bound = bind_all(items, "udp", bind_udp_listener)
         for sock, item in bound:
             self.sockets[item.parent_port] = (sock, item)
             self.loop.add_reader(sock.fileno(), self._on_readable, sock, item)

@@ -167,15 +167,7 @@ class TcpLayer:
             return
         flow = self._next_flow
         self._next_flow += 1
-        builder = SegmentBuilder(
-            self.output.checksum_offload,
-            self.output.enclave_mac(),
-            self.config.gateway_mac,
-            header.destination,
-            header.source,
-            tcp.destination_port,
-            tcp.source_port,
-        )
+        builder = self._builder(header.destination, tcp.destination_port, tcp.source_port)
         conn = TcpConnection(
             flow,
             self.output,
@@ -226,15 +218,7 @@ class TcpLayer:
         """Answer a segment that has no flow with RST (never a RST to a RST)."""
         if tcp.flags & TcpFlags.RST:
             return
-        builder = SegmentBuilder(
-            self.output.checksum_offload,
-            self.output.enclave_mac(),
-            self.config.gateway_mac,
-            header.destination,
-            header.source,
-            tcp.destination_port,
-            tcp.source_port,
-        )
+        builder = self._builder(header.destination, tcp.destination_port, tcp.source_port)
         if tcp.flags & TcpFlags.ACK:
             frame = builder.build(tcp.ack, 0, TcpFlags.RST, 0)
         else:
@@ -245,6 +229,18 @@ class TcpLayer:
             )
             frame = builder.build(0, seq_add(tcp.seq, length), TcpFlags.RST | TcpFlags.ACK, 0)
         self.output.send_frame(frame)
+
+    def _builder(self, remote: IPv4Address, remote_port: int, enclave_port: int) -> SegmentBuilder:
+        """A frame builder for segments from `remote:remote_port` to the enclave's port."""
+        return SegmentBuilder(
+            self.output.checksum_offload,
+            self.output.enclave_mac(),
+            self.config.gateway_mac,
+            remote,
+            self.config.enclave_ip,
+            remote_port,
+            enclave_port,
+        )
 
     def _isn(self, flow: FlowId) -> int:
         return (self._isn_seed + flow * 0x9E3779B9) & 0xFFFFFFFF
@@ -289,15 +285,7 @@ class TcpLayer:
             )
             self.output.send_command(TcpClose(event.flow, reset=True))
             return
-        builder = SegmentBuilder(
-            self.output.checksum_offload,
-            self.output.enclave_mac(),
-            self.config.gateway_mac,
-            remote,
-            self.config.enclave_ip,
-            event.port,
-            event.enclave_port,
-        )
+        builder = self._builder(remote, event.port, event.enclave_port)
         conn = InboundConnection(
             event.flow,
             self.output,
