@@ -141,15 +141,19 @@ class Bridge:
     # --- output --------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Drain the stack: frames to the link, commands to the host, re-arm the timer."""
+        """Drain the stack: commands to the host, frames to the link, re-arm the timer.
+
+        Commands go first: data for the world is on the critical path of a round trip,
+        the ACKs and segments for the enclave follow a few microseconds later.
+        """
+        for command in self.stack.commands_to_send():
+            self.execute(command)
         frames = self.stack.frames_to_send_split()
         if frames and self.session is not None:
             if self.frame_tap is not None:
                 for frame in frames:
                     self.frame_tap(bytes(frame) if isinstance(frame, SplitFrame) else frame)
             self.session.send_frames(frames)
-        for command in self.stack.commands_to_send():
-            self.execute(command)
         self._arm_timer(self.stack.get_timer())
 
     def add_host_side(self, side: HostSide) -> None:
