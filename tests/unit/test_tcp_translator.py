@@ -406,3 +406,14 @@ def test_tcp_ipv4_checksum_offload_trusts_enclave_and_leaves_pseudo_header_sum()
     while pseudo >> 16:
         pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
     assert int.from_bytes(raw[50:52], "big") == pseudo
+
+
+def test_tcp_ipv4_zero_window_probe_from_enclave_is_answered_with_current_window() -> None:
+    """A probe (seq one below rcv_nxt, no data) must get an ACK carrying our window, or a
+    lost window update would leave the enclave backing off for minutes."""
+    _, peer, host = make()
+    peer.establish(host)
+    peer.send(ACK, seq=seq_add(peer.snd_nxt, -1))
+    [(ack, _)] = peer.receive()
+    assert ack.ack == peer.snd_nxt
+    assert ack.window > 0

@@ -24,9 +24,10 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from nitro_netd.netstack import StackConfig
 from nitro_netd.parent.bridge import Bridge
@@ -250,11 +251,28 @@ def run(config: DaemonConfig, readiness: Readiness | None = None) -> int:
     """
     lock = PidLock.acquire(config.state.pidfile, config.state.name) if config.state else None
     try:
-        asyncio.run(_main(config, readiness))
+        _run_loop(_main(config, readiness))
     finally:
         if lock is not None:
             lock.release()
     return 0
+
+
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run the daemon's loop: uvloop when installed (the `fast` extra), else asyncio's own.
+
+    `NITRO_NETD_LOOP=asyncio` forces the standard loop.
+    """
+    if os.environ.get("NITRO_NETD_LOOP", "auto") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            logger.debug("event loop: uvloop")
+            uvloop.run(main)
+            return
+    asyncio.run(main)
 
 
 async def _main(config: DaemonConfig, readiness: Readiness | None) -> None:

@@ -182,7 +182,8 @@ class HostTcpFlow:
         del self.pending[:n]
         if self.blocked and len(self.pending) < LOW_WATER:
             self.blocked = False
-            self.owner.post(TcpWriteUnblocked(self.flow))
+            # Through call_soon like TcpWriteBlocked, so the stack sees them in order.
+            self.owner.post_soon(TcpWriteUnblocked(self.flow))
         if not self.pending and not self.closed:
             self._stop_writing()
             self._after_drain()

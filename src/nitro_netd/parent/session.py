@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from typing import Final, Protocol
+from typing import Final, Protocol, cast
 
 from nitro_netd.link import (
     HEADER_OFFLOAD,
@@ -88,8 +88,7 @@ class LinkSession(asyncio.BufferedProtocol):
     # --- asyncio callbacks -------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.peer = _describe_peer(transport)
         logger.info("link from %s: connected", self.peer)
 

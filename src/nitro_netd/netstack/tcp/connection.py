@@ -269,6 +269,8 @@ class TcpConnection:
             return
         if payload or flags & _FIN:
             self._on_data(seq, payload, bool(flags & _FIN))
+        elif seq != self.rcv_nxt:
+            self.ack_pending = True  # e.g. a zero-window probe (RFC 9293 §3.10.7.4): answer it
         self._maybe_done()
 
     def _on_repeated_syn(self, header: TcpHeader) -> None:

@@ -1,0 +1,83 @@
+"""The daemon's host TCP side on real loopback sockets: connect, backpressure, close."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from ipaddress import IPv4Address
+
+from nitro_netd.netstack.events import (
+    HostEvent,
+    TcpClose,
+    TcpConnect,
+    TcpConnected,
+    TcpFailed,
+    TcpSend,
+    TcpWriteBlocked,
+    TcpWriteUnblocked,
+)
+from nitro_netd.parent.host_tcp import HIGH_WATER, HostTcp
+
+LOOPBACK = IPv4Address("127.0.0.1")
+
+
+class Events:
+    """Collects posted events; `next_of(type)` waits for one."""
+
+    def __init__(self) -> None:
+        self.all: list[HostEvent] = []
+        self._arrived = asyncio.Event()
+
+    def post(self, event: HostEvent) -> None:
+        self.all.append(event)
+        self._arrived.set()
+
+    async def wait_for(self, kind: type, limit: float = 10.0) -> HostEvent:
+        async with asyncio.timeout(limit):
+            while True:
+                for event in self.all:
+                    if isinstance(event, kind):
+                        return event
+                self._arrived.clear()
+                await self._arrived.wait()
+
+
+async def test_host_tcp_write_blocked_then_unblocked_arrive_in_order() -> None:
+    """The stack must end up "unblocked" when the shell does: both events go through the
+    loop in the order they happened (an earlier mix of call_soon and direct posting could
+    deliver them reversed and freeze the flow's window forever)."""
+    loop = asyncio.get_running_loop()
+    server = socket.create_server(("127.0.0.1", 0))
+    server.setblocking(False)
+    events = Events()
+    side = HostTcp(loop, events.post)
+    side.execute(TcpConnect(1, LOOPBACK, server.getsockname()[1], 5.0))
+    peer, _ = await loop.sock_accept(server)
+    await events.wait_for(TcpConnected)
+    side.execute(TcpSend(1, bytes(HIGH_WATER + (8 << 20))))
+    await events.wait_for(TcpWriteBlocked)
+    received = 0
+    async with asyncio.timeout(20):
+        while not any(isinstance(e, TcpWriteUnblocked) for e in events.all):
+            received += len(await loop.sock_recv(peer, 1 << 20))
+    flow_control = [e for e in events.all if isinstance(e, TcpWriteBlocked | TcpWriteUnblocked)]
+    assert isinstance(flow_control[-1], TcpWriteUnblocked)
+    assert received > 0
+    side.execute(TcpClose(1, reset=True))
+    peer.close()
+    server.close()
+
+
+async def test_host_tcp_connect_refused_becomes_tcp_failed_econnrefused() -> None:
+    loop = asyncio.get_running_loop()
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now
+    events = Events()
+    side = HostTcp(loop, events.post)
+    side.execute(TcpConnect(7, LOOPBACK, port, 5.0))
+    failed = await events.wait_for(TcpFailed)
+    assert failed == TcpFailed(7, errno.ECONNREFUSED)
+    assert side.flows == {}
