@@ -125,3 +125,18 @@ def test_read_pid_of_missing_or_garbage_file_is_none(tmp_path: Path) -> None:
     assert read_pid(tmp_path / "none") is None
     (tmp_path / "bad").write_text("x")
     assert read_pid(tmp_path / "bad") is None
+
+
+def test_daemon_raises_its_open_files_limit_towards_the_flow_limits() -> None:
+    import resource
+
+    from nitro_netd.parent.daemon import raise_file_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, soft), hard))
+        wanted = 4096 if hard == resource.RLIM_INFINITY else min(4096, hard)
+        assert raise_file_limit(wanted) >= wanted
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= wanted
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import time
 from collections.abc import Callable, Coroutine
@@ -250,12 +251,33 @@ def run(config: DaemonConfig, readiness: Readiness | None = None) -> int:
         OSError: something could not be opened; nothing is left behind.
     """
     lock = PidLock.acquire(config.state.pidfile, config.state.name) if config.state else None
+    raise_file_limit(config.stack.max_tcp_flows + config.stack.max_udp_flows + 256)
     try:
         _run_loop(_main(config, readiness))
     finally:
         if lock is not None:
             lock.release()
     return 0
+
+
+def raise_file_limit(wanted: int) -> int:
+    """Raise the soft open-files limit towards `wanted` (one socket per flow); return it.
+
+    A default soft limit of 1024 would make connects fail with EMFILE long before the flow
+    limits are reached. Logged when even the hard limit is too low.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        logger.warning(
+            "open-files limit %d is below the %d that the flow limits need: raise it (ulimit -n)",
+            soft,
+            wanted,
+        )
+    return int(soft)
 
 
 def _run_loop(main: Coroutine[Any, Any, None]) -> None:
