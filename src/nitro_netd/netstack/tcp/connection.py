@@ -462,6 +462,7 @@ class TcpConnection:
             self._send(self.snd_nxt, _RST | _ACK)
             self._finish(reset=True)
             return
+        self.log.debug("retransmission timeout %d: resending from %d", self.retries, self.snd_una)
         self.rto = min(self.rto * 2, MAX_RTO)
         self.deadline = None
         if not self.syn_acked:
