@@ -7,6 +7,15 @@ client mode prints one JSON line and exits 0 on success, 1 on failure.
     python bench/nettool.py probe ADDR PORT SECONDS # retry a round trip until it works
     python bench/nettool.py latency ADDR PORT ROUNDS WARMUP
     python bench/nettool.py crr ADDR PORT COUNT     # connect, 1-byte round trip, close
+    python bench/nettool.py idle-server ADDR PORT   # asyncio 1-byte echo server, many conns
+    python bench/nettool.py idle ADDR PORT COUNT CONCURRENCY OPEN_TIMEOUT CHECK_TIMEOUT
+
+`idle` opens COUNT connections (at most CONCURRENCY connects in flight) and holds them:
+it prints `{"phase": "open", ...}` once all are open (or OPEN_TIMEOUT seconds passed),
+waits for a line on stdin (the harness measures the parent engine's memory meanwhile; EOF
+or 60 s without a line also go on), then checks every open connection with a 1-byte round
+trip (within CHECK_TIMEOUT seconds), closes them all and prints the final line. Both idle
+modes raise their open-files soft limit to the hard limit.
 
 sockperf is not packaged in Debian 12, so latency is measured here: one connection with
 TCP_NODELAY, 1-byte request and 1-byte answer, timed with `perf_counter_ns`. The figures
@@ -15,13 +24,21 @@ include the Python client's and server's own overhead, which is the same for eve
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import resource
 import socket
 import statistics
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Final
+
+HOLD_TIMEOUT: Final = 60.0
+"""How long `idle` holds its connections waiting for the harness's go-ahead line."""
+CONNECT_TIMEOUT: Final = 15.0
+"""One connect of `idle`; the whole open phase is bounded by OPEN_TIMEOUT as well."""
 
 
 def emit(ok: bool, **fields: Any) -> int:
@@ -108,6 +125,149 @@ def crr(address: str, port: int, count: int) -> int:
     return emit(True, connections=count, seconds=elapsed, conns_per_s=count / elapsed)
 
 
+def raise_file_limit() -> int:
+    """Raise the soft open-files limit to the hard limit; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return int(hard)
+
+
+class EchoProtocol(asyncio.Protocol):
+    """Echo whatever arrives; close when the peer closes."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too
+
+
+def idle_server(address: str, port: int) -> int:
+    limit = raise_file_limit()
+
+    async def serve_forever() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            EchoProtocol, address, port, backlog=4096, reuse_address=True
+        )
+        print(json.dumps({"listening": f"{address}:{port}", "nofile": limit}), flush=True)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(serve_forever())
+    return 0
+
+
+Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def idle_client(
+    address: str, port: int, count: int, concurrency: int, open_timeout: float,
+    check_timeout: float,
+) -> int:  # fmt: skip
+    limit = raise_file_limit()
+    if limit < count + 64:
+        return emit(False, error=f"open-files hard limit {limit} is too low for {count} conns")
+    conns: list[Conn] = []
+    failures: list[str] = []
+    gate = asyncio.Semaphore(concurrency)
+
+    async def open_one() -> None:
+        async with gate:
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(address, port), CONNECT_TIMEOUT
+                )
+            except (OSError, TimeoutError) as exc:
+                failures.append(f"{type(exc).__name__}: {exc}")
+                return
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conns.append((reader, writer))
+
+    start = time.perf_counter()
+    tasks = [asyncio.create_task(open_one()) for _ in range(count)]
+    _, pending = await asyncio.wait(tasks, timeout=open_timeout)
+    open_seconds = time.perf_counter() - start
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    timed_out = bool(pending)
+    print(
+        json.dumps({
+            "phase": "open", "opened": len(conns), "failed": len(failures),
+            "timed_out": timed_out, "seconds": open_seconds,
+        }),
+        flush=True,
+    )  # fmt: skip
+
+    # Hold every connection until the harness has measured (a line on stdin, or EOF).
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin
+    )
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stdin.readline(), HOLD_TIMEOUT)
+    transport.close()
+    held_seconds = time.perf_counter() - start - open_seconds
+
+    check_failures: list[str] = []
+    check_gate = asyncio.Semaphore(1000)
+
+    async def check_one(conn: Conn) -> bool:
+        reader, writer = conn
+        async with check_gate:
+            try:
+                writer.write(b"x")
+                await writer.drain()
+                await reader.readexactly(1)
+            except (OSError, asyncio.IncompleteReadError) as exc:
+                check_failures.append(f"{type(exc).__name__}: {exc}")
+                return False
+            return True
+
+    check_start = time.perf_counter()
+    checks = [asyncio.create_task(check_one(conn)) for conn in conns]
+    done, pending = await asyncio.wait(checks, timeout=check_timeout) if checks else (set(), set())
+    check_seconds = time.perf_counter() - check_start
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    usable = sum(1 for task in done if not task.cancelled() and task.result())
+    for _, writer in conns:
+        writer.close()
+    await asyncio.gather(*(writer.wait_closed() for _, writer in conns), return_exceptions=True)
+
+    errors = []
+    if timed_out:
+        errors.append(
+            f"only {len(conns)} of {count} connections open after {open_timeout:g} s (aborted)"
+        )
+    elif len(conns) < count:
+        errors.append(f"{len(failures)} of {count} connects failed, first: {failures[0]}")
+    if usable < len(conns):
+        reason = check_failures[0] if check_failures else f"timed out after {check_timeout:g} s"
+        errors.append(f"{len(conns) - usable} of {len(conns)} open connections failed the "
+                      f"1-byte round trip, first: {reason}")  # fmt: skip
+    return emit(
+        not errors,
+        requested=count, opened=len(conns), connect_failures=len(failures),
+        open_seconds=open_seconds, conns_per_s=len(conns) / open_seconds if conns else 0.0,
+        held_seconds=held_seconds, usable=usable, check_seconds=check_seconds,
+        checked=len(conns), nofile=limit, **({"error": "; ".join(errors)} if errors else {}),
+    )  # fmt: skip
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 3:
         print(__doc__, file=sys.stderr)
@@ -122,6 +282,14 @@ def main(argv: list[str]) -> int:
             return latency(address, port, int(argv[3]), int(argv[4]))
         if mode == "crr":
             return crr(address, port, int(argv[3]))
+        if mode == "idle-server":
+            return idle_server(address, port)
+        if mode == "idle":
+            count, concurrency = int(argv[3]), int(argv[4])
+            open_timeout, check_timeout = float(argv[5]), float(argv[6])
+            return asyncio.run(
+                idle_client(address, port, count, concurrency, open_timeout, check_timeout)
+            )
     except OSError as exc:
         return emit(False, error=f"{type(exc).__name__}: {exc}")
     print(f"unknown mode {mode!r}", file=sys.stderr)

@@ -10,6 +10,7 @@ import socket
 from collections.abc import AsyncIterator
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -214,3 +215,27 @@ async def test_checksum_offload_is_agreed_only_when_offered_with_a_reply(tmp_pat
         assert HEADER_OFFLOAD.lower() not in await plain.read_reply()
         await ping_roundtrip(plain)
         plain.close()
+
+
+async def test_a_bug_while_handling_a_frame_keeps_the_link_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import nitro_netd.netstack.icmp as icmp_module
+
+    real = icmp_module.build_echo_reply
+    calls = {"n": 0}
+
+    def buggy_once(request: Any) -> bytes:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated bug")
+        return real(request)
+
+    monkeypatch.setattr(icmp_module, "build_echo_reply", buggy_once)
+    path = tmp_path / "link.sock"
+    async with running_daemon(path):
+        agent = await Agent.connect(path, LinkProtocol.GVPROXY)
+        agent.send(FakeEnclave().ping(GATEWAY, sequence=1))  # hits the bug, no reply
+        await ping_roundtrip(agent, sequence=2)  # the same link still works
+        agent.close()
+    assert "internal error while handling a frame" in caplog.text

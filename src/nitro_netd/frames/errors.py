@@ -36,6 +36,8 @@ class DropReason(enum.Enum):
     """TCP data beyond the next expected byte (a gap): dropped, answered with a duplicate ACK."""
     OUT_OF_WINDOW = "out_of_window"
     """TCP data past the window we advertised: the excess is dropped."""
+    INTERNAL_ERROR = "internal_error"
+    """Handling the frame raised: a bug, logged with its traceback; the link lives on."""
     LIMIT = "limit"
     """A resource bound (flows, pending connects, buffered bytes) was hit."""
 

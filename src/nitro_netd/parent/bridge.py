@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from nitro_netd.frames.errors import DropReason
 from nitro_netd.netstack import NetStack, StackConfig
 from nitro_netd.netstack.events import HostCommand, HostEvent
 from nitro_netd.netstack.output import SplitFrame
@@ -114,7 +115,11 @@ class Bridge:
         if session is self.session:
             if self.frame_tap is not None:
                 self.frame_tap(frame)
-            self.stack.receive_frame(frame, now=self.loop.time())
+            try:
+                self.stack.receive_frame(frame, now=self.loop.time())
+            except Exception:  # a bug in the stack: keep the link and every other flow
+                self.stack.stats.count_drop(DropReason.INTERNAL_ERROR)
+                logger.exception("internal error while handling a frame from the enclave")
 
     def on_frames_done(self, session: LinkSession) -> None:
         """A batch of frames was fed: send the answers."""
@@ -164,7 +169,10 @@ class Bridge:
 
     def post_event(self, event: HostEvent) -> None:
         """Feed one host event to the stack and flush (the host sides' callback)."""
-        self.stack.handle_host_event(event, now=self.loop.time())
+        try:
+            self.stack.handle_host_event(event, now=self.loop.time())
+        except Exception:  # a bug in the stack: log it, keep serving the other flows
+            logger.exception("internal error while handling %r", event)
         self.flush()
 
     def execute(self, command: HostCommand) -> None:
