@@ -196,12 +196,12 @@ async def idle_client(
 
     start = time.perf_counter()
     tasks = [asyncio.create_task(open_one()) for _ in range(count)]
-    _, pending = await asyncio.wait(tasks, timeout=open_timeout)
+    _, open_pending = await asyncio.wait(tasks, timeout=open_timeout)
     open_seconds = time.perf_counter() - start
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
-    timed_out = bool(pending)
+    for open_task in open_pending:
+        open_task.cancel()
+    await asyncio.gather(*open_pending, return_exceptions=True)
+    timed_out = bool(open_pending)
     print(
         json.dumps({
             "phase": "open", "opened": len(conns), "failed": len(failures),

@@ -1,7 +1,8 @@
 """Benchmark nitro-netd against passt, the kernel path and optional peers in the simulator.
 
     sudo python bench/run.py [--quick] [--runs N] [--peers nitro-netd,passt,kernel]
-                             [--mtu 65520,1500] [--workloads tcp,latency,crr,udp]
+                             [--udp-rate 500M] [--idle-conns 10000]
+                             [--mtu 65520,1500] [--workloads tcp,latency,crr,udp,idle]
 
 Every peer runs the same workloads in the same invocation, interleaved per run (run 1 of
 every peer, then run 2 of every peer, ...; the peer order rotates each run), each in a
@@ -22,11 +23,13 @@ import datetime as dt
 import json
 import os
 import platform
+import select
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,6 +37,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Final
 
+from nitro_netd.link import DEFAULT_MTU
 from nitro_netd.sim import (
     ENCLAVE_ADDRESS,
     GATEWAY_ADDRESS,
@@ -49,6 +53,7 @@ from nitro_netd.sim.host import ip
 BENCH_DIR: Final = Path(__file__).resolve().parent
 NETTOOL: Final = str(BENCH_DIR / "nettool.py")
 ECHO_PORT: Final = 7001
+IDLE_PORT: Final = 7002
 IPERF_BASE_PORT: Final = 5201
 READY_TIMEOUT: Final = 20.0
 DEFAULT_MTUS: Final = (65520, 1500)
@@ -57,7 +62,18 @@ GVPROXY_MTU: Final = 65000
 ENV_GVPROXY: Final = "NITRO_NETD_BENCH_GVPROXY"
 ENV_GVFORWARDER: Final = "NITRO_NETD_BENCH_GVFORWARDER"
 CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
-ALL_WORKLOADS: Final = ("tcp", "latency", "crr", "udp")
+ALL_WORKLOADS: Final = ("tcp", "latency", "crr", "udp", "idle")
+"""In the order they run; `idle` last, so that its thousands of closing flows (TIME_WAIT,
+the engine's flow table) cannot touch the other figures."""
+DEFAULT_UDP_RATE: Final = "500M"
+"""The issue's target: < 1 % loss at 500 Mbit/s."""
+IDLE_COUNT: Final = 10_000
+IDLE_CONCURRENCY: Final = 256
+"""Connects in flight at once while opening the idle flows (nitro-netd allows 1024 pending)."""
+IDLE_OPEN_TIMEOUT: Final = 120.0
+IDLE_CHECK_TIMEOUT: Final = 60.0
+RSS_TARGET_MB: Final = 200.0
+UDP_LOSS_TARGET_PCT: Final = 1.0
 
 
 # -- metrics ------------------------------------------------------------------------------
@@ -83,6 +99,12 @@ METRICS: Final = (
     Metric("crr_per_s", "TCP connect+round trip+close", "conn/s", True, "connections"),
     Metric("udp_loss_pct", "UDP enclave→world at fixed rate: loss", "%", False, "udp"),
     Metric("udp_gbps", "UDP enclave→world at fixed rate: received", "Gbit/s", True, "udp"),
+    Metric("idle_open_s", "idle TCP flows: time to open all", "s", False, "idle"),
+    Metric("idle_conns_per_s", "idle TCP flows: opening rate", "conn/s", True, "idle"),
+    Metric("idle_rss_before_mb", "parent engine RSS before the idle flows", "MB", False, "idle"),
+    Metric("idle_rss_open_mb", "parent engine RSS, all idle flows open", "MB", False, "idle"),
+    Metric("idle_kb_per_flow", "parent engine RSS added per idle flow", "KB", False, "idle"),
+    Metric("idle_usable", "idle flows usable at the end (1-byte echo)", "flows", True, "idle"),
     Metric("cpu_daemon_up", "parent engine CPU per GB, enclave→world", "CPU s/GB", False, "cpu"),
     Metric("cpu_agent_up", "enclave agent CPU per GB, enclave→world", "CPU s/GB", False, "cpu"),
     Metric("cpu_daemon_down", "parent engine CPU per GB, world→enclave", "CPU s/GB", False, "cpu"),
@@ -105,6 +127,7 @@ class Settings:
     crr_count: int
     udp_rate: str
     udp_length: int
+    idle_count: int
     workloads: tuple[str, ...]
 
 
@@ -347,6 +370,46 @@ def tree_cpu_seconds(root: int) -> float:
     return total / CLK_TCK
 
 
+def tree_rss_mb(root: int) -> float | None:
+    """Sum of VmRSS of a process and its descendants in MB (10^6 bytes; shared pages are
+    counted once per process), or None if the root is gone."""
+    total_kb = 0
+    found = False
+    for pid in (root, *descendants(root)):
+        try:
+            with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+                for line in status:
+                    if line.startswith("VmRSS:"):
+                        total_kb += int(line.split()[1])
+                        found = True
+                        break
+        except (OSError, ValueError, IndexError):
+            continue
+    return total_kb * 1024 / 1e6 if found else None
+
+
+class LineReader:
+    """Lines from a child's stdout pipe, each waited for with a timeout."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = b""
+
+    def readline(self, timeout: float) -> str | None:
+        """The next line, or None on EOF or timeout."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                return None
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                return None
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.decode("utf-8", errors="replace")
+
+
 def diagnose(session: Session) -> dict[str, Any]:
     """After a failure: state, kernel wait channel and CPU use over 1 s of every process in
     the daemon's and the agent's trees (is it spinning, blocked, or gone?)."""
@@ -540,11 +603,85 @@ def workload_udp(ctx: Context, metrics: dict[str, float], errors: dict[str, str]
         metrics["udp_gbps"] = summary["bits_per_second"] * (1 - summary["lost_percent"] / 100) / 1e9
 
 
+def workload_idle(ctx: Context, metrics: dict[str, float], errors: dict[str, str]) -> None:
+    """Many concurrent idle TCP flows enclave→world: time to open them, the parent
+    engine's memory with all of them open, and whether every one still works at the end."""
+    sim, count = ctx.sim, ctx.settings.idle_count
+    daemon = ctx.session.daemon
+    details: dict[str, Any] = {"requested": count}
+    ctx.details["idle"] = details
+    server = sim.spawn(
+        "idle-server", "world", [sim.python, NETTOOL, "idle-server", WORLD_ADDRESS, str(IDLE_PORT)]
+    )
+    client: subprocess.Popen[bytes] | None = None
+    try:
+        server.wait_for_log('"listening"', READY_TIMEOUT)
+        rss_before = None if daemon is None else tree_rss_mb(daemon.pid)
+        argv = [sim.python, NETTOOL, "idle", WORLD_ADDRESS, str(IDLE_PORT), str(count),
+                str(IDLE_CONCURRENCY), f"{IDLE_OPEN_TIMEOUT:g}", f"{IDLE_CHECK_TIMEOUT:g}"]  # fmt: skip
+        with (sim.workdir / "logs" / "idle-client.stderr").open("wb") as stderr:
+            client = sim.popen(
+                "enclave", argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr
+            )
+        assert client.stdout is not None
+        assert client.stdin is not None
+        lines = LineReader(client.stdout.fileno())
+        line = lines.readline(IDLE_OPEN_TIMEOUT + 30)
+        if line is None:
+            raise WorkloadError(
+                f"idle client: no report of the open phase within {IDLE_OPEN_TIMEOUT + 30:g} s "
+                f"(exit {client.poll()})"
+            )
+        opened: dict[str, Any] = json.loads(line)
+        if "phase" not in opened:  # it failed before opening anything
+            raise WorkloadError(f"idle client: {opened.get('error', opened)}")
+        details["open"] = opened
+        # Every connection is open and idle now: measure, then let the client check them.
+        time.sleep(1.0)
+        rss_open = None if daemon is None else tree_rss_mb(daemon.pid)
+        with contextlib.suppress(BrokenPipeError):
+            client.stdin.write(b"go\n")
+            client.stdin.flush()
+        line = lines.readline(IDLE_CHECK_TIMEOUT + 30)
+        if line is None:
+            raise WorkloadError(
+                f"idle client: no final report within {IDLE_CHECK_TIMEOUT + 30:g} s after "
+                f"{opened['opened']} of {count} connections opened (exit {client.poll()})"
+            )
+        outcome: dict[str, Any] = json.loads(line)
+        details["final"] = outcome
+        client.wait(10)
+        time.sleep(2.0)
+        if daemon is not None:
+            details["rss_after_close_mb"] = tree_rss_mb(daemon.pid)
+    except (WorkloadError, SimError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        errors["idle"] = str(exc).splitlines()[0]
+        return
+    finally:
+        if client is not None and client.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(client.pid, signal.SIGKILL)
+            client.wait()
+        server.stop(timeout=3.0)
+    metrics["idle_usable"] = float(outcome.get("usable", 0))
+    if opened["opened"] == count:
+        metrics["idle_open_s"] = opened["seconds"]
+        metrics["idle_conns_per_s"] = count / opened["seconds"]
+        if rss_before is not None and rss_open is not None:
+            metrics["idle_rss_before_mb"] = rss_before
+            metrics["idle_rss_open_mb"] = rss_open
+            metrics["idle_kb_per_flow"] = (rss_open - rss_before) * 1000 / count
+    details["rss_before_mb"], details["rss_open_mb"] = rss_before, rss_open
+    if not outcome.get("ok"):
+        errors["idle"] = f"idle client: {outcome.get('error', outcome)}"
+
+
 WORKLOADS: Final[dict[str, Callable[[Context, dict[str, float], dict[str, str]], None]]] = {
     "tcp": workload_tcp,
     "latency": workload_latency,
     "crr": workload_crr,
     "udp": workload_udp,
+    "idle": workload_idle,
 }
 
 
@@ -656,6 +793,120 @@ def table(summary: dict[str, dict[str, Figure]], peers: list[str], settings: Set
     return "\n".join(lines)
 
 
+def targets(
+    summary: dict[str, dict[str, Figure]], peers: list[str], settings: Settings
+) -> list[str]:
+    """One line per performance target of the issue: met / not met / not measured, with the
+    medians it was judged on. Targets about nitro-netd in general must hold for every
+    nitro-netd MTU in the run."""
+    ours = [p for p in peers if p.startswith("nitro-netd/")]
+    default = f"nitro-netd/{DEFAULT_MTU}"
+
+    def get(peer: str, key: str) -> Figure | None:
+        return summary.get(peer, {}).get(key)
+
+    def line(goal: str, verdicts: list[tuple[bool | None, str]]) -> str:
+        """`None` in a verdict: not measured (a figure missing, or not at the target's size)."""
+        if not verdicts or any(ok is None for ok, _ in verdicts):
+            status = "not measured"
+        else:
+            status = "met" if all(ok for ok, _ in verdicts) else "not met"
+        return f"- **{status}**: {goal}: " + ("; ".join(text for _, text in verdicts) or "no peer")
+
+    out: list[str] = []
+    # 1. bulk TCP at the default MTU against passt.
+    verdicts: list[tuple[bool | None, str]] = []
+    for key, what in (("tcp_up_1", "enclave→world"), ("tcp_down_1", "world→enclave")):
+        mine, theirs = get(default, key), get("passt", key)
+        if mine is None or theirs is None or theirs.median <= 0:
+            verdicts.append((None, f"{what} n/a"))
+            continue
+        ratio = mine.median / theirs.median
+        text = f"{what} {fmt(mine.median)} vs passt {fmt(theirs.median)} Gbit/s = {ratio:.2f}x"
+        verdicts.append((ratio >= 1.0, text))
+    goal = f"bulk TCP (1 stream) each direction ≥ 1.0x passt at the default MTU {DEFAULT_MTU}"
+    out.append(line(goal, verdicts))
+    # 2. absolute rate at MTU 1500.
+    verdicts = []
+    for key, what in (("tcp_up_1", "enclave→world"), ("tcp_down_1", "world→enclave")):
+        figure = get("nitro-netd/1500", key)
+        if figure is None:
+            verdicts.append((None, f"{what} n/a"))
+        else:
+            verdicts.append((figure.median >= 1.5, f"{what} {fmt(figure.median)} Gbit/s"))
+    out.append(line("≥ 1.5 Gbit/s each direction (1 stream) at MTU 1500", verdicts))
+    # 3. 8 streams in sum no slower than 1.
+    verdicts = []
+    for peer in ours:
+        for direction, what in (("up", "enclave→world"), ("down", "world→enclave")):
+            one, eight = get(peer, f"tcp_{direction}_1"), get(peer, f"tcp_{direction}_8")
+            if one is None or eight is None:
+                verdicts.append((None, f"{peer} {what} n/a"))
+            else:
+                text = (
+                    f"{peer} {what} 8 streams {fmt(eight.median)} vs 1 stream "
+                    f"{fmt(one.median)} Gbit/s"
+                )
+                verdicts.append((eight.median >= one.median, text))
+    out.append(line("8 parallel streams no slower in sum than one", verdicts))
+    # 4. latency added over the kernel path, against passt's.
+    verdicts = []
+    kernel, passt = get("kernel", "rr_p50_us"), get("passt", "rr_p50_us")
+    for peer in ours:
+        mine = get(peer, "rr_p50_us")
+        if mine is None or kernel is None or passt is None:
+            verdicts.append((None, f"{peer} n/a (needs the kernel and passt peers)"))
+            continue
+        added, passt_added = mine.median - kernel.median, passt.median - kernel.median
+        if passt_added <= 0:
+            verdicts.append((None, f"{peer}: passt adds nothing over the kernel path"))
+            continue
+        ratio = added / passt_added
+        text = f"{peer} adds {added:.0f} µs vs passt {passt_added:.0f} µs = {ratio:.2f}x"
+        verdicts.append((ratio <= 1.5, text))
+    goal = "TCP round-trip p50 added by nitro-netd ≤ 1.5x passt's (added: p50 minus the kernel "
+    goal += f"path's p50, {fmt(kernel.median)} µs here)" if kernel is not None else "path's p50)"
+    out.append(line(goal, verdicts))
+    # 5. idle flows and parent memory.
+    verdicts = []
+    count = settings.idle_count
+    for peer in ours:
+        rss, usable = get(peer, "idle_rss_open_mb"), get(peer, "idle_usable")
+        if rss is None or usable is None:
+            verdicts.append((None, f"{peer} n/a"))
+            continue
+        every_run = usable.n == settings.runs and rss.n == settings.runs
+        ok = every_run and usable.low >= count and rss.median < RSS_TARGET_MB
+        text = (
+            f"{peer} {fmt(rss.median)} MB with all open (max {fmt(rss.high)}), "
+            f"{usable.low:.0f} of {count} usable in the worst run"
+        )
+        if not every_run:
+            text += f" (figures from {min(usable.n, rss.n)} of {settings.runs} runs)"
+        verdicts.append((ok if count >= IDLE_COUNT else None, text))
+    goal = f"{IDLE_COUNT} idle flows with parent RSS < {RSS_TARGET_MB:.0f} MB"
+    if count < IDLE_COUNT:
+        goal += f" (only {count} flows measured)"
+    out.append(line(goal, verdicts))
+    # 6. UDP loss at the target rate.
+    verdicts = []
+    at_target = settings.udp_rate.upper() == DEFAULT_UDP_RATE
+    for peer in ours:
+        loss, rate = get(peer, "udp_loss_pct"), get(peer, "udp_gbps")
+        if loss is None:
+            verdicts.append((None, f"{peer} n/a"))
+            continue
+        text = f"{peer} {fmt(loss.median)} % loss (max {fmt(loss.high)})"
+        if rate is not None:
+            text += f", {fmt(rate.median * 1000)} Mbit/s received"
+        verdicts.append((loss.median < UDP_LOSS_TARGET_PCT if at_target else None, text))
+    goal = f"UDP at 500 Mbit/s with < {UDP_LOSS_TARGET_PCT:g} % loss"
+    if not at_target:
+        goal += f" (measured at {settings.udp_rate}bit/s instead)"
+    out.append(line(goal, verdicts))
+    return out
+
+
 def machine_info() -> dict[str, str]:
     model = ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
@@ -749,7 +1000,7 @@ def render_markdown(
         f"- runs per figure: {settings.runs} (interleaved: every peer once per run, order "
         f"rotated); iperf3 -t {settings.seconds}; {settings.rr_rounds} round trips; "
         f"{settings.crr_count} connections; UDP at {settings.udp_rate}bit/s, "
-        f"{settings.udp_length}-byte datagrams",
+        f"{settings.udp_length}-byte datagrams; {settings.idle_count} idle TCP flows",
         f"- source: {meta['machine']['source']}",
         f"- total time: {meta['seconds']:.0f} s",
         "",
@@ -757,6 +1008,12 @@ def render_markdown(
         "invocation. Compare ratios, not absolute numbers, on this noisy 2-core machine.",
         "",
         table(summary, names, settings),
+        "",
+        "## Targets (from the issue)",
+        "",
+        "Judged on the medians above.",
+        "",
+        *targets(summary, names, settings),
         "",
         "## Peers",
         "",
@@ -775,6 +1032,14 @@ def render_markdown(
         "(/proc/PID/stat, children included) across the 1-stream iperf3 run, divided by the "
         "bytes iperf3 received. The kernel peer's cost is softirq time not attributed to a "
         "process, so it has no figure.",
+        f"- Idle flows: an asyncio client in the enclave opens {settings.idle_count} TCP "
+        f"connections to an asyncio echo server in the world ({IDLE_CONCURRENCY} connects in "
+        "flight at most; time to open all of them), holds them all idle, and then checks "
+        "every one (not a sample) with a 1-byte echo; an open phase longer than "
+        f"{IDLE_OPEN_TIMEOUT:g} s is aborted and reported. Parent engine RSS: the sum of "
+        "VmRSS (/proc/PID/status) over the daemon's or passt's process tree, just before "
+        "the client starts and 1 s after all are open; kernel socket buffers are not in it. "
+        "The kernel peer has no engine process, so no RSS figure. MB = 10^6 bytes.",
         "- n/a: the peer did not produce the figure; the reason is under Errors.",
     ]
     loads = [r["load1_before"] for r in records if "load1_before" in r]
@@ -815,6 +1080,7 @@ def make_plots(
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
     except ImportError:
         return [], "plots skipped: matplotlib not installed (pip install -e '.[bench]')"
     written: list[str] = []
@@ -840,12 +1106,17 @@ def make_plots(
                     heights.append(figure.median)
                     low.append(figure.median - figure.low)
                     high.append(figure.high - figure.median)
-                ax.bar(xs, heights, width, yerr=[low, high], capsize=3, label=peer)
+                # A fixed colour per peer: a peer without figures in one panel (the kernel
+                # has no engine process) must not shift the colours of the others.
+                ax.bar(
+                    xs, heights, width, yerr=[low, high], capsize=3, label=peer, color=f"C{index}"
+                )
             ax.set_xticks(range(len(chosen)))
-            ax.set_xticklabels([m.label.replace(", ", ",\n") for m in chosen], fontsize=7)
+            ax.set_xticklabels([textwrap.fill(m.label, 22) for m in chosen], fontsize=7)
             ax.set_ylabel(unit)
             ax.grid(axis="y", alpha=0.3)
-        axes[0][0].legend(fontsize=7)
+        handles = [Patch(color=f"C{index}", label=peer) for index, peer in enumerate(peers)]
+        axes[0][0].legend(handles=handles, fontsize=7)
         fig.suptitle(f"nitro-netd bench: {group} (median, min-max)")
         fig.tight_layout()
         path = out_dir / f"{group}.png"
@@ -881,7 +1152,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=",".join(ALL_WORKLOADS),
         help=f"comma list of {', '.join(ALL_WORKLOADS)} (default: all)",
     )
-    parser.add_argument("--udp-rate", default="200M", help="iperf3 -b for UDP (default 200M)")
+    parser.add_argument(
+        "--udp-rate",
+        default=DEFAULT_UDP_RATE,
+        help=f"iperf3 -b for UDP (default {DEFAULT_UDP_RATE}, the issue's target rate)",
+    )
+    parser.add_argument(
+        "--idle-conns",
+        type=int,
+        help=f"idle TCP flows to hold (default {IDLE_COUNT}; --quick 1000)",
+    )
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="results dir")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return parser.parse_args(argv)
@@ -905,6 +1185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         crr_count=100 if args.quick else 500,
         udp_rate=args.udp_rate,
         udp_length=1400,
+        idle_count=args.idle_conns or (1000 if args.quick else IDLE_COUNT),
         workloads=workloads,
     )
     mtus = [int(m) for m in args.mtu.split(",") if m]
@@ -970,6 +1251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out_dir / "RESULTS.md").write_text(markdown, encoding="utf-8")
     print()
     print(table(summary, names, settings))
+    print()
+    print("\n".join(targets(summary, names, settings)))
     print(f"\nwritten: {out_dir / 'RESULTS.md'}, {raw_path}" + "".join(f", {p}" for p in plots))
     if plot_note:
         print(plot_note)

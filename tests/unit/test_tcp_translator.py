@@ -71,18 +71,43 @@ def test_tcp_ipv4_host_alias_connects_to_parent_loopback() -> None:
     assert command.address == IPv4Address("127.0.0.1")
 
 
-def test_tcp_ipv4_enclave_to_host_data_is_sent_and_acked_once_per_batch() -> None:
+def test_tcp_ipv4_enclave_to_host_small_data_is_sent_at_once_and_acked_once_delayed() -> None:
     stack, peer, host = make()
     flow = peer.establish(host)
     for chunk in (b"a" * 100, b"b" * 200, b"c" * 300):
         stack.receive_frame(peer.frame(ACK | TcpFlags.PSH, chunk), now=1.0)
         peer.snd_nxt = seq_add(peer.snd_nxt, len(chunk))
     sends = [c for c in host.take(stack) if isinstance(c, TcpSend)]
-    assert b"".join(c.data for c in sends) == b"a" * 100 + b"b" * 200 + b"c" * 300
-    assert all(c.flow == flow for c in sends)
-    acks = peer.receive()
-    assert len(acks) == 1
-    assert acks[0][0].ack == peer.snd_nxt
+    assert sends == [TcpSend(flow, b"a" * 100 + b"b" * 200 + b"c" * 300)]
+    assert peer.receive() == []  # small segments: the ACK waits for a reply to ride on
+    deadline = stack.get_timer()
+    assert deadline is not None
+    assert deadline - 1.0 <= 0.001
+    stack.handle_timer(now=deadline)
+    [(ack, _)] = peer.receive()
+    assert ack.ack == peer.snd_nxt
+
+
+def test_tcp_ipv4_reply_from_host_carries_the_delayed_ack() -> None:
+    stack, peer, host = make()
+    flow = peer.establish(host)
+    peer.send(ACK | TcpFlags.PSH, b"request")
+    stack.handle_host_event(TcpData(flow, b"response"), now=1.0001)
+    [(segment, data)] = peer.receive()
+    assert (data, segment.ack) == (b"response", peer.snd_nxt)
+    timer = stack.get_timer()
+    assert timer is not None
+    stack.handle_timer(now=timer + 1)  # the retransmission timer: resends, no lone ACK
+    assert all(d == b"response" for _, d in peer.receive())
+
+
+def test_tcp_ipv4_full_sized_segment_is_acked_at_the_end_of_its_batch() -> None:
+    _, peer, host = make()
+    peer.mss = 1000
+    peer.establish(host)
+    peer.send(ACK, b"f" * 1000)
+    [(ack, _)] = peer.receive()
+    assert ack.ack == peer.snd_nxt
 
 
 def test_tcp_ipv4_host_to_enclave_data_is_segmented_by_mss_within_window() -> None:

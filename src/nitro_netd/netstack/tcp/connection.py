@@ -8,8 +8,11 @@ link that is ordered and almost lossless (frames towards the enclave can be drop
 its TAP queue overflows). Per flow we track:
 
 * the enclave's sending side: `rcv_nxt` (next byte we expect) and the right edge of the
-  window we advertised. Bytes at `rcv_nxt` are handed to the host as `TcpSend` at once and
-  acknowledged at the end of the batch (`flush_ack`). The window is `tcp_buffer` bytes;
+  window we advertised. Bytes at `rcv_nxt` are collected and, at the end of the batch
+  (`flush_ack`), handed to the host as one `TcpSend` and acknowledged once; when only a
+  small segment came in, the ACK waits up to `ACK_DELAY` so a reply can carry it (a
+  delayed ACK; duplicates, FINs, probes and window updates are answered at once).
+  The window is `tcp_buffer` bytes;
   when the shell says its host socket is backed up (`TcpWriteBlocked`) the right edge
   stops moving, so the advertised window shrinks to zero as bytes arrive — a slow world
   slows the enclave and nothing is dropped. Bytes beyond `rcv_nxt` (a gap) are dropped and
@@ -62,6 +65,8 @@ MAX_RTO: Final = 10.0
 MAX_RETRIES: Final = 12
 """Retransmissions of the same data before the flow is declared dead and reset."""
 DUPACK_THRESHOLD: Final = 3
+ACK_DELAY: Final = 0.0005
+"""How long the ACK for a small segment may wait for a reply to ride on (delayed ACK)."""
 DEFAULT_MSS: Final = 536
 """RFC 9293 §3.7.1: the MSS to assume when the SYN carries none."""
 _UNREACHABLE_CODES: Final = {
@@ -137,6 +142,10 @@ class TcpConnection:
         self.write_blocked = False
         self.enclave_fin = False
         self.ack_pending = False
+        self._ack_now = False
+        """The owed ACK may not wait (a duplicate, a FIN, a window update, a probe...)."""
+        self._received_unacked = 0
+        self._now = 0.0
         self._to_host: list[bytes] = []
         """Bytes from the enclave not yet handed to the host: one `TcpSend` per batch."""
         # Send side (host -> enclave).
@@ -157,7 +166,10 @@ class TcpConnection:
         self.dupacks = 0
         self.rto = INITIAL_RTO
         self.retries = 0
+        self.rto_deadline: float | None = None
+        self.ack_deadline: float | None = None
         self.deadline: float | None = None
+        """The earlier of the two: what the layer's timer heap follows."""
         self.syn_quote = b""
         """The first 8 bytes of the enclave's SYN, quoted in ICMP errors."""
         if syn is not None:
@@ -187,7 +199,7 @@ class TcpConnection:
             f" nxt+{seq_diff(self.snd_nxt, self.snd_una)} max+{seq_diff(self.snd_max, self.snd_una)}"
             f" wnd={self.snd_wnd} queued={len(self.send_buffer)} host_eof={self.host_eof}"
             f" fin_acked={self.fin_acked} paused={self.reading_paused} rto={self.rto}"
-            f" deadline={self.deadline} retries={self.retries} dupacks={self.dupacks}"
+            f" rto_at={self.rto_deadline} ack_at={self.ack_deadline} retries={self.retries} dupacks={self.dupacks}"
         )
 
     @property
@@ -244,7 +256,7 @@ class TcpConnection:
         """The shell's buffer for this flow filled (or drained): freeze (or free) the window."""
         self.write_blocked = blocked
         if not blocked:
-            self.ack_pending = True
+            self._owe_ack(now_please=True)
 
     # --- segments from the enclave ---------------------------------------------------
 
@@ -262,6 +274,7 @@ class TcpConnection:
         self, seq: int, ack: int, flags: int, window: int, payload: memoryview, now: float
     ) -> None:
         """Process a segment without SYN or RST, given by its fields (the fast path)."""
+        self._now = now
         if self.state is not TcpState.ESTABLISHED or not flags & _ACK:
             return
         self._on_ack(ack, window, flags, payload, now)
@@ -270,7 +283,7 @@ class TcpConnection:
         if payload or flags & _FIN:
             self._on_data(seq, payload, bool(flags & _FIN))
         elif seq != self.rcv_nxt:
-            self.ack_pending = True  # e.g. a zero-window probe (RFC 9293 §3.10.7.4): answer it
+            self._owe_ack(now_please=True)  # e.g. a zero-window probe (RFC 9293 §3.10.7.4)
         self._maybe_done()
 
     def _on_repeated_syn(self, header: TcpHeader) -> None:
@@ -282,7 +295,7 @@ class TcpConnection:
         elif self.state is TcpState.ESTABLISHED and not self.syn_acked:
             self._send_syn_ack()  # our SYN-ACK was lost
         elif self.syn_acked:
-            self.ack_pending = True  # our ACK of its SYN-ACK was lost
+            self._owe_ack(now_please=True)  # our ACK of its SYN-ACK was lost
 
     def _on_rst(self, seq: int) -> None:
         offset = seq_diff(seq, self.rcv_nxt)
@@ -297,7 +310,7 @@ class TcpConnection:
             self.syn_acked = True
             self.snd_una = ack
         elif not seq_le(ack, self.snd_max):
-            self.ack_pending = True  # acknowledges what we never sent
+            self._owe_ack(now_please=True)  # acknowledges what we never sent
             return
         acked = seq_diff(ack, self.snd_una)
         window <<= self.enclave_ws
@@ -338,15 +351,15 @@ class TcpConnection:
 
     def _on_data(self, seq: int, payload: memoryview, fin: bool) -> None:
         if self.enclave_fin:
-            self.ack_pending = True
+            self._owe_ack(now_please=True)
             return
         offset = seq_diff(self.rcv_nxt, seq)
         if offset < 0:
             self.output.stats.count_drop(DropReason.OUT_OF_ORDER)
             self._send_ack()  # a gap: ask again for rcv_nxt
             return
-        self.ack_pending = True
         new = payload[offset:] if offset < len(payload) else payload[:0]
+        self._owe_ack(now_please=not new or fin)
         room = seq_diff(self._right_edge(), self.rcv_nxt)
         if len(new) > room:
             self.output.stats.count_drop(DropReason.OUT_OF_WINDOW)
@@ -354,6 +367,7 @@ class TcpConnection:
         if new:
             self._to_host.append(bytes(new))
             self.rcv_nxt = seq_add(self.rcv_nxt, len(new))
+            self._received_unacked += len(new)
         if fin and seq_add(seq, len(payload)) == self.rcv_nxt:
             self.rcv_nxt = seq_add(self.rcv_nxt, 1)
             self.enclave_fin = True
@@ -378,7 +392,11 @@ class TcpConnection:
         frame = self.builder.build(seq, self.rcv_nxt, flags, self._window_field(), payload)
         self.output.send_frame(frame)
         if flags & _ACK:
-            self.ack_pending = False
+            self.ack_pending = self._ack_now = False
+            self._received_unacked = 0
+            if self.ack_deadline is not None:
+                self.ack_deadline = None
+                self._set_deadline()
 
     def _send_ack(self) -> None:
         self._send(self.snd_nxt, _ACK)
@@ -395,11 +413,22 @@ class TcpConnection:
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             self.output.send_command(TcpSend(self.flow, data))
 
+    def _owe_ack(self, *, now_please: bool) -> None:
+        self.ack_pending = True
+        self._ack_now = self._ack_now or now_please
+
     def flush_ack(self) -> None:
-        """End of a batch: hand the enclave's bytes to the host, send the ACK owed."""
+        """End of a batch: hand the enclave's bytes to the host, and send the ACK owed —
+        unless only a small segment came in: then the ACK waits up to `ACK_DELAY` for a
+        reply to ride on (saving a frame per request in request/response traffic)."""
         self._flush_to_host()
-        if self.ack_pending and self.state is TcpState.ESTABLISHED and self.syn_acked:
+        if not self.ack_pending or self.state is not TcpState.ESTABLISHED or not self.syn_acked:
+            return
+        if self._ack_now or self._received_unacked >= self.enclave_mss:
             self._send_ack()
+        elif self.ack_deadline is None:
+            self.ack_deadline = self._now + ACK_DELAY
+            self._set_deadline()
 
     def _try_send(self, now: float) -> None:
         if self.state is not TcpState.ESTABLISHED or not self.syn_acked:
@@ -447,14 +476,26 @@ class TcpConnection:
     def _arm(self, now: float) -> None:
         outstanding = not self.syn_acked or self.snd_una != self.snd_max
         live = self.state in (TcpState.ESTABLISHED, TcpState.SYN_SENT)
-        deadline = now + self.rto if outstanding and live else None
+        self.rto_deadline = now + self.rto if outstanding and live else None
+        self._set_deadline()
+
+    def _set_deadline(self) -> None:
+        rto, ack = self.rto_deadline, self.ack_deadline
+        deadline = ack if rto is None else rto if ack is None else min(rto, ack)
         if deadline != self.deadline:
             self.deadline = deadline
             self._on_timer_change(self)
 
     def on_timer(self, now: float) -> None:
-        """The retransmission timer fired: go back to `snd_una` and send again."""
-        if self.deadline is None or now < self.deadline or self.state is not TcpState.ESTABLISHED:
+        """Send a delayed ACK that is due; on a retransmission timeout, go back to `snd_una`."""
+        self._now = now
+        if self.ack_deadline is not None and now >= self.ack_deadline:
+            self.ack_deadline = None
+            if self.ack_pending and self.state is TcpState.ESTABLISHED:
+                self._send_ack()
+            self._set_deadline()
+        rto = self.rto_deadline
+        if rto is None or now < rto or self.state is not TcpState.ESTABLISHED:
             return
         self.retries += 1
         if self.retries > MAX_RETRIES:
@@ -464,7 +505,7 @@ class TcpConnection:
             return
         self.log.debug("retransmission timeout %d: resending from %d", self.retries, self.snd_una)
         self.rto = min(self.rto * 2, MAX_RTO)
-        self.deadline = None
+        self.rto_deadline = None
         if not self.syn_acked:
             self._send_syn_ack()
         else:
@@ -497,7 +538,7 @@ class TcpConnection:
         if self.state is TcpState.CLOSED:
             return
         self.state = TcpState.CLOSED
-        self.deadline = None
+        self.deadline = self.rto_deadline = self.ack_deadline = None
         if not reset:
             self._flush_to_host()
         self.output.send_command(TcpClose(self.flow, reset=reset))

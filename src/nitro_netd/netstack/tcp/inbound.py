@@ -97,13 +97,13 @@ class InboundConnection(TcpConnection):
         if self.state is not TcpState.SYN_SENT:
             super().on_timer(now)
             return
-        if self.deadline is None or now < self.deadline:
+        if self.rto_deadline is None or now < self.rto_deadline:
             return
         if now >= self.give_up_at:
             self.log.info("the enclave did not answer: resetting the client")
             self._finish(reset=True)
             return
         self.rto = min(self.rto * 2, MAX_RTO)
-        self.deadline = None
+        self.rto_deadline = None
         self._send_syn()
         self._arm(now)
