@@ -102,6 +102,8 @@ class Bridge:
         old, self.session = self.session, session
         if old is not None and not old.closed:
             old.close("replaced by a new link")
+        for side in self.host_sides:
+            side.set_link_paused(False)  # a backed-up old link must not hold the new one
         self.stack.handle_link_reset()
         self.stack.set_checksum_offload(session.checksum_offload)
         self.flush()
