@@ -691,6 +691,7 @@ def run_peer_once(peer: Peer, settings: Settings, run: int) -> dict[str, Any]:
         "run": run,
         "peer": peer.name,
         "load1_before": round(os.getloadavg()[0], 2),
+        "source": source_version(),
         "metrics": {},
         "errors": {},
     }
@@ -1048,6 +1049,16 @@ def render_markdown(
             f"- 1-minute load average at the start of each peer run: {min(loads):.2f}-"
             f"{max(loads):.2f} (on 2 cores; above ~0.5 something else was running and the "
             "absolute figures are lower than on an idle machine)."
+        )
+    sources: dict[str, list[str]] = {}
+    for record in records:
+        if "source" in record:
+            sources.setdefault(record["source"], []).append(f"{record['peer']} run {record['run']}")
+    if len(sources) > 1:
+        states = "; ".join(f"{source} in {', '.join(runs)}" for source, runs in sources.items())
+        out.append(
+            "- **src/ changed during this invocation** (the daemon and agent run src/ as it is "
+            f"when each peer run starts), so the runs mix code states: {states}"
         )
     notes = sorted({note for r in records for note in r.get("notes", [])})
     out.extend(f"- {note}" for note in notes)

@@ -272,8 +272,8 @@ def raise_file_limit(wanted: int) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         soft = target
     if soft != resource.RLIM_INFINITY and soft < wanted:
-        logger.warning(
-            "open-files limit %d is below the %d that the flow limits need: raise it (ulimit -n)",
+        logger.info(
+            "open-files limit %d is below the %d that the flow limits could need (ulimit -n)",
             soft,
             wanted,
         )
