@@ -90,8 +90,11 @@ def test_simulator_cleanup_after_exception_inside_it() -> None:
 
 
 CHILD = """
-import sys, time
+import signal, sys, time
 from nitro_netd.sim import Simulator
+# As in an interactive Python: a CI job started in the background inherits SIGINT ignored,
+# and Python then leaves it ignored; this child stands for a user at a terminal.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 with Simulator() as sim:
     sim.spawn("sleeper", "world", ["sleep", "300"])
     print(sim.name, flush=True)
@@ -117,7 +120,12 @@ def test_simulator_cleans_up_when_its_process_is_signalled(sig: signal.Signals) 
     pids = [(r.pid, r.start_time) for r in state.processes]
 
     child.send_signal(sig)
-    child.communicate(timeout=20)
+    try:
+        child.communicate(timeout=20)
+    finally:
+        if child.poll() is None:  # do not leak it (or its pipe) into later tests
+            child.kill()
+            child.communicate()
 
     _assert_gone(state.name, state, pids)
 
