@@ -442,3 +442,56 @@ def test_tcp_ipv4_zero_window_probe_from_enclave_is_answered_with_current_window
     [(ack, _)] = peer.receive()
     assert ack.ack == peer.snd_nxt
     assert ack.window > 0
+
+
+def test_tcp_ipv4_enclave_traffic_does_not_postpone_a_due_retransmission() -> None:
+    """RFC 6298 §5: a steady upload from the enclave must not keep pushing back the timer
+    of a lost download segment (it used to restart on every incoming segment)."""
+    stack, peer, host = make()
+    flow = peer.establish(host)
+    stack.handle_host_event(TcpData(flow, b"lost-reply"), now=1.0)
+    [(lost, _)] = peer.receive()  # dropped on the way to the enclave
+    now = 1.0
+    resent = []
+    for _ in range(20):  # 2 s of uploads, one every 100 ms
+        now += 0.1
+        peer.send(ACK | TcpFlags.PSH, b"u" * 1000, now=now)
+        while (timer := stack.get_timer()) is not None and timer <= now:
+            stack.handle_timer(now=timer)
+        resent += [s for s in peer.receive() if s[1] == b"lost-reply"]
+    assert resent
+    assert resent[0][0].seq == lost.seq
+
+
+def test_tcp_ipv4_enclave_fin_after_ours_is_acked_before_the_flow_is_forgotten() -> None:
+    stack, peer, host = make()
+    flow = peer.establish(host)
+    stack.handle_host_event(TcpEof(flow), now=1.0)
+    [(fin, _)] = peer.receive()
+    peer.accept([(fin, b"")])
+    peer.send(ACK | TcpFlags.FIN)  # acknowledges our FIN and closes its side
+    [(last, _)] = peer.receive()
+    assert last.flags == TcpFlags.ACK
+    assert last.ack == peer.snd_nxt
+    assert TcpClose(flow, reset=False) in host.take(stack)
+
+
+def test_tcp_ipv4_zero_window_with_data_waiting_is_probed() -> None:
+    stack, peer, host = make()
+    flow = peer.establish(host)
+    peer.send(ACK, window=0)
+    stack.handle_host_event(TcpData(flow, b"held back"), now=1.0)
+    assert peer.receive() == []
+    timer = stack.get_timer()
+    assert timer is not None, "a zero window with data waiting must arm the persist timer"
+    stack.handle_timer(now=timer)
+    [(probe, data)] = peer.receive()
+    assert data == b""
+    assert probe.seq == seq_add(peer.rcv_nxt, -1)
+
+
+def test_tcp_ipv4_data_with_an_ack_for_unsent_bytes_is_not_delivered() -> None:
+    stack, peer, host = make()
+    peer.establish(host)
+    peer.send(ACK | TcpFlags.PSH, b"forged", ack=seq_add(peer.rcv_nxt, 5000))
+    assert not [c for c in host.take(stack) if isinstance(c, TcpSend)]

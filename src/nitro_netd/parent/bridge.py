@@ -198,7 +198,10 @@ class Bridge:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        self.stack.handle_timer(now=self.loop.time())
+        try:
+            self.stack.handle_timer(now=self.loop.time())
+        except Exception:  # a bug in the stack: log it; the flush re-arms the timer
+            logger.exception("internal error while running timers")
         self.flush()
 
     def close(self) -> None:

@@ -277,8 +277,7 @@ class TcpConnection:
         self._now = now
         if self.state is not TcpState.ESTABLISHED or not flags & _ACK:
             return
-        self._on_ack(ack, window, flags, payload, now)
-        if self.closed:
+        if not self._on_ack(ack, window, flags, payload, now) or self.closed:
             return
         if payload or flags & _FIN:
             self._on_data(seq, payload, bool(flags & _FIN))
@@ -303,15 +302,17 @@ class TcpConnection:
             self.log.info("reset by enclave")
             self._finish(reset=True)
 
-    def _on_ack(self, ack: int, window: int, flags: int, payload: memoryview, now: float) -> None:
+    def _on_ack(self, ack: int, window: int, flags: int, payload: memoryview, now: float) -> bool:
+        """Process the ACK field; False when the whole segment must be dropped."""
         if not self.syn_acked:
             if ack != seq_add(self.iss, 1):
-                return
+                return False  # does not complete our handshake (RFC 9293 §3.10.7.4)
             self.syn_acked = True
             self.snd_una = ack
+            self.rto, self.retries, self.rto_deadline = INITIAL_RTO, 0, None
         elif not seq_le(ack, self.snd_max):
-            self._owe_ack(now_please=True)  # acknowledges what we never sent
-            return
+            self._owe_ack(now_please=True)  # acknowledges what we never sent: ACK and drop
+            return False
         acked = seq_diff(ack, self.snd_una)
         window <<= self.enclave_ws
         if acked > 0:
@@ -324,8 +325,10 @@ class TcpConnection:
             and not flags & _FIN
         ):
             self._on_dupack(now)
-        self.snd_wnd = window
+        if acked >= 0:  # an older ACK carries an older window: ignore it
+            self.snd_wnd = window
         self._try_send(now)
+        return True
 
     def _advance(self, ack: int, acked: int, now: float) -> None:
         data = min(acked, len(self.send_buffer))
@@ -338,7 +341,7 @@ class TcpConnection:
         self.dupacks = 0
         self.retries = 0
         self.rto = INITIAL_RTO
-        self._arm(now)
+        self._arm(now, restart=True)
         if self.reading_paused and len(self.send_buffer) <= self.buffer // 2:
             self.reading_paused = False
             self.output.send_command(TcpResumeReading(self.flow))
@@ -473,11 +476,26 @@ class TcpConnection:
 
     # --- timers ------------------------------------------------------------------------
 
-    def _arm(self, now: float) -> None:
-        outstanding = not self.syn_acked or self.snd_una != self.snd_max
+    def _arm(self, now: float, *, restart: bool = False) -> None:
+        """Keep the retransmission (or persist) timer running while it is needed.
+
+        RFC 6298 §5: a running timer is not pushed back by further sends or segments, only
+        restarted when new data is acknowledged (`restart`), so a steady stream from the
+        enclave cannot postpone a retransmission forever. With nothing in flight but bytes
+        held back by a zero window, the same timer sends window probes (RFC 9293 §3.8.6.1).
+        """
         live = self.state in (TcpState.ESTABLISHED, TcpState.SYN_SENT)
-        self.rto_deadline = now + self.rto if outstanding and live else None
+        in_flight = not self.syn_acked or self.snd_una != self.snd_max
+        if not live or not (in_flight or self._window_blocked()):
+            self.rto_deadline = None
+        elif restart or self.rto_deadline is None:
+            self.rto_deadline = now + self.rto
         self._set_deadline()
+
+    def _window_blocked(self) -> bool:
+        """Bytes wait unsent and nothing is in flight: only the enclave's window holds them."""
+        unsent = len(self.send_buffer) - seq_diff(self.snd_nxt, self.snd_una)
+        return self.syn_acked and self.snd_una == self.snd_max and unsent > 0
 
     def _set_deadline(self) -> None:
         rto, ack = self.rto_deadline, self.ack_deadline
@@ -496,6 +514,13 @@ class TcpConnection:
             self._set_deadline()
         rto = self.rto_deadline
         if rto is None or now < rto or self.state is not TcpState.ESTABLISHED:
+            return
+        self.rto_deadline = None
+        if self._window_blocked():
+            self.log.debug("zero window: probing")
+            self._send(seq_add(self.snd_una, -1), _ACK)  # the enclave answers with its window
+            self.rto = min(self.rto * 2, MAX_RTO)
+            self._arm(now)
             return
         self.retries += 1
         if self.retries > MAX_RETRIES:
@@ -537,10 +562,12 @@ class TcpConnection:
         """Forget the flow and close its host socket (abortively with `reset`)."""
         if self.state is TcpState.CLOSED:
             return
-        self.state = TcpState.CLOSED
-        self.deadline = self.rto_deadline = self.ack_deadline = None
         if not reset:
             self._flush_to_host()
+            if self.ack_pending and self.state is TcpState.ESTABLISHED and self.syn_acked:
+                self._send_ack()  # e.g. for the enclave's FIN that completed the close
+        self.state = TcpState.CLOSED
+        self.deadline = self.rto_deadline = self.ack_deadline = None
         self.output.send_command(TcpClose(self.flow, reset=reset))
         self._on_timer_change(self)
 

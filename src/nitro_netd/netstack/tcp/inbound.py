@@ -18,7 +18,13 @@ from collections.abc import Callable
 from nitro_netd.frames.tcp import TcpFlags, TcpHeader, TcpOptions
 from nitro_netd.netstack.events import FlowId, TcpResumeReading
 from nitro_netd.netstack.output import StackOutput
-from nitro_netd.netstack.tcp.connection import MAX_RTO, TcpConnection, TcpState, window_scale_for
+from nitro_netd.netstack.tcp.connection import (
+    INITIAL_RTO,
+    MAX_RTO,
+    TcpConnection,
+    TcpState,
+    window_scale_for,
+)
 from nitro_netd.netstack.tcp.segments import SegmentBuilder
 from nitro_netd.netstack.tcp.seq import seq_add
 
@@ -85,7 +91,7 @@ class InboundConnection(TcpConnection):
         self.state = TcpState.ESTABLISHED
         self.syn_acked = True
         self.snd_una = seq_add(self.iss, 1)
-        self.rto = min(self.rto, MAX_RTO)
+        self.rto, self.retries, self.rto_deadline = INITIAL_RTO, 0, None  # handshake done
         self.log.debug("established")
         self._send_ack()
         self.output.send_command(TcpResumeReading(self.flow))
