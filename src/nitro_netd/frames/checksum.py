@@ -20,7 +20,8 @@ _NUMPY_MIN: Final = 256
 """Below this many bytes the big-integer method wins over numpy's call overhead."""
 
 
-def _fold(total: int) -> int:
+def fold(total: int) -> int:
+    """Fold carries of a one's complement sum back into 16 bits."""
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return total
@@ -43,7 +44,7 @@ def _sum_numpy(data: Buffer) -> int:
     total = int(words.sum(dtype=_np.uint64))
     if n & 1:
         total += memoryview(data)[n - 1] << 8
-    return _fold(total)
+    return fold(total)
 
 
 def ones_complement_sum(data: Buffer, initial: int = 0) -> int:
@@ -52,7 +53,7 @@ def ones_complement_sum(data: Buffer, initial: int = 0) -> int:
         partial = _sum_numpy(data)
     else:
         partial = _sum_int(data)
-    return _fold(partial + initial)
+    return fold(partial + initial)
 
 
 def internet_checksum(data: Buffer, initial: int = 0) -> int:

@@ -182,10 +182,6 @@ class LinkSession(asyncio.BufferedProtocol):
         if self._writer is not None and not self.closed and frames:
             self._writer.write_frames(frames)
 
-    def write_buffer_size(self) -> int:
-        """Bytes queued towards the agent and not yet taken by the kernel."""
-        return self._writer.queued if self._writer is not None else 0
-
     def close(self, reason: str) -> None:
         """End the session (idempotent), telling the owner once."""
         if self.closed:

@@ -530,7 +530,6 @@ class TcpConnection:
             return
         self.log.debug("retransmission timeout %d: resending from %d", self.retries, self.snd_una)
         self.rto = min(self.rto * 2, MAX_RTO)
-        self.rto_deadline = None
         if not self.syn_acked:
             self._send_syn_ack()
         else:

@@ -12,7 +12,7 @@ import struct
 from ipaddress import IPv4Address
 from typing import Final
 
-from nitro_netd.frames.checksum import ones_complement_sum
+from nitro_netd.frames.checksum import fold, ones_complement_sum
 from nitro_netd.frames.ethernet import EtherType, MacAddress
 from nitro_netd.frames.ipv4 import DEFAULT_TTL, IpProto
 from nitro_netd.frames.tcp import TcpOptions, build_tcp_options
@@ -26,12 +26,6 @@ ETH_IP_TCP_LEN: Final = 14 + 20 + 20
 SPLIT_MIN: Final = 2048
 """Payloads at least this long are not copied into the frame (see `SplitFrame`)."""
 _FLAG_DF: Final = 0x4000
-
-
-def _fold(total: int) -> int:
-    while total >> 16:
-        total = (total & _FOLD) + (total >> 16)
-    return total
 
 
 class SegmentBuilder:
@@ -115,10 +109,10 @@ class SegmentBuilder:
         if payload and not split:
             frame[54 + len(opts) :] = payload
         if self.partial_checksum:
-            struct.pack_into("!H", frame, 50, _fold(pseudo))
+            struct.pack_into("!H", frame, 50, fold(pseudo))
         else:
             if split:
                 pseudo += ones_complement_sum(payload)
             total = ones_complement_sum(memoryview(frame)[34:], pseudo)
-            struct.pack_into("!H", frame, 50, ~_fold(total) & _FOLD)
+            struct.pack_into("!H", frame, 50, ~total & _FOLD)  # already folded
         return SplitFrame(frame, payload) if split else frame
