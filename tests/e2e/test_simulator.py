@@ -101,7 +101,10 @@ with Simulator() as sim:
     if sys.argv[1] == "kill":
         import os, signal
         os.kill(os.getpid(), signal.SIGKILL)
-    time.sleep(300)
+    # Short sleeps: CPython does not re-check pending signals before it blocks, so a signal
+    # landing just as one long sleep starts would wait for that whole sleep.
+    for _ in range(3000):
+        time.sleep(0.1)
 """
 
 
