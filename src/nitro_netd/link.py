@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -44,9 +44,16 @@ HEADER_VERSION: Final = "Nitro-Netd-Version"
 HEADER_WANT_REPLY: Final = "Nitro-Netd-Reply"
 HEADER_ENCLAVE: Final = "Nitro-Netd-Enclave"
 HEADER_OFFLOAD: Final = "Nitro-Netd-Offload"
-"""Agent: "csum" = it can mark enclave-bound TCP frames CHECKSUM_PARTIAL and lets the TAP hand
-it frames with partial checksums. Daemon reply: "csum" = agreed for this link."""
+"""A comma-separated list of offloads. Agent: the ones it can do. Daemon reply: the ones
+agreed for this link (a subset). See `OFFLOAD_CSUM` and `OFFLOAD_TSO`."""
 OFFLOAD_CSUM: Final = "csum"
+"""The agent marks enclave-bound TCP frames CHECKSUM_PARTIAL and lets the TAP hand it frames
+with partial checksums: TCP checksums are neither computed nor checked by the daemon."""
+OFFLOAD_TSO: Final = "tso"
+"""TCP segmentation offload, only together with `OFFLOAD_CSUM`: TCP/IPv4 frames may be
+larger than the MTU, up to the framing's limit, in both directions. The agent lets the TAP
+hand it such super-segments and has the enclave's kernel take the daemon's as GSO packets,
+whose segments are at most the MTU."""
 
 _LE16: Final = struct.Struct("<H")
 _BE32: Final = struct.Struct(">I")
@@ -295,3 +302,15 @@ def detect_protocol(first_bytes: bytes) -> LinkProtocol | None:
     if b"POST".startswith(probe):
         return LinkProtocol.GVPROXY if len(probe) == 4 else None
     return LinkProtocol.QEMU
+
+
+def parse_offloads(value: str | None) -> frozenset[str]:
+    """Return the offloads a ``Nitro-Netd-Offload`` value names (lower case, no blanks)."""
+    if not value:
+        return frozenset()
+    return frozenset(token for token in (t.strip().lower() for t in value.split(",")) if token)
+
+
+def format_offloads(offloads: Iterable[str]) -> str:
+    """Return a ``Nitro-Netd-Offload`` value for `offloads`, in a stable order."""
+    return ", ".join(sorted(offloads))

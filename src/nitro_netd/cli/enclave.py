@@ -208,6 +208,9 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
     add("--no-offload", action="store_true",
         help="never ask the parent for checksum offload (by default the agent asks "
         "nitro-netd-parent, and uses it when the parent agrees)")  # fmt: skip
+    add("--no-tso", action="store_true",
+        help="never ask for TCP segmentation offload (by default asked for with checksum "
+        "offload: super-segments up to 64 KiB cross the link whatever the MTU)")  # fmt: skip
     add("--link-up-fd", type=_link_up_fd, default=None, metavar="FD",
         help="write one byte to this open descriptor each time the link comes up "
         "(for supervisors)")  # fmt: skip
@@ -221,6 +224,7 @@ def _options(ns: argparse.Namespace, command: tuple[str, ...] | None) -> Enclave
         protocol=LinkProtocol(ns.protocol),
         mtu=ns.mtu,
         offload=not ns.no_offload,
+        tso=not ns.no_tso,
     )
     return EnclaveOptions(
         agent=agent,

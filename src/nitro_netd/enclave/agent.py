@@ -46,7 +46,7 @@ from typing import Final
 from nitro_netd.enclave.backoff import Backoff
 from nitro_netd.enclave.handshake import Handshake, HandshakeResult, PeerKind
 from nitro_netd.enclave.pump import run_pump
-from nitro_netd.enclave.tap import TUN_F_CSUM
+from nitro_netd.enclave.tap import TUN_F_CSUM, TUN_F_TSO4
 from nitro_netd.enclave.tap import set_offload as tap_set_offload
 from nitro_netd.link import DEFAULT_MTU, LinkError, LinkProtocol
 from nitro_netd.transport import Endpoint, connect
@@ -54,6 +54,8 @@ from nitro_netd.transport import Endpoint, connect
 logger = logging.getLogger("nitro_netd.enclave")
 
 ETHERNET_HEADER: Final = 14
+TCP_IPV4_HEADERS: Final = 40
+"""IPv4 and TCP headers without options: an MTU-sized segment carries MTU - 40 bytes."""
 _FATAL_CONNECT_ERRNOS: Final = frozenset({errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT})
 """Connect errors no retry can fix (no vsock in this kernel)."""
 
@@ -80,6 +82,9 @@ class AgentConfig:
     """Seconds to finish reading a reply once it has started."""
     offload: bool = True
     """Ask the parent for checksum offload when the TAP can do it (``--no-offload``: never)."""
+    tso: bool = True
+    """With `offload`, ask for TCP segmentation offload too when the TAP can do it
+    (``--no-tso``: never)."""
     stable_after: float = 1.0
     """Seconds a link must stay up for the backoff to start again from its first delay."""
     backoff: Callable[[], Backoff] = field(default=Backoff)
@@ -137,6 +142,8 @@ class Agent:
         self._quiet = False
         self._offload_settable = False
         """TUNSETOFFLOAD works on this TAP: set it for every session."""
+        self._tso_settable = False
+        """The TAP takes `TUN_F_TSO4` too."""
         self._no_offload_reason: str | None = None
         """Why the agent does not ask for offload; None while it asks."""
         self._probe_offload()
@@ -145,6 +152,11 @@ class Agent:
     def asks_for_offload(self) -> bool:
         """True if the agent asks gvproxy-framed parents for checksum offload."""
         return self._no_offload_reason is None
+
+    @property
+    def asks_for_tso(self) -> bool:
+        """True if the agent asks for TCP segmentation offload along with checksum offload."""
+        return self.asks_for_offload and self._tso_settable and self.config.tso
 
     def stop(self) -> None:
         """Ask the agent to stop; safe from a signal handler or another thread."""
@@ -218,7 +230,7 @@ class Agent:
             reason = f"handshake failed: {_describe(exc)}"
             self._log_failure(reason)
             return SessionOutcome(reason)
-        problem = self._apply_offload(result.offload)
+        problem = self._apply_offload(result.offload, tso=result.tso)
         if problem is not None:
             self._log_failure(problem)
             return SessionOutcome(problem)
@@ -233,6 +245,7 @@ class Agent:
             max_frame=self.config.mtu + ETHERNET_HEADER,
             vnet_hdr=self.vnet_hdr,
             csum_offload=result.offload,
+            gso_size=self.config.mtu - TCP_IPV4_HEADERS if result.tso else 0,
         )
         up_seconds = time.monotonic() - up_at
         if self.stopping:
@@ -250,7 +263,9 @@ class Agent:
             OSError: the link failed.
             _StopRequested: `stop` was called meanwhile.
         """
-        handshake = Handshake(self.config.protocol, offload=self.asks_for_offload)
+        handshake = Handshake(
+            self.config.protocol, offload=self.asks_for_offload, tso=self.asks_for_tso
+        )
         sock.sendall(handshake.request())
         deadline = time.monotonic() + self.config.reply_wait
         expired = False
@@ -272,7 +287,8 @@ class Agent:
         """Decide once whether to ask for checksum offload: the TAP must take TUNSETOFFLOAD.
 
         Sets `TUN_F_CSUM` and then 0 again (with ``--no-offload`` only 0); a failure is
-        logged once, as a warning, and the agent then never asks.
+        logged once, as a warning, and the agent then never asks. Segmentation offload is
+        asked for only if the TAP takes `TUN_F_TSO4` as well.
         """
         if not self.vnet_hdr:
             self._no_offload_reason = "the TAP has no virtio-net headers"
@@ -280,6 +296,7 @@ class Agent:
         try:
             if self.config.offload:
                 self._set_offload(self.tap_fd, TUN_F_CSUM)
+                self._tso_settable = self._try_offload(TUN_F_CSUM | TUN_F_TSO4)
             self._set_offload(self.tap_fd, 0)
         except OSError as exc:
             logger.warning(
@@ -292,7 +309,16 @@ class Agent:
         if not self.config.offload:
             self._no_offload_reason = "not asked for (--no-offload)"
 
-    def _apply_offload(self, on: bool) -> str | None:
+    def _try_offload(self, flags: int) -> bool:
+        """Return True if the TAP takes these offload flags."""
+        try:
+            self._set_offload(self.tap_fd, flags)
+        except OSError as exc:
+            logger.debug("the TAP does not take offloads %#x: %s", flags, _describe(exc))
+            return False
+        return True
+
+    def _apply_offload(self, on: bool, *, tso: bool = False) -> str | None:
         """Set the TAP's offloads for a new session; return why the session cannot go on.
 
         Only failing to turn offload on ends the session: the parent has agreed to leave
@@ -304,7 +330,8 @@ class Agent:
         if not self._offload_settable:
             return None
         try:
-            self._set_offload(self.tap_fd, TUN_F_CSUM if on else 0)
+            flags = (TUN_F_CSUM | (TUN_F_TSO4 if tso else 0)) if on else 0
+            self._set_offload(self.tap_fd, flags)
         except OSError as exc:
             self._offload_settable = False
             self._no_offload_reason = "the TAP cannot do it (TUNSETOFFLOAD failed)"
@@ -324,7 +351,9 @@ class Agent:
     def _describe_offload(self, result: HandshakeResult) -> str:
         """Return the session's log line about checksum offload."""
         if result.offload:
-            return "checksum offload on"
+            if result.tso:
+                return "checksum offload on, segmentation offload on"
+            return "checksum offload on, segmentation offload off"
         if self._no_offload_reason is not None:
             why = self._no_offload_reason
         elif result.peer is PeerKind.QEMU:

@@ -14,9 +14,10 @@ A partial ``HTTP/1.`` prefix when the wait expires keeps the handshake waiting f
 the caller bounds that with its own deadline. No real frame can start with ``HTTP/1.``: its
 destination MAC would be ``54:50:2f:31:2e:..``, neither ours nor a group address.
 
-Checksum offload is negotiated here too: an agent that can use it sends
-``Nitro-Netd-Offload: csum``, and the session has it only if our daemon's reply carries the
-same header (`offload_agreed`). A stock gvproxy (no reply) and the qemu framing never do.
+Offloads are negotiated here too: an agent that can use them sends
+``Nitro-Netd-Offload: csum`` (checksum offload) or ``csum, tso`` (and TCP segmentation
+offload), and the session has those that our daemon's reply names (`offloads_agreed`). A
+stock gvproxy (no reply) and the qemu framing never do.
 """
 
 from __future__ import annotations
@@ -31,12 +32,15 @@ from nitro_netd.link import (
     HEADER_VERSION,
     HEADER_WANT_REPLY,
     OFFLOAD_CSUM,
+    OFFLOAD_TSO,
     PROTOCOL_VERSION,
     HttpHead,
     HttpHeadReader,
     LinkProtocol,
     build_connect_request,
     check_connect_reply,
+    format_offloads,
+    parse_offloads,
 )
 
 REPLY_PREFIX: Final = b"HTTP/1."
@@ -49,18 +53,28 @@ OFFLOAD_REQUEST_HEADERS: Final[Mapping[str, str]] = {
     HEADER_OFFLOAD: OFFLOAD_CSUM,
 }
 """The request of an agent that asks for checksum offload."""
+TSO_REQUEST_HEADERS: Final[Mapping[str, str]] = {
+    **REQUEST_HEADERS,
+    HEADER_OFFLOAD: format_offloads((OFFLOAD_CSUM, OFFLOAD_TSO)),
+}
+"""The request of an agent that asks for checksum and TCP segmentation offload."""
+
+
+def offloads_agreed(reply: HttpHead | None) -> frozenset[str]:
+    """Return the offloads our daemon's reply agrees to for this link.
+
+    The value is read as a comma-separated list, case-insensitively. Segmentation offload
+    counts only together with checksum offload.
+    """
+    agreed = parse_offloads(reply.get(HEADER_OFFLOAD) if reply is not None else None)
+    if OFFLOAD_CSUM not in agreed:
+        return frozenset()
+    return agreed
 
 
 def offload_agreed(reply: HttpHead | None) -> bool:
-    """Return True if our daemon's reply agrees to checksum offload for this link.
-
-    The value is read as a comma-separated list of offloads, case-insensitively, so that
-    a later daemon may agree to more than one.
-    """
-    value = reply.get(HEADER_OFFLOAD) if reply is not None else None
-    if not value:
-        return False
-    return OFFLOAD_CSUM in (token.strip().lower() for token in value.split(","))
+    """Return True if our daemon's reply agrees to checksum offload for this link."""
+    return OFFLOAD_CSUM in offloads_agreed(reply)
 
 
 class PeerKind(enum.Enum):
@@ -85,6 +99,8 @@ class HandshakeResult:
     """Our daemon's reply head (its ``Nitro-Netd-*`` headers carry the network plan)."""
     offload: bool = False
     """Checksum offload is on for this link: the agent asked and the daemon agreed."""
+    tso: bool = False
+    """TCP segmentation offload is on too (never without `offload`)."""
 
     def describe(self) -> str:
         """Return the peer's kind for the operator's log."""
@@ -99,13 +115,15 @@ class HandshakeResult:
 class Handshake:
     """Decide from the parent's first bytes what kind of peer it is."""
 
-    def __init__(self, protocol: LinkProtocol, *, offload: bool = False) -> None:
+    def __init__(self, protocol: LinkProtocol, *, offload: bool = False, tso: bool = False) -> None:
         """Args:
         protocol: the link framing.
         offload: ask for checksum offload (the gvproxy framing only; ignored for qemu).
+        tso: ask for TCP segmentation offload as well (only with `offload`).
         """
         self.protocol = protocol
         self.offload = offload and protocol is LinkProtocol.GVPROXY
+        self.tso = tso and self.offload
         self.result: HandshakeResult | None = None
         """Set once the link is up; at once for the qemu framing."""
         self._prefix = b""
@@ -117,6 +135,8 @@ class Handshake:
         """Return the bytes to send first (nothing for the qemu framing)."""
         if self.protocol is LinkProtocol.QEMU:
             return b""
+        if self.tso:
+            return build_connect_request(TSO_REQUEST_HEADERS)
         return build_connect_request(OFFLOAD_REQUEST_HEADERS if self.offload else REQUEST_HEADERS)
 
     def receive_data(self, data: bytes) -> HandshakeResult | None:
@@ -154,6 +174,12 @@ class Handshake:
         if head is None:
             return None
         check_connect_reply(head)
-        offload = self.offload and offload_agreed(head)
-        self.result = HandshakeResult(PeerKind.NITRO_NETD, self._reader.rest, head, offload)
+        agreed = offloads_agreed(head) if self.offload else frozenset()
+        self.result = HandshakeResult(
+            PeerKind.NITRO_NETD,
+            self._reader.rest,
+            head,
+            offload=OFFLOAD_CSUM in agreed,
+            tso=self.tso and OFFLOAD_TSO in agreed,
+        )
         return self.result

@@ -21,9 +21,11 @@ works: tests use a ``SOCK_SEQPACKET`` socketpair) and a connected, handshaken li
 With ``vnet_hdr`` (a real TAP, opened with ``IFF_VNET_HDR``) each frame read from the TAP
 starts with a 10-byte ``virtio_net_hdr``: the same ``readv`` puts it into a scratch buffer,
 and the frame goes on unchanged (its checksum may be partial when offload is on: the parent
-then does not check it). A frame with a GSO type is dropped and counted (GSO is never
-enabled). Each frame written into the TAP gets a header in the same ``os.writev``: all
-zeros, or with ``csum_offload`` a ``NEEDS_CSUM`` one for IPv4 TCP segments (`vnet`).
+then does not check it). A frame with a GSO type is dropped and counted unless segmentation
+offload is on (``gso_size``), and then only a TCP/IPv4 one passes, as one frame of up to the
+framing's limit. Each frame written into the TAP gets a header in the same ``os.writev``:
+all zeros, or with ``csum_offload`` a ``NEEDS_CSUM`` one for IPv4 TCP segments, which is a
+GSO one (`vnet.gso_header`) for a segment longer than ``gso_size``.
 
 No per-byte Python work happens on either path. When either child ends (EOF, error, bad
 frame), the parent stops the other with SIGTERM and returns the first child's reason; the
@@ -43,7 +45,13 @@ from typing import Final, Protocol
 
 from nitro_netd.enclave import _process
 from nitro_netd.enclave.tap import VNET_HDR_SIZE
-from nitro_netd.enclave.vnet import CSUM_HEADERS, MIN_TCP_FRAME, ZERO_HEADER
+from nitro_netd.enclave.vnet import (
+    CSUM_HEADERS,
+    GSO_ACCEPTED_MASK,
+    MIN_TCP_FRAME,
+    ZERO_HEADER,
+    gso_header,
+)
 from nitro_netd.link import MIN_FRAME, FrameDecoder, LinkError, LinkProtocol, pack_length
 
 COALESCE_LIMIT: Final = 32 * 1024
@@ -116,10 +124,12 @@ def pump_tap_to_link(
     max_frame: int | None = None,
     coalesce: int = COALESCE_LIMIT,
     vnet_hdr: bool = False,
+    tso: bool = False,
 ) -> str:
     """Move frames from a non-blocking TAP descriptor to the link until one side ends.
 
-    With `vnet_hdr`, each read starts with a ``virtio_net_hdr``, which is stripped.
+    With `vnet_hdr`, each read starts with a ``virtio_net_hdr``, which is stripped. With
+    `tso` too, TCP/IPv4 super-segments pass (frames with any other GSO type are dropped).
 
     Returns:
         Why it stopped ("tap closed").
@@ -137,6 +147,7 @@ def pump_tap_to_link(
     readv, sendall = os.readv, sock.sendall
     # The virtio-net header lands in `scratch`; its gso_type byte stays 0 without one.
     scratch = bytearray(VNET_HDR_SIZE)
+    gso_refused = GSO_ACCEPTED_MASK if tso else 0xFF
     vnet = VNET_HDR_SIZE if vnet_hdr else 0
     buffers: list[bytearray | memoryview] = [scratch, view] if vnet_hdr else [view]
     last = len(buffers) - 1
@@ -152,7 +163,7 @@ def pump_tap_to_link(
                 offset = 0
             poller.poll()
             continue
-        if not MIN_FRAME <= n <= limit or scratch[1]:
+        if not MIN_FRAME <= n <= limit or scratch[1] & gso_refused:
             if n == -vnet:
                 if offset:
                     sendall(view[:offset])
@@ -184,11 +195,13 @@ def pump_link_to_tap(
     *,
     vnet_hdr: bool = False,
     csum_offload: bool = False,
+    gso_size: int = 0,
 ) -> str:
     """Move frames from the link to the TAP until one side ends.
 
     With `vnet_hdr`, each frame is written behind a ``virtio_net_hdr``: all zeros, or with
-    `csum_offload` one marking an IPv4 TCP segment's checksum as partial.
+    `csum_offload` one marking an IPv4 TCP segment's checksum as partial, and with
+    `gso_size` too, a GSO one for a segment carrying more than `gso_size` bytes.
 
     Returns:
         Why it stopped ("parent closed the link").
@@ -198,7 +211,7 @@ def pump_link_to_tap(
         OSError: receiving on the link or writing the TAP failed.
     """
     if vnet_hdr:
-        return _pump_link_to_vnet_tap(sock, tap_fd, decoder, stats, csum_offload)
+        return _pump_link_to_vnet_tap(sock, tap_fd, decoder, stats, csum_offload, gso_size)
     recv_into, write = sock.recv_into, os.write
     while True:
         frame = decoder.maybe_next_frame()
@@ -222,10 +235,12 @@ def _pump_link_to_vnet_tap(
     decoder: FrameDecoder,
     stats: DirectionStats,
     csum_offload: bool,
+    gso_size: int = 0,
 ) -> str:
     """`pump_link_to_tap` for a TAP that takes a virtio-net header before each frame."""
     recv_into, writev = sock.recv_into, os.writev
     zero, csum_headers, min_tcp = ZERO_HEADER, CSUM_HEADERS, MIN_TCP_FRAME
+    gso_above = gso_size + MIN_TCP_FRAME if gso_size else 1 << 30
     while True:
         frame = decoder.maybe_next_frame()
         while frame is not None:
@@ -238,7 +253,10 @@ def _pump_link_to_vnet_tap(
                 and frame[13] == 0
                 and not (frame[20] & 0x3F or frame[21])
             ):
-                buffers = (csum_headers[frame[14]], frame)
+                if len(frame) > gso_above:
+                    buffers = (gso_header(frame, gso_size), frame)
+                else:
+                    buffers = (csum_headers[frame[14]], frame)
             else:
                 buffers = (zero, frame)
             try:
@@ -289,12 +307,13 @@ def run_tap_to_link(
     max_frame: int | None = None,
     *,
     vnet_hdr: bool = False,
+    tso: bool = False,
 ) -> PumpReport:
     """Run the tap → link direction to its end and say why it ended."""
     stats = DirectionStats()
     try:
         reason = pump_tap_to_link(
-            tap_fd, sock, protocol, stats, max_frame=max_frame, vnet_hdr=vnet_hdr
+            tap_fd, sock, protocol, stats, max_frame=max_frame, vnet_hdr=vnet_hdr, tso=tso
         )
     except _process.Stopped:
         reason = "stopped"
@@ -311,6 +330,7 @@ def run_link_to_tap(
     *,
     vnet_hdr: bool = False,
     csum_offload: bool = False,
+    gso_size: int = 0,
 ) -> PumpReport:
     """Run the link → tap direction to its end and say why it ended."""
     stats = DirectionStats()
@@ -318,7 +338,13 @@ def run_link_to_tap(
     decoder.receive_data(initial)
     try:
         reason = pump_link_to_tap(
-            sock, tap_fd, decoder, stats, vnet_hdr=vnet_hdr, csum_offload=csum_offload
+            sock,
+            tap_fd,
+            decoder,
+            stats,
+            vnet_hdr=vnet_hdr,
+            csum_offload=csum_offload,
+            gso_size=gso_size,
         )
     except _process.Stopped:
         reason = "stopped"
@@ -339,6 +365,7 @@ def run_pump(
     max_frame: int | None = None,
     vnet_hdr: bool = False,
     csum_offload: bool = False,
+    gso_size: int = 0,
 ) -> PumpResult:
     """Pump frames both ways in two child processes until either direction ends.
 
@@ -352,26 +379,40 @@ def run_pump(
         vnet_hdr: the TAP's frames carry a ``virtio_net_hdr`` both ways (``IFF_VNET_HDR``).
         csum_offload: with `vnet_hdr`, mark enclave-bound IPv4 TCP segments ``NEEDS_CSUM``
             (the session agreed checksum offload with the parent).
+        gso_size: with `csum_offload`, segmentation offload is on: TCP/IPv4 super-segments
+            pass both ways (up to the framing's limit, whatever `max_frame`), and an
+            enclave-bound one is cut by the enclave's kernel into pieces of this size.
 
     Returns:
         The reason of the direction that ended first, and both directions' reports.
 
     Raises:
-        ValueError: `csum_offload` without `vnet_hdr`.
+        ValueError: `csum_offload` without `vnet_hdr`, or `gso_size` without `csum_offload`.
     """
     if csum_offload and not vnet_hdr:
         raise ValueError("checksum offload needs a TAP with virtio-net headers")
+    if gso_size and not csum_offload:
+        raise ValueError("segmentation offload needs checksum offload")
+    tso = gso_size > 0
+    if tso:
+        max_frame = protocol.max_frame
     os.set_blocking(tap_fd, False)
     keep = (tap_fd, sock.fileno())
     out = _spawn_direction(
         "tap→link",
-        lambda: run_tap_to_link(tap_fd, sock, protocol, max_frame, vnet_hdr=vnet_hdr),
+        lambda: run_tap_to_link(tap_fd, sock, protocol, max_frame, vnet_hdr=vnet_hdr, tso=tso),
         keep,
     )
     back = _spawn_direction(
         "link→tap",
         lambda: run_link_to_tap(
-            sock, tap_fd, protocol, initial, vnet_hdr=vnet_hdr, csum_offload=csum_offload
+            sock,
+            tap_fd,
+            protocol,
+            initial,
+            vnet_hdr=vnet_hdr,
+            csum_offload=csum_offload,
+            gso_size=gso_size,
         ),
         keep,
     )

@@ -4,8 +4,9 @@ The TAP is opened without a packet-info header and with ``IFF_VNET_HDR``: every 
 from it starts with a 10-byte ``struct virtio_net_hdr`` and every frame written must start
 with one (`VNET_HDR_SIZE`, the kernel's default size). That header lets the agent hand the
 enclave's kernel TCP segments whose checksum is only partial (``NEEDS_CSUM``), and, with
-``TUNSETOFFLOAD`` = `TUN_F_CSUM`, lets the kernel hand the agent such frames. GSO stays
-off (no ``TUN_F_TSO*``), so frames are never larger than the MTU.
+``TUNSETOFFLOAD`` = `TUN_F_CSUM`, lets the kernel hand the agent such frames. With
+`TUN_F_TSO4` as well (only when the parent agreed to segmentation offload) the kernel hands
+over TCP/IPv4 super-segments up to 64 KiB whatever the MTU, and takes them from the agent.
 
 The returned file descriptor *is* the device: the kernel removes a non-persistent TAP when
 its last descriptor closes, so the agent opens it once and keeps it for its whole life,
@@ -33,7 +34,9 @@ IFF_VNET_HDR: Final = 0x4000
 TAP_FLAGS: Final = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
 """What `open_tap` asks for."""
 TUN_F_CSUM: Final = 0x01
-"""TUNSETOFFLOAD: the agent accepts frames with partial checksums (never TSO: no GSO)."""
+"""TUNSETOFFLOAD: the agent accepts frames with partial checksums."""
+TUN_F_TSO4: Final = 0x02
+"""TUNSETOFFLOAD: the agent accepts TCP/IPv4 GSO super-segments (needs `TUN_F_CSUM`)."""
 VNET_HDR_SIZE: Final = 10
 """``struct virtio_net_hdr`` without ``num_buffers``: the default TUNSETVNETHDRSZ."""
 IFNAMSIZ: Final = 16

@@ -25,6 +25,12 @@ F_NEEDS_CSUM: Final = 0x01
 F_DATA_VALID: Final = 0x02
 """``VIRTIO_NET_HDR_F_DATA_VALID``: set by the kernel on some frames it hands over; ignored."""
 GSO_NONE: Final = 0
+GSO_TCPV4: Final = 1
+"""``VIRTIO_NET_HDR_GSO_TCPV4``: a TCP/IPv4 super-segment, cut into `gso_size` pieces."""
+GSO_ECN: Final = 0x80
+"""``VIRTIO_NET_HDR_GSO_ECN``: may be or-ed into a GSO type."""
+GSO_ACCEPTED_MASK: Final = 0xFF ^ (GSO_TCPV4 | GSO_ECN)
+"""A TAP frame's gso_type with any of these bits set is not a TCP/IPv4 one."""
 ZERO_HEADER: Final = bytes(VNET_HDR_SIZE)
 """A plain frame: no offload asked, no GSO."""
 ETHERNET_HEADER: Final = 14
@@ -84,6 +90,18 @@ CSUM_HEADERS: Final = _build_csum_headers()
 """Indexed by the byte after the Ethernet header (IPv4 version and IHL)."""
 
 
+def gso_header(frame: bytes | bytearray | memoryview, gso_size: int) -> bytes:
+    """Return a ``NEEDS_CSUM`` + ``GSO_TCPV4`` header for a TCP/IPv4 super-segment.
+
+    The enclave's kernel takes the frame as one packet of `gso_size`-byte segments (as if
+    its own GRO had merged them). `frame` must pass `is_tcp_ipv4`; ``hdr_len`` (all headers)
+    is read from its IHL and TCP data offset.
+    """
+    csum_start = ETHERNET_HEADER + (frame[ETHERNET_HEADER] & 0x0F) * 4
+    hdr_len = csum_start + (frame[csum_start + 12] >> 4) * 4
+    return VNET_HDR.pack(F_NEEDS_CSUM, GSO_TCPV4, hdr_len, gso_size, csum_start, TCP_CSUM_OFFSET)
+
+
 def is_tcp_ipv4(frame: bytes | bytearray | memoryview) -> bool:
     """Return True for an unfragmented IPv4 frame carrying TCP (the frames to mark).
 
@@ -98,11 +116,14 @@ def is_tcp_ipv4(frame: bytes | bytearray | memoryview) -> bool:
     )
 
 
-def header_for(frame: bytes | bytearray | memoryview) -> bytes:
+def header_for(frame: bytes | bytearray | memoryview, gso_size: int = 0) -> bytes:
     """Return the header to write in front of an enclave-bound frame, offload on.
 
-    The pump inlines the same test; this is its reference form.
+    With `gso_size` (segmentation offload on), a TCP frame carrying more than one segment of
+    that size gets a GSO header. The pump inlines the same tests; this is their reference.
     """
     if is_tcp_ipv4(frame):
+        if gso_size and len(frame) > gso_size + MIN_TCP_FRAME:
+            return gso_header(frame, gso_size)
         return CSUM_HEADERS[frame[14]]
     return ZERO_HEADER

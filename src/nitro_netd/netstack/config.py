@@ -56,6 +56,8 @@ class StackConfig:
     """Concurrent UDP and ping flows; datagrams beyond it are dropped (counted as `limit`)."""
     checksum_offload: bool = True
     """Agree when an agent offers checksum offload (see `StackOutput.checksum_offload`)."""
+    segmentation_offload: bool = True
+    """Agree when an agent offers TCP segmentation offload (`StackOutput.segment_limit`)."""
     tcp_buffer: int = 4 << 20
     """Bytes per flow and direction the stack lets wait (receive window, send buffer)."""
 

@@ -17,6 +17,9 @@ from nitro_netd.netstack.stats import StackStats
 
 _MIN_FRAME: Final = 60
 """Ethernet's minimum frame without FCS; shorter frames are zero-padded."""
+TSO_MAX_PAYLOAD: Final = 0xFFFF - 14 - 20 - 20
+"""With segmentation offload: the most TCP payload in one frame (a link frame's 2-byte
+length, less the Ethernet, IPv4 and TCP headers of a data segment, which has no options)."""
 
 
 class SplitFrame:
@@ -53,7 +56,19 @@ class StackOutput:
         """Set per link: the agent marks our TCP frames CHECKSUM_PARTIAL (so they carry only
         the pseudo-header sum) and its TAP may hand us TCP/UDP with partial checksums (so
         those are not verified)."""
+        self.segmentation_offload = False
+        """Set per link: the agent has the enclave's kernel take our TCP frames as GSO packets,
+        so a segment may carry up to `segment_limit` bytes whatever the enclave's MSS."""
         self._identification = 0
+
+    def segment_size(self, mss: int) -> int:
+        """Most payload bytes per TCP segment to an enclave flow whose MSS is `mss`.
+
+        With segmentation offload: as many whole MSS as fit in one link frame.
+        """
+        if not self.segmentation_offload or mss >= TSO_MAX_PAYLOAD:
+            return mss
+        return TSO_MAX_PAYLOAD // mss * mss
 
     def enclave_mac(self) -> MacAddress:
         """The enclave's MAC: learned from ARP, else the configured one."""

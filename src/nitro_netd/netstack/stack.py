@@ -126,6 +126,13 @@ class NetStack:
         """
         self.output.checksum_offload = enabled
 
+    def set_segmentation_offload(self, enabled: bool) -> None:
+        """Switch TCP segmentation offload for the current link (`StackOutput.segment_size`).
+
+        Call right after `handle_link_reset()` for a new link, before its first frame.
+        """
+        self.output.segmentation_offload = enabled
+
     def handle_link_reset(self) -> None:
         """Forget everything tied to the old link (a new enclave link replaced it)."""
         self.output.neighbours.clear()

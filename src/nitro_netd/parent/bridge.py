@@ -71,6 +71,8 @@ class Bridge:
         """Asked before a new link goes live: a returned reason refuses (closes) it."""
         self.frame_tap: FrameTap | None = None
         """Sees every frame of the live link, both directions (valid during the call)."""
+        self.link_observers: list[Callable[[LinkSession], None]] = []
+        """Called with each new live link, once its offloads are known."""
 
     # --- LinkOwner -------------------------------------------------------------
 
@@ -106,11 +108,18 @@ class Bridge:
             side.set_link_paused(False)  # a backed-up old link must not hold the new one
         self.stack.handle_link_reset()
         self.stack.set_checksum_offload(session.checksum_offload)
+        self.stack.set_segmentation_offload(session.segmentation_offload)
+        for observer in self.link_observers:
+            observer(session)
         self.flush()
 
     def offload_allowed(self) -> bool:
         """Agree to checksum offload unless the configuration turned it off."""
         return self.config.checksum_offload
+
+    def segmentation_allowed(self) -> bool:
+        """Agree to TCP segmentation offload unless the configuration turned it off."""
+        return self.config.segmentation_offload
 
     def on_frame(self, session: LinkSession, frame: memoryview) -> None:
         """Feed one frame of the live link to the stack."""

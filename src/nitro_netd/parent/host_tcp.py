@@ -12,8 +12,10 @@ One non-blocking socket per flow, driven by `loop.add_reader` / `add_writer` cal
   `HIGH_WATER` pending bytes the stack is told `TcpWriteBlocked` (it stops opening the
   enclave's window) and below `LOW_WATER` `TcpWriteUnblocked`. A `TcpShutdown` or a
   graceful `TcpClose` takes effect only after `pending` is written: no byte is lost.
-* host -> enclave: each readable callback does one `recv_into` a shared buffer and posts
-  `TcpData` (or `TcpEof`). Reading stops while the stack asks (`TcpPauseReading`, the
+* host -> enclave: each readable callback does one `recv` of up to `HostTcp.read_size` bytes
+  and posts `TcpData` (or `TcpEof`). The size follows the link (`read_size_for`): 1 MiB
+  when segments to the enclave are large, 256 KiB when they are MTU 1500-sized (a bigger
+  batch of small segments only makes the link burstier). Reading stops while the stack asks (`TcpPauseReading`, the
   enclave is slow) or while the link to the enclave is backed up (`set_link_paused`).
 
 Events caused by a command are posted with `call_soon`, never from inside `execute()`,
@@ -50,7 +52,10 @@ from nitro_netd.parent.host import PostEvent
 
 logger = logging.getLogger(__name__)
 
-READ_SIZE: Final = 256 << 10
+READ_SIZE_LARGE: Final = 1 << 20
+READ_SIZE_SMALL: Final = 256 << 10
+LARGE_SEGMENTS_MTU: Final = 16384
+"""From this MTU up, segments to the enclave count as large."""
 HIGH_WATER: Final = 4 << 20
 LOW_WATER: Final = 1 << 20
 LINGER_TIMEOUT: Final = 60.0
@@ -128,7 +133,7 @@ class HostTcpFlow:
 
     def _on_readable(self) -> None:
         try:
-            data = self.sock.recv(READ_SIZE)
+            data = self.sock.recv(self.owner.read_size)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -263,6 +268,8 @@ class HostTcp:
         self.post = post_event
         self.flows: dict[FlowId, HostTcpFlow] = {}
         self.link_paused = False
+        self.read_size = READ_SIZE_SMALL
+        """Bytes per host socket read; set per link with `read_size_for`."""
 
     def post_soon(self, event: HostEvent) -> None:
         """Post an event after the current drain of the stack (never re-entrantly)."""
@@ -325,3 +332,10 @@ class HostTcp:
         """Abort every socket."""
         for flow in list(self.flows.values()):
             flow.abort()
+
+
+def read_size_for(mtu: int, segmentation_offload: bool) -> int:
+    """Return the host read size for a link: large when its TCP segments are large."""
+    if segmentation_offload or mtu >= LARGE_SEGMENTS_MTU:
+        return READ_SIZE_LARGE
+    return READ_SIZE_SMALL

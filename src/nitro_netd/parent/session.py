@@ -25,6 +25,7 @@ from nitro_netd.link import (
     HEADER_OFFLOAD,
     HEADER_WANT_REPLY,
     OFFLOAD_CSUM,
+    OFFLOAD_TSO,
     FrameDecoder,
     HttpHeadReader,
     LinkError,
@@ -32,6 +33,8 @@ from nitro_netd.link import (
     build_connect_reply,
     check_connect_request,
     detect_protocol,
+    format_offloads,
+    parse_offloads,
 )
 from nitro_netd.netstack.output import Frame
 from nitro_netd.parent.link_writer import LinkWriter
@@ -62,6 +65,9 @@ class LinkOwner(Protocol):
     def offload_allowed(self) -> bool:
         """Whether this daemon agrees to checksum offload with agents that offer it."""
 
+    def segmentation_allowed(self) -> bool:
+        """Whether this daemon agrees to TCP segmentation offload (with checksum offload)."""
+
     def on_link_writable(self, session: LinkSession, writable: bool) -> None:
         """The link's write buffer crossed its high (False) or low (True) water mark."""
 
@@ -84,6 +90,8 @@ class LinkSession(asyncio.BufferedProtocol):
         self._writer: LinkWriter | None = None
         self.checksum_offload = False
         """Agreed in the handshake: see `StackOutput.checksum_offload`."""
+        self.segmentation_offload = False
+        """Agreed in the handshake: frames up to the framing's limit (`link.OFFLOAD_TSO`)."""
 
     # --- asyncio callbacks -------------------------------------------------------
 
@@ -137,11 +145,24 @@ class LinkSession(asyncio.BufferedProtocol):
         reply = b""
         if head.get(HEADER_WANT_REPLY) is not None:
             plan = dict(self.owner.link_plan())
-            if head.get(HEADER_OFFLOAD) == OFFLOAD_CSUM and self.owner.offload_allowed():
-                self.checksum_offload = True
-                plan[HEADER_OFFLOAD] = OFFLOAD_CSUM
+            agreed = self._agree_offloads(parse_offloads(head.get(HEADER_OFFLOAD)))
+            if agreed:
+                plan[HEADER_OFFLOAD] = format_offloads(agreed)
             reply = build_connect_reply(plan)
         self._start_frames(self._head.rest, reply)
+
+    def _agree_offloads(self, offered: frozenset[str]) -> set[str]:
+        """Agree to what the agent offers and this daemon allows; TSO only with csum."""
+        agreed: set[str] = set()
+        if OFFLOAD_CSUM in offered and self.owner.offload_allowed():
+            agreed.add(OFFLOAD_CSUM)
+            self.checksum_offload = True
+            if OFFLOAD_TSO in offered and self.owner.segmentation_allowed():
+                agreed.add(OFFLOAD_TSO)
+                self.segmentation_offload = True
+                if self.protocol is not None:
+                    self.max_frame = self.protocol.max_frame
+        return agreed
 
     def _start_frames(self, rest: bytes, reply: bytes = b"") -> None:
         assert self.protocol is not None
@@ -157,10 +178,11 @@ class LinkSession(asyncio.BufferedProtocol):
         self._decoder.receive_data(rest)
         self._up = True
         logger.info(
-            "link from %s: up (%s framing, checksum offload %s)",
+            "link from %s: up (%s framing, checksum offload %s, segmentation offload %s)",
             self.peer,
             self.protocol.value,
             "on" if self.checksum_offload else "off",
+            "on" if self.segmentation_offload else "off",
         )
         self.owner.on_link_up(self)
 

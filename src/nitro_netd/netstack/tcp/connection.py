@@ -438,9 +438,10 @@ class TcpConnection:
             return
         buffered = len(self.send_buffer)
         queue = self.send_buffer
+        segment = self.output.segment_size(self.enclave_mss)
         while True:
             offset = seq_diff(self.snd_nxt, self.snd_una)
-            n = min(self.enclave_mss, buffered - offset, self.snd_wnd - offset)
+            n = min(segment, buffered - offset, self.snd_wnd - offset)
             if n <= 0:
                 break
             last = offset + n == buffered
@@ -462,7 +463,7 @@ class TcpConnection:
 
     def _retransmit_first(self) -> None:
         """Re-send the oldest unacknowledged segment (or FIN)."""
-        n = min(self.enclave_mss, len(self.send_buffer))
+        n = min(self.output.segment_size(self.enclave_mss), len(self.send_buffer))
         if n:
             last = (
                 n == len(self.send_buffer)
