@@ -55,7 +55,7 @@ async def test_host_tcp_write_blocked_then_unblocked_arrive_in_order() -> None:
     side.execute(TcpConnect(1, LOOPBACK, server.getsockname()[1], 5.0))
     peer, _ = await loop.sock_accept(server)
     await events.wait_for(TcpConnected)
-    side.execute(TcpSend(1, bytes(HIGH_WATER + (8 << 20))))
+    side.execute(TcpSend(1, (bytes(HIGH_WATER + (8 << 20)),)))
     await events.wait_for(TcpWriteBlocked)
     received = 0
     async with asyncio.timeout(20):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import random
 from ipaddress import IPv4Address
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,8 +32,9 @@ from nitro_netd.netstack import (
     TcpWriteBlocked,
     TcpWriteUnblocked,
 )
+from nitro_netd.netstack.output import TSO_MAX_PAYLOAD
 from nitro_netd.netstack.tcp.seq import seq_add
-from tests.support.tcp_peer import FakeHost, TcpPeer
+from tests.support.tcp_peer import FakeHost, Segment, TcpPeer
 
 ACK = TcpFlags.ACK
 
@@ -78,7 +81,7 @@ def test_tcp_ipv4_enclave_to_host_small_data_is_sent_at_once_and_acked_once_dela
         stack.receive_frame(peer.frame(ACK | TcpFlags.PSH, chunk), now=1.0)
         peer.snd_nxt = seq_add(peer.snd_nxt, len(chunk))
     sends = [c for c in host.take(stack) if isinstance(c, TcpSend)]
-    assert sends == [TcpSend(flow, b"a" * 100 + b"b" * 200 + b"c" * 300)]
+    assert [(c.flow, c.data) for c in sends] == [(flow, b"a" * 100 + b"b" * 200 + b"c" * 300)]
     assert peer.receive() == []  # small segments: the ACK waits for a reply to ride on
     deadline = stack.get_timer()
     assert deadline is not None
@@ -157,7 +160,9 @@ def test_tcp_ipv4_host_eof_first_keeps_enclave_direction_open() -> None:
     peer.send(ACK)
     peer.send(ACK | TcpFlags.PSH, b"still talking")
     commands = host.take(stack)
-    assert TcpSend(flow, b"still talking") in commands
+    assert (flow, b"still talking") in [
+        (c.flow, c.data) for c in commands if isinstance(c, TcpSend)
+    ]
     assert not any(isinstance(c, TcpClose) for c in commands)
     peer.send(ACK | TcpFlags.FIN)
     assert TcpClose(flow, reset=False) in host.take(stack)
@@ -422,7 +427,8 @@ def test_tcp_ipv4_checksum_offload_trusts_enclave_and_leaves_pseudo_header_sum()
     frame = bytearray(peer.frame(ACK | TcpFlags.PSH, b"partial"))
     frame[50:52] = b"\x12\x34"  # not a valid checksum: the enclave's kernel left it partial
     stack.receive_frame(memoryview(frame), now=1.0)
-    assert TcpSend(flow, b"partial") in host.take(stack)
+    sends = [(c.flow, c.data) for c in host.take(stack) if isinstance(c, TcpSend)]
+    assert (flow, b"partial") in sends
     peer.snd_nxt = seq_add(peer.snd_nxt, 7)
     stack.handle_host_event(TcpData(flow, b"z" * 4000), now=1.0)
     raw = next(f for f in stack.frames_to_send() if len(f) > 1000)
@@ -495,3 +501,148 @@ def test_tcp_ipv4_data_with_an_ack_for_unsent_bytes_is_not_delivered() -> None:
     peer.establish(host)
     peer.send(ACK | TcpFlags.PSH, b"forged", ack=seq_add(peer.rcv_nxt, 5000))
     assert not [c for c in host.take(stack) if isinstance(c, TcpSend)]
+
+
+# --- TCP segmentation offload ---------------------------------------------------------
+
+
+def make_offloaded(segmentation: bool, **config: object) -> tuple[NetStack, TcpPeer, FakeHost]:
+    """`make` for a link that agreed checksum offload, and segmentation offload if asked."""
+    stack, peer, host = make(**config)
+    stack.set_checksum_offload(True)
+    stack.set_segmentation_offload(segmentation)
+    peer.verify_checksums = False  # our TCP checksums are left partial for the agent's TAP
+    return stack, peer, host
+
+
+def pseudo_header_sum(raw: bytes | bytearray) -> int:
+    """The folded IPv4 pseudo-header sum of a TCP frame without IP options."""
+    total = sum(int.from_bytes(raw[i : i + 2], "big") for i in range(26, 34, 2))
+    total += 6 + len(raw) - 34
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def assert_contiguous(segments: list[Segment], start: int) -> None:
+    seq = start
+    for header, data in segments:
+        assert header.seq == seq
+        seq = seq_add(seq, len(data))
+
+
+@pytest.mark.parametrize(
+    ("segmentation", "mss", "expected"),
+    [
+        (False, 1460, 1460),
+        (False, 536, 536),
+        (True, 1460, 44 * 1460),
+        (True, 8961, 7 * 8961),
+        (True, 536, 122 * 536),
+        (True, 65480, 65480),
+        (True, TSO_MAX_PAYLOAD, TSO_MAX_PAYLOAD),
+        (True, TSO_MAX_PAYLOAD + 1, TSO_MAX_PAYLOAD + 1),
+    ],
+)
+def test_tcp_segment_size(segmentation: bool, mss: int, expected: int) -> None:
+    stack = NetStack(StackConfig())
+    assert stack.output.segment_size(mss) == mss  # off until a link agrees
+    stack.set_segmentation_offload(segmentation)
+    assert stack.output.segment_size(mss) == expected
+
+
+def test_tcp_segment_size_limit_fills_one_link_frame() -> None:
+    assert TSO_MAX_PAYLOAD == 65535 - 14 - 20 - 20
+
+
+@given(st.integers(min_value=1, max_value=TSO_MAX_PAYLOAD))
+def test_tcp_segment_size_is_the_most_whole_mss_in_one_frame(mss: int) -> None:
+    stack = NetStack(StackConfig())
+    stack.set_segmentation_offload(True)
+    size = stack.output.segment_size(mss)
+    assert size % mss == 0
+    assert mss <= size <= TSO_MAX_PAYLOAD < size + mss
+
+
+def test_tcp_ipv4_segmentation_offload_sends_super_segments_to_the_enclave() -> None:
+    stack, peer, host = make_offloaded(True, mtu=1500)
+    assert peer.mss == 1460
+    flow = peer.establish(host)
+    data = random.Random(1).randbytes(200 * 1024)
+    stack.handle_host_event(TcpData(flow, data), now=1.0)
+    frames = stack.frames_to_send()
+    segments = peer.parse(frames)
+    assert [len(d) for _, d in segments] == [44 * 1460] * 3 + [200 * 1024 - 3 * 44 * 1460]
+    assert all(len(d) % 1460 == 0 for _, d in segments[:-1])
+    assert_contiguous(segments, peer.rcv_nxt)
+    for raw in frames:
+        assert len(raw) <= 65535
+        assert int.from_bytes(raw[16:18], "big") == len(raw) - 14  # IPv4 total length
+        assert raw[46] >> 4 == 5  # no TCP options: TSO_MAX_PAYLOAD holds
+        # the pseudo-header sum over the whole super-segment, as GSO expects
+        assert int.from_bytes(raw[50:52], "big") == pseudo_header_sum(raw)
+    assert max(len(raw) for raw in frames) == 54 + 44 * 1460
+    peer.accept(segments)
+    assert bytes(peer.received) == data
+
+
+def test_tcp_ipv4_without_segmentation_offload_segments_stay_within_the_mss() -> None:
+    stack, peer, host = make_offloaded(False, mtu=1500)
+    flow = peer.establish(host)
+    data = random.Random(2).randbytes(200 * 1024)
+    stack.handle_host_event(TcpData(flow, data), now=1.0)
+    frames = stack.frames_to_send()
+    segments = peer.parse(frames)
+    assert max(len(d) for _, d in segments) == 1460
+    assert max(len(raw) for raw in frames) == 1514
+    assert_contiguous(segments, peer.rcv_nxt)
+    peer.accept(segments)
+    assert bytes(peer.received) == data
+
+
+def test_tcp_ipv4_segmentation_offload_respects_a_smaller_enclave_mss() -> None:
+    stack, peer, host = make_offloaded(True, mtu=1500)
+    peer.mss = 1000
+    flow = peer.establish(host)
+    stack.handle_host_event(TcpData(flow, b"m" * 100_000), now=1.0)
+    segments = peer.parse(stack.frames_to_send())
+    assert [len(d) for _, d in segments] == [65 * 1000, 35 * 1000]
+
+
+def test_tcp_ipv4_segmentation_offload_stays_within_the_enclave_window() -> None:
+    stack, peer, host = make_offloaded(True, mtu=1500)
+    peer.window_scale = None
+    peer.window = 30000
+    flow = peer.establish(host)
+    stack.handle_host_event(TcpData(flow, b"w" * 100_000), now=1.0)
+    segments = peer.parse(stack.frames_to_send())
+    assert sum(len(d) for _, d in segments) == 30000
+    assert all(len(d) <= 44 * 1460 for _, d in segments)
+
+
+def test_tcp_ipv4_lost_super_segment_is_retransmitted_whole() -> None:
+    stack, peer, host = make_offloaded(True, mtu=1500)
+    flow = peer.establish(host)
+    stack.handle_host_event(TcpData(flow, b"r" * 100_000), now=1.0)
+    first, *_ = peer.receive()  # all "lost"
+    deadline = stack.get_timer()
+    assert deadline is not None
+    stack.handle_timer(now=deadline)
+    [(again, data)] = peer.receive()
+    assert (again.seq, len(data)) == (first[0].seq, 44 * 1460)
+
+
+def test_tcp_ipv4_super_segment_from_the_enclave_is_delivered_whole_and_acked() -> None:
+    """With TSO the enclave's TAP hands over one 60000-byte segment (checksum partial)."""
+    stack, peer, host = make_offloaded(True, mtu=1500)
+    flow = peer.establish(host)
+    payload = random.Random(3).randbytes(60000)
+    frame = bytearray(peer.frame(ACK | TcpFlags.PSH, payload))
+    assert len(frame) == 60054
+    frame[50:52] = b"\x12\x34"  # left partial by the enclave's kernel
+    stack.receive_frame(memoryview(frame), now=1.0)
+    peer.snd_nxt = seq_add(peer.snd_nxt, len(payload))
+    assert [c for c in host.take(stack) if isinstance(c, TcpSend)] == [TcpSend(flow, payload)]
+    [(ack, _)] = peer.receive()  # more than an MSS unacknowledged: ACKed at once
+    assert ack.ack == peer.snd_nxt
+    assert stack.stats.drops == {}

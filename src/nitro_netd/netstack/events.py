@@ -30,10 +30,21 @@ class TcpConnect:
 
 @dataclass(frozen=True, slots=True)
 class TcpSend:
-    """Write `data` to the flow's host socket (the shell buffers what the kernel won't take)."""
+    """Write `chunks`, in order, to the flow's host socket (the shell buffers what the kernel
+    won't take).
+
+    A chunk may be a view into the enclave's frame it came from, so the bytes are copied
+    once, by the kernel: it is valid only until the shell's flush that drains this command
+    returns, and the shell copies whatever it keeps.
+    """
 
     flow: FlowId
-    data: bytes
+    chunks: tuple[bytes | memoryview, ...]
+
+    @property
+    def data(self) -> bytes:
+        """All chunks as one bytes object (a copy: for tests and logs)."""
+        return b"".join(self.chunks)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,9 @@ One non-blocking socket per flow, driven by `loop.add_reader` / `add_writer` cal
 
 * connect: `connect_ex`, then wait for writability or the flow's timeout; the outcome is
   `TcpConnected` or `TcpFailed(errno)`.
-* enclave -> host: `TcpSend` bytes are written at once where the kernel takes them; the
-  rest waits in the flow's `pending` buffer until the socket is writable. Above
+* enclave -> host: `TcpSend` chunks are written at once where the kernel takes them (one
+  ``sendmsg``, straight from the enclave's frames: they are views valid only during this
+  flush); the rest is copied into the flow's `pending` buffer until the socket is writable. Above
   `HIGH_WATER` pending bytes the stack is told `TcpWriteBlocked` (it stops opening the
   enclave's window) and below `LOW_WATER` `TcpWriteUnblocked`. A `TcpShutdown` or a
   graceful `TcpClose` takes effect only after `pending` is written: no byte is lost.
@@ -58,6 +59,9 @@ LARGE_SEGMENTS_MTU: Final = 16384
 """From this MTU up, segments to the enclave count as large."""
 HIGH_WATER: Final = 4 << 20
 LOW_WATER: Final = 1 << 20
+MAX_SEND_CHUNKS: Final = 64
+"""More chunks than this (a batch of tiny segments) are joined into one before sending,
+far below the kernel's limit of 1024 buffers per ``sendmsg``."""
 LINGER_TIMEOUT: Final = 60.0
 """How long a gracefully closed socket may take to write its last bytes."""
 _LINGER_ABORT: Final = struct.pack("ii", 1, 0)
@@ -148,25 +152,38 @@ class HostTcpFlow:
 
     # --- writing ----------------------------------------------------------------------
 
-    def send(self, data: bytes) -> None:
+    def send(self, chunks: tuple[bytes | memoryview, ...]) -> None:
+        """Write `chunks` (views valid only during this call), keeping a copy of the rest."""
         if self.pending or not self.connected:
-            self.pending += data
+            for chunk in chunks:
+                self.pending += chunk
         else:
+            if len(chunks) > MAX_SEND_CHUNKS:
+                chunks = (b"".join(chunks),)
             try:
-                n = self.sock.send(data)
+                n = self.sock.sendmsg(chunks) if len(chunks) > 1 else self.sock.send(chunks[0])
             except (BlockingIOError, InterruptedError):
                 n = 0
             except OSError as exc:
                 self._fail(exc, soon=True)
                 return
-            if n < len(data):
-                self.pending += memoryview(data)[n:]
+            self._keep_unsent(chunks, n)
         if self.pending and self.connected and not self.writing:
             self.owner.loop.add_writer(self.fd, self._on_writable)
             self.writing = True
         if len(self.pending) > HIGH_WATER and not self.blocked:
             self.blocked = True
             self.owner.post_soon(TcpWriteBlocked(self.flow))
+
+    def _keep_unsent(self, chunks: tuple[bytes | memoryview, ...], sent: int) -> None:
+        """Copy what the kernel did not take (all but the first `sent` bytes) into `pending`."""
+        for chunk in chunks:
+            size = len(chunk)
+            if sent >= size:
+                sent -= size
+                continue
+            self.pending += memoryview(chunk)[sent:] if sent else chunk
+            sent = 0
 
     def _flush_pending(self) -> None:
         if self.pending:
@@ -284,7 +301,7 @@ class HostTcp:
         if flow is None:
             return
         if isinstance(command, TcpSend):
-            flow.send(command.data)
+            flow.send(command.chunks)
         elif isinstance(command, TcpShutdown):
             flow.shutdown()
         elif isinstance(command, TcpClose):

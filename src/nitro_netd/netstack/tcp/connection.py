@@ -146,7 +146,7 @@ class TcpConnection:
         """The owed ACK may not wait (a duplicate, a FIN, a window update, a probe...)."""
         self._received_unacked = 0
         self._now = 0.0
-        self._to_host: list[bytes] = []
+        self._to_host: list[bytes | memoryview] = []
         """Bytes from the enclave not yet handed to the host: one `TcpSend` per batch."""
         # Send side (host -> enclave).
         self.scaling = False
@@ -368,7 +368,7 @@ class TcpConnection:
             self.output.stats.count_drop(DropReason.OUT_OF_WINDOW)
             new, fin = new[: max(room, 0)], False
         if new:
-            self._to_host.append(bytes(new))
+            self._to_host.append(new)  # a view: see TcpSend
             self.rcv_nxt = seq_add(self.rcv_nxt, len(new))
             self._received_unacked += len(new)
         if fin and seq_add(seq, len(payload)) == self.rcv_nxt:
@@ -413,8 +413,7 @@ class TcpConnection:
     def _flush_to_host(self) -> None:
         if self._to_host:
             chunks, self._to_host = self._to_host, []
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            self.output.send_command(TcpSend(self.flow, data))
+            self.output.send_command(TcpSend(self.flow, tuple(chunks)))
 
     def _owe_ack(self, *, now_please: bool) -> None:
         self.ack_pending = True
