@@ -116,8 +116,12 @@ class NetStack:
 
     def get_timer(self) -> float | None:
         """Return when `handle_timer()` should next be called, or None for never."""
-        times = [t for t in (layer.get_timer() for layer in self.layers.values()) if t is not None]
-        return min(times, default=None)
+        earliest: float | None = None
+        for layer in self.layers.values():  # a plain loop: this runs after every batch
+            when = layer.get_timer()
+            if when is not None and (earliest is None or when < earliest):
+                earliest = when
+        return earliest
 
     def set_checksum_offload(self, enabled: bool) -> None:
         """Switch checksum offload for the current link (see `StackOutput.checksum_offload`).

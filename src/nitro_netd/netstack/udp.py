@@ -168,8 +168,10 @@ class UdpLayer:
 
     def get_timer(self) -> float | None:
         """The next idle expiry or DNS deadline."""
-        times = [t for t in (self.flows.next_expiry(), self.dns.get_timer()) if t is not None]
-        return min(times, default=None)
+        expiry, dns = self.flows.next_expiry(), self.dns.get_timer()
+        if expiry is None or dns is None:
+            return dns if expiry is None else expiry
+        return min(expiry, dns)
 
     def before_flush(self) -> None:
         """Nothing deferred."""
