@@ -151,6 +151,55 @@ def test_tcp_ipv4_transfers_at_smaller_mtus(sim: Simulator, mtu: int) -> None:
     client(sim, "down", WORLD, PORT, 32 * MiB)
 
 
+ETHERNET_MTU_FRAME = 1500 + 14
+
+
+def link_counters(sim: Simulator, state_dir: Path, name: str) -> dict[str, int]:
+    """The daemon's exact link counters (`nitro-netd status NAME --json`)."""
+    argv = [sys.executable, "-m", "nitro_netd.cli.status", "--state-dir", str(state_dir)]
+    result = sim.run("parent", [*argv, name, "--json"], timeout=30)
+    assert result.returncode == 0, f"nitro-netd status: {result.stderr}\n{sim.logs_tail()}"
+    counters: dict[str, int] = json.loads(result.stdout)["counters"]
+    return counters
+
+
+def mean_frame(before: dict[str, int], after: dict[str, int], direction: str) -> float:
+    """The mean size of the link frames in `direction` ("in": from the enclave) between."""
+    frames = after[f"frames_{direction}"] - before[f"frames_{direction}"]
+    return (after[f"bytes_{direction}"] - before[f"bytes_{direction}"]) / frames
+
+
+@pytest.mark.parametrize(
+    ("agent_args", "tso"), [((), True), (("--no-tso",), False)], ids=["tso", "no-tso"]
+)
+def test_tcp_ipv4_segmentation_offload_at_mtu_1500(
+    sim: Simulator, agent_args: tuple[str, ...], tso: bool
+) -> None:
+    """At MTU 1500 the agent and the daemon agree TCP segmentation offload (unless the agent
+    runs with --no-tso): super-segments far larger than the MTU then cross the link both
+    ways, and 64 MiB each way still arrive intact."""
+    state_dir, name = sim.workdir / "state", "tso"
+    parent = sim.start_parent(
+        ("--mtu", "1500", "--enclave-name", name, "--state-dir", str(state_dir))
+    )
+    agent = sim.start_agent(("--mtu", "1500", *agent_args))
+    state = "on" if tso else "off"
+    wait_for_log(sim, agent, f"checksum offload on, segmentation offload {state}", LINK_TIMEOUT)
+    wait_for_log(sim, parent, f"checksum offload on, segmentation offload {state})", LINK_TIMEOUT)
+    wait_for_ping(sim)
+    start_server(sim, "world", WORLD)
+    before = link_counters(sim, state_dir, name)
+    assert client(sim, "up", WORLD, PORT, 64 * MiB)["bytes"] == 64 * MiB
+    middle = link_counters(sim, state_dir, name)
+    assert client(sim, "down", WORLD, PORT, 64 * MiB)["bytes"] == 64 * MiB
+    after = link_counters(sim, state_dir, name)
+    upload, download = mean_frame(before, middle, "in"), mean_frame(middle, after, "out")
+    if tso:
+        assert min(upload, download) > 4 * ETHERNET_MTU_FRAME, (upload, download)
+    else:
+        assert max(upload, download) <= ETHERNET_MTU_FRAME, (upload, download)
+
+
 @pytest.mark.netns("curl")
 def test_tcp_ipv4_curl_in_enclave_downloads_from_world_http_server(bridge: Simulator) -> None:
     root = bridge.workdir / "www"

@@ -1,4 +1,5 @@
-"""The bridge's link backpressure: host reading pauses with a backed-up link, and resumes."""
+"""The bridge's link handling: host reading pauses with a backed-up link and resumes; each
+new link sets the stack's offloads."""
 
 from __future__ import annotations
 
@@ -41,3 +42,24 @@ async def test_new_link_lifts_the_pause_of_a_backed_up_old_link() -> None:
     bridge.on_link_writable(old, False)  # the replaced link no longer counts
     assert side.paused[-1] is False
     bridge.close()
+
+
+async def test_each_new_link_sets_the_stack_offloads_and_tells_the_observers() -> None:
+    bridge = Bridge(StackConfig(mtu=1500), asyncio.get_running_loop())
+    seen: list[tuple[LinkSession, bool, bool]] = []
+    output = bridge.stack.output
+    bridge.link_observers.append(
+        lambda s: seen.append((s, output.checksum_offload, output.segmentation_offload))
+    )
+    tso, plain = LinkSession(bridge, max_frame=65535), LinkSession(bridge, max_frame=1514)
+    tso.checksum_offload = tso.segmentation_offload = True
+    bridge.on_link_up(tso)
+    assert output.segment_size(1460) == 44 * 1460
+    bridge.on_link_up(plain)  # replaces the TSO link: back to MSS-sized segments
+    assert output.segment_size(1460) == 1460
+    assert seen == [(tso, True, True), (plain, False, False)]
+    assert (bridge.segmentation_allowed(), bridge.offload_allowed()) == (True, True)
+    bridge.close()
+    strict = Bridge(StackConfig(segmentation_offload=False), asyncio.get_running_loop())
+    assert (strict.segmentation_allowed(), strict.offload_allowed()) == (False, True)
+    strict.close()

@@ -2,8 +2,8 @@
 
 A SOCK_SEQPACKET socketpair stands in for the TAP. The fake parent is driven from the test
 thread; the agent runs `run_forever` in a thread and forks its pump as it would for real.
-For checksum offload the fake TAP plays an ``IFF_VNET_HDR`` TAP (10-byte virtio-net headers
-both ways) and ``TUNSETOFFLOAD`` is replaced by a recorder.
+For checksum and segmentation offload the fake TAP plays an ``IFF_VNET_HDR`` TAP (10-byte
+virtio-net headers both ways) and ``TUNSETOFFLOAD`` is replaced by a recorder.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import pytest
 from nitro_netd.enclave.agent import Agent, AgentConfig
 from nitro_netd.enclave.backoff import Backoff
 from nitro_netd.enclave.handshake import HandshakeResult, PeerKind
-from nitro_netd.enclave.tap import TUN_F_CSUM
+from nitro_netd.enclave.tap import TUN_F_CSUM, TUN_F_TSO4
 from nitro_netd.link import (
+    DEFAULT_MTU,
     HEADER_OFFLOAD,
     HEADER_VERSION,
     HEADER_WANT_REPLY,
@@ -42,6 +43,7 @@ from tests.support.vnet_frames import (
     PLAIN_HEADER,
     PROTO_TCP,
     PROTO_UDP,
+    VNET_GSO_TCPV4,
     ipv4_frame,
     vnet_header,
 )
@@ -122,15 +124,19 @@ def parent(tmp_path: Path) -> Iterator[FakeParent]:
 class FakeOffload:
     """Stands in for TUNSETOFFLOAD: records each call's flags; fails the calls listed."""
 
-    def __init__(self, fail_calls: frozenset[int] = frozenset()) -> None:
+    def __init__(self, fail_calls: frozenset[int] = frozenset(), refuse_flags: int = 0) -> None:
         self.calls: list[int] = []
         self.fail_calls = fail_calls
         """0-based numbers of the calls that raise (ENOTTY, as on a non-TAP)."""
+        self.refuse_flags = refuse_flags
+        """Calls setting any of these flags raise EINVAL (a TAP that cannot do them)."""
 
     def __call__(self, fd: int, flags: int) -> None:
         self.calls.append(flags)
         if len(self.calls) - 1 in self.fail_calls:
             raise OSError(25, "Inappropriate ioctl for device")
+        if flags & self.refuse_flags:
+            raise OSError(22, "Invalid argument")
 
 
 def start_agent(
@@ -141,12 +147,16 @@ def start_agent(
     vnet_hdr: bool = False,
     set_offload: FakeOffload | None = None,
     offload: bool = True,
+    tso: bool = True,
+    mtu: int = DEFAULT_MTU,
 ) -> AgentRig:
     config = AgentConfig(
         endpoint=endpoint,
         protocol=protocol,
         reply_wait=reply_wait,
         offload=offload,
+        tso=tso,
+        mtu=mtu,
         stable_after=0.0,
         backoff=lambda: Backoff(initial=0.01, cap=0.05),
     )
@@ -363,6 +373,8 @@ TCP_SEGMENT = ipv4_frame(PROTO_TCP, payload=b"t" * 500)
 UDP_DATAGRAM = ipv4_frame(PROTO_UDP, payload=b"u" * 100)
 CSUM_HEADER = vnet_header(NEEDS_CSUM, csum_start=34, csum_offset=16)
 OFFLOAD_REPLY = build_connect_reply({HEADER_OFFLOAD: "csum"})
+PROBE = [TUN_F_CSUM, TUN_F_CSUM | TUN_F_TSO4, 0]
+"""The start-up probe on a TAP that takes every offload: csum, csum with TSO4, reset."""
 
 
 def offload_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -384,17 +396,18 @@ def test_agent_offload_on_when_the_parent_agrees(
 ) -> None:
     tunsetoffload = FakeOffload()
     rig = make_agent(reply_wait=30.0, vnet_hdr=True, set_offload=tunsetoffload)
-    assert tunsetoffload.calls == [TUN_F_CSUM, 0]  # the start-up probe: set, then reset
+    assert tunsetoffload.calls == PROBE  # the start-up probe: set, then reset
     with parent.accept() as conn:
         head, _ = read_request(conn)
-        assert head.get(HEADER_OFFLOAD) == "csum"
-        conn.sendall(OFFLOAD_REPLY)
+        assert head.get(HEADER_OFFLOAD) == "csum, tso"
+        conn.sendall(OFFLOAD_REPLY)  # checksum offload only
         wait_for(lambda: rig.link_ups, "link up")
         exchange_vnet_frames(rig, conn, offload=True)
-    assert tunsetoffload.calls == [TUN_F_CSUM, 0, TUN_F_CSUM]
+    assert tunsetoffload.calls == [*PROBE, TUN_F_CSUM]
     assert rig.link_ups[0].offload is True
+    assert rig.link_ups[0].tso is False
     assert rig.agent.offload is True
-    assert offload_lines(caplog)[0] == "checksum offload on"
+    assert offload_lines(caplog)[0] == "checksum offload on, segmentation offload off"
 
 
 def test_agent_offload_off_when_the_parent_does_not_agree(
@@ -404,11 +417,11 @@ def test_agent_offload_off_when_the_parent_does_not_agree(
     rig = make_agent(reply_wait=30.0, vnet_hdr=True, set_offload=tunsetoffload)
     with parent.accept() as conn:
         head, _ = read_request(conn)
-        assert head.get(HEADER_OFFLOAD) == "csum"
+        assert head.get(HEADER_OFFLOAD) == "csum, tso"
         conn.sendall(build_connect_reply())
         wait_for(lambda: rig.link_ups, "link up")
         exchange_vnet_frames(rig, conn, offload=False)
-    assert tunsetoffload.calls == [TUN_F_CSUM, 0, 0]
+    assert tunsetoffload.calls == [*PROBE, 0]
     assert rig.link_ups[0].offload is False
     assert rig.agent.offload is False
     assert offload_lines(caplog)[0] == "checksum offload off: the parent did not agree"
@@ -421,13 +434,13 @@ def test_agent_offload_off_with_a_stock_gvproxy(
     rig = make_agent(reply_wait=0.2, vnet_hdr=True, set_offload=tunsetoffload)
     with parent.accept() as conn:
         head, rest = read_request(conn)
-        assert head.get(HEADER_OFFLOAD) == "csum"  # asked; a stock gvproxy ignores it
+        assert head.get(HEADER_OFFLOAD) == "csum, tso"  # asked; a stock gvproxy ignores it
         wait_for(lambda: rig.link_ups, "link up after the reply wait")
         conn.sendall(encode_frame(LinkProtocol.GVPROXY, TCP_SEGMENT))
         assert rig.tap.recv(70000) == PLAIN_HEADER + TCP_SEGMENT
         rig.tap.send(PLAIN_HEADER + FRAME_B)
         assert read_frames(conn, LinkProtocol.GVPROXY, 1, rest) == [FRAME_B]
-    assert tunsetoffload.calls == [TUN_F_CSUM, 0, 0]
+    assert tunsetoffload.calls == [*PROBE, 0]
     assert (
         offload_lines(caplog)[0] == "checksum offload off: the peer did not reply (stock gvproxy)"
     )
@@ -445,14 +458,14 @@ def test_agent_offload_reconnect_to_a_stock_peer_turns_it_off_again(
         exchange_vnet_frames(rig, conn, offload=True)
     with parent.accept() as conn:
         head, _ = read_request(conn)
-        assert head.get(HEADER_OFFLOAD) == "csum"
+        assert head.get(HEADER_OFFLOAD) == "csum, tso"
         wait_for(lambda: len(rig.link_ups) == 2, "second link up (no reply)")
         conn.sendall(encode_frame(LinkProtocol.GVPROXY, TCP_SEGMENT))
         assert rig.tap.recv(70000) == PLAIN_HEADER + TCP_SEGMENT
-    assert tunsetoffload.calls == [TUN_F_CSUM, 0, TUN_F_CSUM, 0]
+    assert tunsetoffload.calls == [*PROBE, TUN_F_CSUM, 0]
     assert [r.offload for r in rig.link_ups] == [True, False]
     assert offload_lines(caplog)[:2] == [
-        "checksum offload on",
+        "checksum offload on, segmentation offload off",
         "checksum offload off: the peer did not reply (stock gvproxy)",
     ]
 
@@ -483,11 +496,11 @@ def test_agent_offload_not_asked_when_the_tap_refuses_tunsetoffload(
 def test_agent_offload_failing_to_turn_on_ends_the_session_and_stops_asking(
     parent: FakeParent, make_agent: Callable[..., AgentRig], caplog: pytest.LogCaptureFixture
 ) -> None:
-    tunsetoffload = FakeOffload(fail_calls=frozenset({2}))  # the probe works, the session's not
+    tunsetoffload = FakeOffload(fail_calls=frozenset({3}))  # the probe works, the session's not
     rig = make_agent(reply_wait=30.0, vnet_hdr=True, set_offload=tunsetoffload)
     with parent.accept() as conn:
         head, _ = read_request(conn)
-        assert head.get(HEADER_OFFLOAD) == "csum"
+        assert head.get(HEADER_OFFLOAD) == "csum, tso"
         conn.sendall(OFFLOAD_REPLY)
         assert conn.recv(1) == b""  # the agent gave this session up
     with parent.accept() as conn:
@@ -496,7 +509,7 @@ def test_agent_offload_failing_to_turn_on_ends_the_session_and_stops_asking(
         conn.sendall(build_connect_reply())
         wait_for(lambda: rig.link_ups, "link up without offload")
         exchange_vnet_frames(rig, conn, offload=False)
-    assert tunsetoffload.calls == [TUN_F_CSUM, 0, TUN_F_CSUM]
+    assert tunsetoffload.calls == [*PROBE, TUN_F_CSUM]
     assert [r.offload for r in rig.link_ups] == [False]
     assert has_message(caplog, "cannot turn the TAP's checksum offload on (TUNSETOFFLOAD: ")()
     assert offload_lines(caplog)[0] == (
@@ -529,7 +542,7 @@ def test_agent_offload_off_with_the_qemu_framing(
         assert rig.tap.recv(70000) == PLAIN_HEADER + TCP_SEGMENT
         rig.tap.send(PLAIN_HEADER + FRAME_B)
         assert read_frames(conn, LinkProtocol.QEMU, 1) == [FRAME_B]
-    assert tunsetoffload.calls == [TUN_F_CSUM, 0, 0]
+    assert tunsetoffload.calls == [*PROBE, 0]
     assert offload_lines(caplog)[0] == "checksum offload off: qemu framing"
 
 
@@ -546,3 +559,107 @@ def test_agent_without_vnet_headers_never_asks_nor_touches_the_tap(
     assert tunsetoffload.calls == []
     assert rig.link_ups[0].offload is False
     assert offload_lines(caplog)[0] == "checksum offload off: the TAP has no virtio-net headers"
+
+
+# --- segmentation offload --------------------------------------------------------------
+
+TSO_MTU = 1500
+SUPER_SEGMENT = ipv4_frame(PROTO_TCP, payload=b"s" * 20000)
+"""A TCP/IPv4 frame far larger than `TSO_MTU`: only segmentation offload lets it through."""
+GSO_HEADER = vnet_header(
+    NEEDS_CSUM, VNET_GSO_TCPV4, hdr_len=54, gso_size=TSO_MTU - 40, csum_start=34, csum_offset=16
+)
+TSO_REPLY = build_connect_reply({HEADER_OFFLOAD: "csum, tso"})
+
+
+def test_agent_segmentation_offload_on_when_the_parent_agrees(
+    parent: FakeParent, make_agent: Callable[..., AgentRig], caplog: pytest.LogCaptureFixture
+) -> None:
+    tunsetoffload = FakeOffload()
+    rig = make_agent(reply_wait=30.0, vnet_hdr=True, set_offload=tunsetoffload, mtu=TSO_MTU)
+    assert rig.agent.asks_for_tso is True
+    with parent.accept() as conn:
+        head, _ = read_request(conn)
+        assert head.get(HEADER_OFFLOAD) == "csum, tso"
+        conn.sendall(TSO_REPLY)
+        wait_for(lambda: rig.link_ups, "link up")
+        exchange_vnet_frames(rig, conn, offload=True)  # MTU-sized: checksum offload only
+        # Enclave-bound: the pump runs with gso_size = MTU - 40, so a super-segment from the
+        # parent gets a GSO header the enclave's kernel takes as 1460-byte segments.
+        conn.sendall(encode_frame(LinkProtocol.GVPROXY, SUPER_SEGMENT))
+        assert rig.tap.recv(70000) == GSO_HEADER + SUPER_SEGMENT
+        # Parent-bound: a super-segment from the TAP passes whatever the MTU.
+        rig.tap.send(GSO_HEADER + SUPER_SEGMENT)
+        assert read_frames(conn, LinkProtocol.GVPROXY, 1) == [SUPER_SEGMENT]
+    assert tunsetoffload.calls == [*PROBE, TUN_F_CSUM | TUN_F_TSO4]
+    assert (rig.link_ups[0].offload, rig.link_ups[0].tso) == (True, True)
+    assert offload_lines(caplog)[0] == "checksum offload on, segmentation offload on"
+
+
+def test_agent_segmentation_offload_not_asked_when_the_tap_refuses_tso4(
+    parent: FakeParent, make_agent: Callable[..., AgentRig], caplog: pytest.LogCaptureFixture
+) -> None:
+    tunsetoffload = FakeOffload(refuse_flags=TUN_F_TSO4)
+    rig = make_agent(reply_wait=30.0, vnet_hdr=True, set_offload=tunsetoffload, mtu=TSO_MTU)
+    assert tunsetoffload.calls == PROBE  # TSO4 refused; checksum offload and the reset work
+    assert (rig.agent.asks_for_offload, rig.agent.asks_for_tso) == (True, False)
+    with parent.accept() as conn:
+        head, _ = read_request(conn)
+        assert head.get(HEADER_OFFLOAD) == "csum"
+        conn.sendall(TSO_REPLY)  # a daemon that agrees to more than asked is not followed
+        wait_for(lambda: rig.link_ups, "link up")
+        exchange_vnet_frames(rig, conn, offload=True)
+        conn.sendall(encode_frame(LinkProtocol.GVPROXY, SUPER_SEGMENT))
+        assert rig.tap.recv(70000) == CSUM_HEADER + SUPER_SEGMENT  # no GSO header
+        rig.tap.send(GSO_HEADER + SUPER_SEGMENT)  # dropped: no GSO without TSO
+        rig.tap.send(PLAIN_HEADER + FRAME_B)
+        assert read_frames(conn, LinkProtocol.GVPROXY, 1) == [FRAME_B]
+    assert tunsetoffload.calls == [*PROBE, TUN_F_CSUM]
+    assert (rig.link_ups[0].offload, rig.link_ups[0].tso) == (True, False)
+    assert offload_lines(caplog)[0] == "checksum offload on, segmentation offload off"
+    assert has_message(caplog, "the TAP does not take offloads 0x3: Invalid argument")()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_agent_no_tso_asks_for_checksum_offload_only(
+    parent: FakeParent, make_agent: Callable[..., AgentRig], caplog: pytest.LogCaptureFixture
+) -> None:
+    tunsetoffload = FakeOffload()
+    rig = make_agent(
+        reply_wait=30.0, vnet_hdr=True, set_offload=tunsetoffload, mtu=TSO_MTU, tso=False
+    )
+    assert (rig.agent.asks_for_offload, rig.agent.asks_for_tso) == (True, False)
+    with parent.accept() as conn:
+        head, _ = read_request(conn)
+        assert head.get(HEADER_OFFLOAD) == "csum"
+        conn.sendall(TSO_REPLY)
+        wait_for(lambda: rig.link_ups, "link up")
+        conn.sendall(encode_frame(LinkProtocol.GVPROXY, SUPER_SEGMENT))
+        assert rig.tap.recv(70000) == CSUM_HEADER + SUPER_SEGMENT
+    assert tunsetoffload.calls[-1] == TUN_F_CSUM
+    assert (rig.link_ups[0].offload, rig.link_ups[0].tso) == (True, False)
+    assert offload_lines(caplog)[0] == "checksum offload on, segmentation offload off"
+
+
+def test_agent_segmentation_offload_is_set_again_for_every_session(
+    parent: FakeParent, make_agent: Callable[..., AgentRig], caplog: pytest.LogCaptureFixture
+) -> None:
+    tunsetoffload = FakeOffload()
+    rig = make_agent(reply_wait=30.0, vnet_hdr=True, set_offload=tunsetoffload, mtu=TSO_MTU)
+    with parent.accept() as conn:
+        read_request(conn)
+        conn.sendall(TSO_REPLY)
+        wait_for(lambda: rig.link_ups, "first link up")
+    with parent.accept() as conn:
+        head, _ = read_request(conn)
+        assert head.get(HEADER_OFFLOAD) == "csum, tso"
+        conn.sendall(OFFLOAD_REPLY)  # this daemon agrees to checksum offload only
+        wait_for(lambda: len(rig.link_ups) == 2, "second link up")
+        conn.sendall(encode_frame(LinkProtocol.GVPROXY, SUPER_SEGMENT))
+        assert rig.tap.recv(70000) == CSUM_HEADER + SUPER_SEGMENT
+    assert tunsetoffload.calls == [*PROBE, TUN_F_CSUM | TUN_F_TSO4, TUN_F_CSUM]
+    assert [(r.offload, r.tso) for r in rig.link_ups] == [(True, True), (True, False)]
+    assert offload_lines(caplog)[:2] == [
+        "checksum offload on, segmentation offload on",
+        "checksum offload on, segmentation offload off",
+    ]

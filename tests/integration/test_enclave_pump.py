@@ -4,7 +4,7 @@ both ways at once, in both framings, and must arrive intact and in order.
 
 With ``vnet_hdr`` the fake TAP plays an ``IFF_VNET_HDR`` TAP: the test writes a 10-byte
 virtio-net header before each frame it puts in, and finds one before each frame it takes
-out."""
+out. With segmentation offload (``gso_size``) those headers may be GSO ones."""
 
 from __future__ import annotations
 
@@ -30,6 +30,11 @@ from tests.support.vnet_frames import (
     NEEDS_CSUM,
     PLAIN_HEADER,
     PROTO_TCP,
+    PROTO_UDP,
+    VNET_GSO_ECN,
+    VNET_GSO_TCPV4,
+    VNET_GSO_TCPV6,
+    VNET_GSO_UDP,
     expected_header,
     ipv4_frame,
     mixed_frames,
@@ -70,6 +75,8 @@ class PumpRig:
     thread: threading.Thread | None = None
     vnet_hdr: bool = False
     csum_offload: bool = False
+    gso_size: int = 0
+    max_frame: int | None = None
 
     def start(self) -> None:
         def run() -> None:
@@ -78,8 +85,10 @@ class PumpRig:
                     self.tap_agent.fileno(),
                     self.link_agent,
                     self.protocol,
+                    max_frame=self.max_frame,
                     vnet_hdr=self.vnet_hdr,
                     csum_offload=self.csum_offload,
+                    gso_size=self.gso_size,
                 )
             )
 
@@ -303,18 +312,35 @@ def test_pump_throughput_smoke(rig: PumpRig) -> None:
 # --- with virtio-net headers (an IFF_VNET_HDR TAP) -------------------------------------
 
 
-@pytest.fixture(params=[False, True], ids=["offload-off", "offload-on"])
+GSO_SIZE = 1460
+"""What the agent passes at an MTU of 1500 (MTU - 40)."""
+
+
+def gso_tap_header(gso_type: int = VNET_GSO_TCPV4) -> bytes:
+    """A header the kernel puts before a super-segment it hands over (TSO on)."""
+    return vnet_header(NEEDS_CSUM, gso_type, hdr_len=54, gso_size=1448, csum_start=34,
+                       csum_offset=16)  # fmt: skip
+
+
+@pytest.fixture(
+    params=[(False, 0), (True, 0), (True, GSO_SIZE)], ids=["offload-off", "offload-on", "tso"]
+)
 def vnet_rig(request: pytest.FixtureRequest, rig: PumpRig) -> PumpRig:
-    """`rig` (both framings) with virtio-net headers, checksum offload off and on."""
-    rig.vnet_hdr, rig.csum_offload = True, request.param
+    """`rig` (both framings) with virtio-net headers: checksum offload off, on, and on with
+    segmentation offload."""
+    rig.vnet_hdr = True
+    rig.csum_offload, rig.gso_size = request.param
     return rig
 
 
-def tap_headers(seed: int, count: int) -> list[bytes]:
-    """Headers the kernel may put before frames it hands over: zero, NEEDS_CSUM, DATA_VALID."""
+def tap_headers(seed: int, count: int, tso: bool = False) -> list[bytes]:
+    """Headers the kernel may put before frames it hands over: zero, NEEDS_CSUM, DATA_VALID,
+    and with `tso` GSO TCP/IPv4 ones (with and without ECN)."""
     rng = random.Random(seed)
     choices = [PLAIN_HEADER, vnet_header(NEEDS_CSUM, csum_start=34, csum_offset=16),
                vnet_header(2)]  # fmt: skip
+    if tso:
+        choices += [gso_tap_header(), gso_tap_header(VNET_GSO_TCPV4 | VNET_GSO_ECN)]
     return [rng.choice(choices) for _ in range(count)]
 
 
@@ -326,7 +352,7 @@ def test_pump_vnet_frames_both_ways_arrive_intact_and_in_order(vnet_rig: PumpRig
     rig = vnet_rig
     outbound = random_frames(3, FRAMES_PER_DIRECTION // 2) + mixed_frames(4, 500)
     inbound = random_frames(5, FRAMES_PER_DIRECTION // 2) + mixed_frames(6, 500)
-    headers = tap_headers(7, len(outbound))
+    headers = tap_headers(7, len(outbound), tso=rig.gso_size > 0)
     rig.start()
     senders = [
         send_frames_into_tap(rig.tap_test, [h + f for h, f in zip(headers, outbound, strict=True)]),
@@ -347,9 +373,11 @@ def test_pump_vnet_frames_both_ways_arrive_intact_and_in_order(vnet_rig: PumpRig
     assert len(received_inbound) == 1
     got_headers, got_frames = split_headers(received_inbound[0])
     assert got_frames == inbound
-    assert got_headers == [expected_header(f, rig.csum_offload) for f in inbound]
+    assert got_headers == [expected_header(f, rig.csum_offload, rig.gso_size) for f in inbound]
     marked = sum(h != PLAIN_HEADER for h in got_headers)
     assert (marked > 100) is rig.csum_offload
+    gso = sum(h[1] == VNET_GSO_TCPV4 for h in got_headers)
+    assert (gso > 50) is (rig.gso_size > 0)
 
     rig.link_test.close()
     result = rig.wait_result()
@@ -396,7 +424,11 @@ def test_pump_vnet_offload_needs_vnet_headers() -> None:
 
 
 def pump_queued_tap_messages(
-    messages: list[bytes], protocol: LinkProtocol = LinkProtocol.GVPROXY
+    messages: list[bytes],
+    protocol: LinkProtocol = LinkProtocol.GVPROXY,
+    *,
+    tso: bool = False,
+    max_frame: int | None = None,
 ) -> tuple[RecordingSender, DirectionStats, str]:
     """Run tap → link with virtio-net headers over `messages` queued in a fake TAP."""
     tap_agent, tap_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -409,7 +441,9 @@ def pump_queued_tap_messages(
         tap_agent.setblocking(False)
         sender = RecordingSender()
         stats = DirectionStats()
-        reason = pump_tap_to_link(tap_agent.fileno(), sender, protocol, stats, vnet_hdr=True)
+        reason = pump_tap_to_link(
+            tap_agent.fileno(), sender, protocol, stats, max_frame=max_frame, vnet_hdr=True, tso=tso
+        )
     return sender, stats, reason
 
 
@@ -484,3 +518,125 @@ def test_link_to_tap_vnet_write_errors_drop_the_frame_with_its_header() -> None:
         assert reason == "parent closed the link"
         assert (stats.frames, stats.dropped) == (1, 1)
         assert tap_test.recv(70000) == expected_header(small, True) + small
+
+
+# --- segmentation offload --------------------------------------------------------------
+
+SUPER_SEGMENT = ipv4_frame(PROTO_TCP, payload=bytes(range(256)) * 200)
+
+
+def sent_frames(
+    sender: RecordingSender, protocol: LinkProtocol = LinkProtocol.GVPROXY
+) -> list[bytes]:
+    decoder = FrameDecoder(protocol)
+    decoder.receive_data(b"".join(sender.sends))
+    return [bytes(f) for f in iter(decoder.maybe_next_frame, None)]
+
+
+@pytest.mark.parametrize(
+    ("gso_type", "passes"),
+    [
+        (VNET_GSO_TCPV4, True),
+        (VNET_GSO_TCPV4 | VNET_GSO_ECN, True),
+        (VNET_GSO_UDP, False),
+        (VNET_GSO_TCPV6, False),
+        (VNET_GSO_TCPV6 | VNET_GSO_ECN, False),
+        (5, False),  # VIRTIO_NET_HDR_GSO_UDP_L4
+    ],
+    ids=["tcpv4", "tcpv4+ecn", "udp", "tcpv6", "tcpv6+ecn", "udp_l4"],
+)
+def test_tap_to_link_tso_passes_only_tcpv4_gso_frames(gso_type: int, passes: bool) -> None:
+    good = b"\x0a" * 100
+    sender, stats, reason = pump_queued_tap_messages(
+        [gso_tap_header(gso_type) + SUPER_SEGMENT, PLAIN_HEADER + good], tso=True
+    )
+    assert reason == "tap closed"
+    assert sent_frames(sender) == ([SUPER_SEGMENT, good] if passes else [good])
+    assert (stats.frames, stats.dropped) == ((2, 0) if passes else (1, 1))
+
+
+@pytest.mark.parametrize(
+    "gso_type",
+    [VNET_GSO_TCPV4, VNET_GSO_TCPV4 | VNET_GSO_ECN, VNET_GSO_UDP, VNET_GSO_TCPV6, VNET_GSO_ECN],
+    ids=["tcpv4", "tcpv4+ecn", "udp", "tcpv6", "ecn"],
+)
+def test_tap_to_link_without_tso_drops_every_gso_frame(gso_type: int) -> None:
+    good = b"\x0a" * 100
+    sender, stats, _ = pump_queued_tap_messages(
+        [gso_tap_header(gso_type) + SUPER_SEGMENT, PLAIN_HEADER + good]
+    )
+    assert sent_frames(sender) == [good]
+    assert (stats.frames, stats.dropped) == (1, 1)
+
+
+def test_tap_to_link_tso_still_drops_frames_beyond_its_limit() -> None:
+    sender, stats, _ = pump_queued_tap_messages(
+        [gso_tap_header() + SUPER_SEGMENT, PLAIN_HEADER + b"\x0c" * 1514],
+        tso=True,
+        max_frame=1514,
+    )
+    assert sent_frames(sender) == [b"\x0c" * 1514]
+    assert (stats.frames, stats.dropped) == (1, 1)
+
+
+def test_link_to_tap_with_gso_size_writes_gso_headers_for_super_segments() -> None:
+    frames = [
+        ipv4_frame(PROTO_TCP, payload=b"a" * GSO_SIZE),  # one segment: NEEDS_CSUM only
+        SUPER_SEGMENT,
+        ipv4_frame(PROTO_TCP, payload=b"b" * 9000, options=b"\x01" * 8, tcp_options=b"\x01" * 12),
+        ipv4_frame(PROTO_UDP, payload=b"u" * 9000),  # not TCP: a zero header
+        ipv4_frame(PROTO_TCP, payload=b"f" * 9000, flags_fragment=0x2000),  # a fragment: zero
+    ]
+    tap_agent, tap_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    link_agent, link_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with tap_agent, tap_test, link_agent, link_test:
+        tap_agent.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        link_test.sendall(b"".join(encode_frame(LinkProtocol.GVPROXY, f) for f in frames))
+        link_test.close()
+        stats = DirectionStats()
+        reason = pump_link_to_tap(
+            link_agent,
+            tap_agent.fileno(),
+            FrameDecoder(LinkProtocol.GVPROXY),
+            stats,
+            vnet_hdr=True,
+            csum_offload=True,
+            gso_size=GSO_SIZE,
+        )
+        messages = receive_from_tap(tap_test, len(frames))
+    assert reason == "parent closed the link"
+    assert (stats.frames, stats.dropped) == (len(frames), 0)
+    headers, got = split_headers(messages)
+    assert got == frames
+    assert headers == [
+        vnet_header(NEEDS_CSUM, csum_start=34, csum_offset=16),
+        vnet_header(NEEDS_CSUM, VNET_GSO_TCPV4, 54, GSO_SIZE, 34, 16),
+        vnet_header(NEEDS_CSUM, VNET_GSO_TCPV4, 42 + 32, GSO_SIZE, 42, 16),
+        PLAIN_HEADER,
+        PLAIN_HEADER,
+    ]
+    assert headers == [expected_header(f, True, GSO_SIZE) for f in frames]
+
+
+def test_pump_tso_lets_super_segments_past_the_mtu_both_ways(rig: PumpRig) -> None:
+    """`run_pump` with a gso_size raises the TAP's frame limit to the framing's."""
+    rig.vnet_hdr, rig.csum_offload, rig.gso_size, rig.max_frame = True, True, GSO_SIZE, 1514
+    rig.start()
+    rig.tap_test.send(gso_tap_header() + SUPER_SEGMENT)
+    assert receive_from_link(rig.link_test, rig.protocol, 1) == [SUPER_SEGMENT]
+    rig.link_test.sendall(encode_frame(rig.protocol, SUPER_SEGMENT))
+    [message] = receive_from_tap(rig.tap_test, 1)
+    assert message == vnet_header(NEEDS_CSUM, VNET_GSO_TCPV4, 54, GSO_SIZE, 34, 16) + SUPER_SEGMENT
+
+
+def test_pump_segmentation_offload_needs_checksum_offload() -> None:
+    tap_agent, tap_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    link_agent, link_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with (
+        tap_agent,
+        tap_test,
+        link_agent,
+        link_test,
+        pytest.raises(ValueError, match="needs checksum offload"),
+    ):
+        run_pump(tap_agent.fileno(), link_agent, LinkProtocol.GVPROXY, vnet_hdr=True, gso_size=1460)

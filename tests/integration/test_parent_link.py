@@ -18,6 +18,7 @@ from nitro_netd.frames.icmp import IcmpType
 from nitro_netd.link import (
     HEADER_OFFLOAD,
     HEADER_WANT_REPLY,
+    MAX_FRAME_GVPROXY,
     OFFLOAD_CSUM,
     FrameDecoder,
     HttpHeadReader,
@@ -26,6 +27,7 @@ from nitro_netd.link import (
     check_connect_reply,
     encode_frame,
 )
+from nitro_netd.netstack import StackConfig
 from nitro_netd.parent import DaemonConfig, serve
 from nitro_netd.transport import parse_endpoint
 from tests.support.fake_enclave import FakeEnclave
@@ -35,9 +37,9 @@ TIMEOUT = 10.0
 
 
 @contextlib.asynccontextmanager
-async def running_daemon(path: Path) -> AsyncIterator[None]:
+async def running_daemon(path: Path, stack: StackConfig | None = None) -> AsyncIterator[None]:
     stop, ready = asyncio.Event(), asyncio.Event()
-    config = DaemonConfig(listen=parse_endpoint(f"unix://{path}"))
+    config = DaemonConfig(listen=parse_endpoint(f"unix://{path}"), stack=stack or StackConfig())
     task = asyncio.create_task(serve(config, stop, ready.set))
     await asyncio.wait_for(ready.wait(), TIMEOUT)
     try:
@@ -239,3 +241,74 @@ async def test_a_bug_while_handling_a_frame_keeps_the_link_up(
         await ping_roundtrip(agent, sequence=2)  # the same link still works
         agent.close()
     assert "internal error while handling a frame" in caplog.text
+
+
+# --- TCP segmentation offload ------------------------------------------------------------
+
+SMALL_MTU = 1500
+
+
+async def connect_offering(path: Path, offload: str) -> tuple[Agent, dict[str, str]]:
+    """Connect as an agent offering `offload`; return it and the daemon's reply headers."""
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    writer.write(build_connect_request({HEADER_WANT_REPLY: "1", HEADER_OFFLOAD: offload}))
+    agent = Agent(reader, writer, LinkProtocol.GVPROXY)
+    return agent, await agent.read_reply()
+
+
+def gateway_ping(frame_size: int, sequence: int) -> tuple[bytes, bytes]:
+    """A ping to the gateway in a frame of `frame_size` bytes, and its data."""
+    data = bytes(range(256)) * (frame_size // 256 + 1)
+    data = data[: frame_size - 14 - 20 - 8]
+    frame = FakeEnclave().ping(GATEWAY, sequence=sequence, data=data)
+    assert len(frame) == frame_size
+    return frame, data
+
+
+async def test_segmentation_offload_agreed_lets_frames_up_to_the_framing_limit_in(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    path = tmp_path / "link.sock"
+    async with running_daemon(path, StackConfig(mtu=SMALL_MTU)):
+        agent, reply = await connect_offering(path, "csum, tso")
+        assert reply.get(HEADER_OFFLOAD.lower()) == "csum, tso"
+        for sequence, size in enumerate((SMALL_MTU + 15, 20000, MAX_FRAME_GVPROXY), start=1):
+            frame, data = gateway_ping(size, sequence)
+            agent.send(frame)  # far more than the MTU: a TSO link takes it
+            source, message = FakeEnclave().parse_icmp_reply(await agent.receive())
+            assert (source, message.sequence, message.payload) == (GATEWAY, sequence, data)
+        agent.close()
+    assert "checksum offload on, segmentation offload on)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("offer", "stack", "agreed"),
+    [
+        ("tso", StackConfig(mtu=SMALL_MTU), None),
+        ("csum, tso", StackConfig(mtu=SMALL_MTU, segmentation_offload=False), "csum"),
+        ("csum, tso", StackConfig(mtu=SMALL_MTU, checksum_offload=False), None),
+        ("csum", StackConfig(mtu=SMALL_MTU), "csum"),
+    ],
+    ids=["tso alone", "segmentation not allowed", "checksum not allowed", "csum only"],
+)
+async def test_segmentation_offload_not_agreed_keeps_the_mtu_limit(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    offer: str,
+    stack: StackConfig,
+    agreed: str | None,
+) -> None:
+    caplog.set_level(logging.INFO)
+    path = tmp_path / "link.sock"
+    async with running_daemon(path, stack):
+        agent, reply = await connect_offering(path, offer)
+        assert reply.get(HEADER_OFFLOAD.lower()) == agreed
+        frame, data = gateway_ping(SMALL_MTU + 14, 1)  # the largest frame the MTU allows
+        agent.send(frame)
+        _, message = FakeEnclave().parse_icmp_reply(await agent.receive())
+        assert message.payload == data
+        agent.send(gateway_ping(SMALL_MTU + 15, 2)[0])  # one byte more
+        assert await agent.closed_by_daemon()
+    assert f"invalid frame length {SMALL_MTU + 15}" in caplog.text
+    assert "segmentation offload off)" in caplog.text

@@ -1,4 +1,4 @@
-"""Frames and virtio-net headers for the agent's checksum-offload tests, built by hand.
+"""Frames and virtio-net headers for the agent's offload tests, built by hand.
 
 Independent of `nitro_netd.enclave.vnet` on purpose: the expected header of a frame is
 derived here from the frame's fields with `struct`, so the pump's inlined classifier and
@@ -12,6 +12,10 @@ import struct
 
 VNET_HDR_LEN = 10
 NEEDS_CSUM = 1
+VNET_GSO_TCPV4 = 1
+VNET_GSO_UDP = 3
+VNET_GSO_TCPV6 = 4
+VNET_GSO_ECN = 0x80
 PLAIN_HEADER = bytes(VNET_HDR_LEN)
 MAC_ENCLAVE = bytes.fromhex("5255c0a87f02")
 MAC_GATEWAY = bytes.fromhex("5255c0a87f01")
@@ -44,15 +48,19 @@ def ipv4_frame(
     flags_fragment: int = 0x4000,
     ethertype: int = ETHERTYPE_IPV4,
     version: int = 4,
+    tcp_options: bytes = b"",
 ) -> bytes:
-    """Return an Ethernet frame with an IPv4 header and a 20-byte L4 header stand-in.
+    """Return an Ethernet frame with an IPv4 header and an L4 header stand-in.
 
-    `flags_fragment` is the IPv4 flags + fragment offset field (default: DF only);
-    checksums are left zero, the agent never looks at them.
+    The stand-in is 20 zero bytes and `tcp_options`, except for a TCP header's data offset
+    (byte 12), which gives its length. `flags_fragment` is the IPv4 flags + fragment offset
+    field (default: DF only); checksums are left zero, the agent never looks at them.
     """
     assert len(options) % 4 == 0
+    assert len(tcp_options) % 4 == 0
     ihl = 5 + len(options) // 4
-    l4 = bytes(20) + payload
+    data_offset = 5 + len(tcp_options) // 4
+    l4 = bytes(12) + bytes([data_offset << 4]) + bytes(7) + tcp_options + payload
     total = ihl * 4 + len(l4)
     ip = struct.pack(
         "!BBHHHBBH4s4s",
@@ -70,8 +78,11 @@ def ipv4_frame(
     return MAC_ENCLAVE + MAC_GATEWAY + struct.pack("!H", ethertype) + ip + options + l4
 
 
-def expected_header(frame: bytes, offload: bool) -> bytes:
-    """The header the agent must write before an enclave-bound `frame`."""
+def expected_header(frame: bytes, offload: bool, gso_size: int = 0) -> bytes:
+    """The header the agent must write before an enclave-bound `frame`.
+
+    With `gso_size` (segmentation offload on), a TCP/IPv4 frame longer than one segment of
+    that size behind the shortest headers gets a GSO header."""
     if not offload or len(frame) < 54:
         return PLAIN_HEADER
     (ethertype,) = struct.unpack_from("!H", frame, 12)
@@ -81,11 +92,16 @@ def expected_header(frame: bytes, offload: bool) -> bytes:
         return PLAIN_HEADER
     if flags_fragment & 0x3FFF:
         return PLAIN_HEADER
-    return vnet_header(NEEDS_CSUM, csum_start=14 + ihl * 4, csum_offset=16)
+    csum_start = 14 + ihl * 4
+    if gso_size and len(frame) > gso_size + 54:
+        hdr_len = csum_start + (frame[csum_start + 12] >> 4) * 4
+        return vnet_header(NEEDS_CSUM, VNET_GSO_TCPV4, hdr_len, gso_size, csum_start, 16)
+    return vnet_header(NEEDS_CSUM, csum_start=csum_start, csum_offset=16)
 
 
 def mixed_frames(seed: int, count: int) -> list[bytes]:
-    """IPv4 TCP (with and without options, fragments), UDP, ICMP, ARP, IPv6, VLAN, runts."""
+    """IPv4 TCP (with and without options, fragments, longer than an MTU of 1500), UDP,
+    ICMP, ARP, IPv6, VLAN, runts."""
     rng = random.Random(seed)
     makers = [
         lambda: ipv4_frame(PROTO_TCP, payload=rng.randbytes(rng.randint(0, 1400))),
@@ -101,5 +117,11 @@ def mixed_frames(seed: int, count: int) -> list[bytes]:
         lambda: ipv4_frame(PROTO_TCP, version=6),
         lambda: ipv4_frame(PROTO_TCP, payload=b"")[: rng.randint(14, 53)],  # too short for TCP
         lambda: rng.randbytes(rng.randint(14, 3000)),
+        lambda: ipv4_frame(  # around a GSO size of 1460, with IP and TCP options
+            PROTO_TCP,
+            payload=rng.randbytes(rng.randint(1380, 3000)),
+            options=rng.randbytes(4 * rng.randint(0, 10)),
+            tcp_options=rng.randbytes(4 * rng.randint(0, 10)),
+        ),
     ]
     return [rng.choice(makers)() for _ in range(count)]

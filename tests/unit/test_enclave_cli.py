@@ -142,3 +142,21 @@ def test_cli_no_offload() -> None:
     options = cli.parse_args(["run", "--no-offload", "--", "true"])
     assert options.agent.offload is False
     assert options.command == ("true",)
+
+
+def test_cli_tso_is_asked_for_by_default() -> None:
+    assert cli.parse_args([]).agent.tso is True
+
+
+def test_cli_no_tso() -> None:
+    options = cli.parse_args(["--no-tso"])
+    assert (options.agent.offload, options.agent.tso) == (True, False)
+    options = cli.parse_args(["run", "--no-tso", "--", "true"])
+    assert options.agent.tso is False
+    assert options.command == ("true",)
+    assert cli.find_subcommand(["--no-tso", "run", "--", "true"]) == 1
+
+
+def test_cli_help_lists_no_tso(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--help"]) == 0
+    assert "--no-tso" in capsys.readouterr().out

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from nitro_netd.enclave.handshake import Handshake, PeerKind, offload_agreed
+from nitro_netd.enclave.handshake import (
+    OFFLOAD_REQUEST_HEADERS,
+    REQUEST_HEADERS,
+    TSO_REQUEST_HEADERS,
+    Handshake,
+    PeerKind,
+    offload_agreed,
+    offloads_agreed,
+)
 from nitro_netd.link import (
     HEADER_OFFLOAD,
     OFFLOAD_CSUM,
+    OFFLOAD_TSO,
     HttpHead,
     HttpHeadReader,
     LinkError,
@@ -205,3 +214,96 @@ def test_handshake_offload_decision_from_the_reply_header(value: str | None, agr
 
 def test_handshake_offload_decision_without_a_reply() -> None:
     assert offload_agreed(None) is False
+
+
+# --- segmentation offload negotiation --------------------------------------------------
+
+
+def test_handshake_tso_request_asks_for_csum_and_tso() -> None:
+    request = Handshake(LinkProtocol.GVPROXY, offload=True, tso=True).request()
+    assert b"\r\nNitro-Netd-Offload: csum, tso\r\n" in request
+    head = request_head(Handshake(LinkProtocol.GVPROXY, offload=True, tso=True))
+    assert head.get(HEADER_OFFLOAD) == "csum, tso"
+    assert head.get("Nitro-Netd-Reply") == "1"
+    assert TSO_REQUEST_HEADERS == {**REQUEST_HEADERS, HEADER_OFFLOAD: "csum, tso"}
+    assert OFFLOAD_REQUEST_HEADERS == {**REQUEST_HEADERS, HEADER_OFFLOAD: "csum"}
+
+
+def test_handshake_tso_is_never_asked_without_checksum_offload() -> None:
+    handshake = Handshake(LinkProtocol.GVPROXY, offload=False, tso=True)
+    assert handshake.tso is False
+    assert request_head(handshake).get(HEADER_OFFLOAD) is None
+    result = handshake.receive_data(build_connect_reply({HEADER_OFFLOAD: "csum, tso"}))
+    assert result is not None
+    assert (result.offload, result.tso) == (False, False)
+
+
+def test_handshake_offload_without_tso_asks_for_csum_only() -> None:
+    handshake = Handshake(LinkProtocol.GVPROXY, offload=True, tso=False)
+    assert request_head(handshake).get(HEADER_OFFLOAD) == "csum"
+    result = handshake.receive_data(build_connect_reply({HEADER_OFFLOAD: "csum, tso"}))
+    assert result is not None
+    assert (result.offload, result.tso) == (True, False)  # a daemon agreeing unasked
+
+
+def test_handshake_qemu_never_has_tso() -> None:
+    handshake = Handshake(LinkProtocol.QEMU, offload=True, tso=True)
+    assert handshake.request() == b""
+    assert handshake.result is not None
+    assert (handshake.result.offload, handshake.result.tso) == (False, False)
+
+
+@pytest.mark.parametrize(
+    ("reply", "offload", "tso"),
+    [
+        ("csum, tso", True, True),
+        ("tso,csum", True, True),
+        ("CSUM, TSO", True, True),
+        ("csum", True, False),
+        ("tso", False, False),
+        ("", False, False),
+        (None, False, False),
+    ],
+)
+def test_handshake_tso_result_flags_from_the_reply(
+    reply: str | None, offload: bool, tso: bool
+) -> None:
+    headers = {} if reply is None else {HEADER_OFFLOAD: reply}
+    handshake = Handshake(LinkProtocol.GVPROXY, offload=True, tso=True)
+    result = handshake.receive_data(build_connect_reply(headers) + FRAME)
+    assert result is not None
+    assert result.peer is PeerKind.NITRO_NETD
+    assert (result.offload, result.tso) == (offload, tso)
+    assert result.initial == FRAME
+
+
+def test_handshake_tso_off_with_a_stock_gvproxy() -> None:
+    silent = Handshake(LinkProtocol.GVPROXY, offload=True, tso=True).wait_expired()
+    assert silent is not None
+    assert (silent.offload, silent.tso) == (False, False)
+
+
+@pytest.mark.parametrize(
+    ("value", "agreed"),
+    [
+        (None, set()),
+        ("", set()),
+        ("csum", {OFFLOAD_CSUM}),
+        ("csum, tso", {OFFLOAD_CSUM, OFFLOAD_TSO}),
+        (" TSO , Csum ,", {OFFLOAD_CSUM, OFFLOAD_TSO}),
+        ("tso", set()),  # segmentation offload without checksum offload counts as nothing
+        ("tso, other", set()),
+        ("csum, other", {OFFLOAD_CSUM, "other"}),
+    ],
+)
+def test_handshake_offloads_agreed_from_the_reply_header(
+    value: str | None, agreed: set[str]
+) -> None:
+    headers = {} if value is None else {HEADER_OFFLOAD.lower(): value}
+    reply = HttpHead("HTTP/1.1 200 OK", headers)
+    assert offloads_agreed(reply) == frozenset(agreed)
+    assert offload_agreed(reply) is (OFFLOAD_CSUM in agreed)
+
+
+def test_handshake_offloads_agreed_without_a_reply() -> None:
+    assert offloads_agreed(None) == frozenset()

@@ -41,7 +41,7 @@ def test_tap_ioctl_numbers() -> None:
     assert _ioc(write, "T", 202, 4) == tap.TUNSETIFF
     assert _ioc(write, "T", 208, 4) == tap.TUNSETOFFLOAD == 0x400454D0
     assert _ioc(read, "T", 210, 4) == tap.TUNGETIFF
-    assert (tap.TUN_F_CSUM, tap.VNET_HDR_SIZE) == (0x01, 10)
+    assert (tap.TUN_F_CSUM, tap.TUN_F_TSO4, tap.VNET_HDR_SIZE) == (0x01, 0x02, 10)
 
 
 def test_tap_has_vnet_hdr_is_false_for_anything_but_a_tap() -> None:

@@ -11,9 +11,14 @@ from nitro_netd.enclave.tap import VNET_HDR_SIZE
 from nitro_netd.enclave.vnet import (
     CSUM_HEADERS,
     F_NEEDS_CSUM,
+    GSO_ACCEPTED_MASK,
+    GSO_ECN,
+    GSO_NONE,
+    GSO_TCPV4,
     ZERO_HEADER,
     VnetHeader,
     csum_header,
+    gso_header,
     header_for,
     is_tcp_ipv4,
 )
@@ -24,6 +29,8 @@ from tests.support.vnet_frames import (
     PROTO_ICMP,
     PROTO_TCP,
     PROTO_UDP,
+    VNET_GSO_TCPV6,
+    VNET_GSO_UDP,
     expected_header,
     ipv4_frame,
     mixed_frames,
@@ -131,3 +138,87 @@ def test_vnet_header_for_accepts_memoryviews() -> None:
 def test_vnet_header_for_agrees_with_the_reference_on_mixed_frames() -> None:
     for frame in mixed_frames(7, 2000):
         assert header_for(frame) == expected_header(frame, offload=True), frame[:40].hex()
+
+
+# --- segmentation offload (GSO headers) ------------------------------------------------
+
+GSO_SIZE = 1460
+"""An MTU of 1500 less the IPv4 and TCP headers: what the agent passes as ``gso_size``."""
+
+
+def test_vnet_gso_header_fields_for_a_plain_super_segment() -> None:
+    frame = ipv4_frame(PROTO_TCP, payload=b"s" * 44 * GSO_SIZE)
+    header = gso_header(frame, GSO_SIZE)
+    # flags=NEEDS_CSUM, gso_type=TCPV4, hdr_len=54, gso_size=1460, csum_start=34, offset=16
+    assert header == bytes.fromhex("01 01 3600 b405 2200 1000")
+    assert VnetHeader.unpack(header) == VnetHeader(
+        flags=F_NEEDS_CSUM,
+        gso_type=GSO_TCPV4,
+        hdr_len=54,
+        gso_size=GSO_SIZE,
+        csum_start=34,
+        csum_offset=16,
+    )
+
+
+@pytest.mark.parametrize("ip_words", [0, 1, 10])
+@pytest.mark.parametrize("tcp_words", [0, 3, 10])
+def test_vnet_gso_header_reads_ihl_and_tcp_data_offset(ip_words: int, tcp_words: int) -> None:
+    frame = ipv4_frame(
+        PROTO_TCP,
+        payload=b"o" * 5000,
+        options=b"\x01" * 4 * ip_words,
+        tcp_options=b"\x01" * 4 * tcp_words,
+    )
+    header = VnetHeader.unpack(gso_header(frame, 1448))
+    csum_start = 14 + 20 + 4 * ip_words
+    assert (header.csum_start, header.hdr_len) == (csum_start, csum_start + 20 + 4 * tcp_words)
+    assert (header.flags, header.gso_type, header.gso_size, header.csum_offset) == (
+        F_NEEDS_CSUM, GSO_TCPV4, 1448, 16,
+    )  # fmt: skip
+    assert gso_header(memoryview(frame), 1448) == gso_header(frame, 1448)
+
+
+def test_vnet_gso_types_the_tap_may_hand_over() -> None:
+    """Only a TCP/IPv4 type (with or without ECN) passes `GSO_ACCEPTED_MASK`."""
+    assert (GSO_NONE, GSO_TCPV4, GSO_ECN) == (0, 1, 0x80)
+    assert GSO_TCPV4 & GSO_ACCEPTED_MASK == 0
+    assert (GSO_TCPV4 | GSO_ECN) & GSO_ACCEPTED_MASK == 0
+    assert VNET_GSO_UDP & GSO_ACCEPTED_MASK
+    assert VNET_GSO_TCPV6 & GSO_ACCEPTED_MASK
+    assert (VNET_GSO_TCPV6 | GSO_ECN) & GSO_ACCEPTED_MASK
+
+
+def test_vnet_header_for_with_gso_size_picks_by_length() -> None:
+    one_segment = ipv4_frame(PROTO_TCP, payload=b"a" * GSO_SIZE)
+    just_over = ipv4_frame(PROTO_TCP, payload=b"b" * (GSO_SIZE + 1))
+    super_segment = ipv4_frame(PROTO_TCP, payload=b"c" * 64000)
+    assert len(one_segment) == GSO_SIZE + 54
+    assert header_for(one_segment, GSO_SIZE) == csum_header(34)
+    assert header_for(just_over, GSO_SIZE) == gso_header(just_over, GSO_SIZE)
+    assert header_for(super_segment, GSO_SIZE) == gso_header(super_segment, GSO_SIZE)
+    assert VnetHeader.unpack(header_for(super_segment, GSO_SIZE)).gso_type == GSO_TCPV4
+    assert header_for(super_segment) == csum_header(34)  # no gso_size: never a GSO header
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        ipv4_frame(PROTO_UDP, payload=b"u" * 9000),
+        ipv4_frame(PROTO_ICMP, payload=b"i" * 9000),
+        ipv4_frame(PROTO_TCP, payload=b"f" * 9000, flags_fragment=0x2000),
+        ipv4_frame(PROTO_TCP, payload=b"v" * 9000, ethertype=ETHERTYPE_IPV6),
+    ],
+    ids=["udp", "icmp", "tcp fragment", "ipv6"],
+)
+def test_vnet_header_for_with_gso_size_leaves_other_big_frames_plain(frame: bytes) -> None:
+    assert header_for(frame, GSO_SIZE) == ZERO_HEADER
+
+
+def test_vnet_header_for_with_gso_size_agrees_with_the_reference_on_mixed_frames() -> None:
+    gso = 0
+    for frame in mixed_frames(8, 2000):
+        expected = expected_header(frame, offload=True, gso_size=GSO_SIZE)
+        assert header_for(frame, GSO_SIZE) == expected, frame[:60].hex()
+        gso += expected[1] == GSO_TCPV4
+    assert gso > 100

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import struct
 
 import pytest
@@ -9,12 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nitro_netd.link import (
+    HEADER_OFFLOAD,
     HEADER_VERSION,
     HEADER_WANT_REPLY,
     MAX_FRAME_GVPROXY,
     MAX_FRAME_QEMU,
     MAX_HANDSHAKE,
     MIN_FRAME,
+    OFFLOAD_CSUM,
+    OFFLOAD_TSO,
     PROTOCOL_VERSION,
     FrameDecoder,
     HttpHead,
@@ -27,7 +31,9 @@ from nitro_netd.link import (
     check_connect_request,
     detect_protocol,
     encode_frame,
+    format_offloads,
     pack_length,
+    parse_offloads,
 )
 
 protocols = st.sampled_from(LinkProtocol)
@@ -463,3 +469,59 @@ def test_http_head_arbitrary_bytes_head_none_or_link_error(data: bytes) -> None:
         assert b"\r\n\r\n" not in data
     else:
         assert data.endswith(reader.rest)
+
+
+# --- the Nitro-Netd-Offload header ---------------------------------------------------
+
+offload_tokens = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_size=1, max_size=8)
+
+
+def test_offload_names_on_the_wire() -> None:
+    assert (HEADER_OFFLOAD, OFFLOAD_CSUM, OFFLOAD_TSO) == ("Nitro-Netd-Offload", "csum", "tso")
+
+
+@settings(max_examples=200)
+@given(st.frozensets(offload_tokens, max_size=6))
+def test_offloads_format_then_parse_round_trip(offloads: frozenset[str]) -> None:
+    value = format_offloads(offloads)
+    assert parse_offloads(value) == offloads
+    assert format_offloads(parse_offloads(value)) == value  # a stable, canonical form
+    assert value == ", ".join(sorted(offloads))
+
+
+@given(st.frozensets(offload_tokens, min_size=1, max_size=6), st.randoms())
+def test_offloads_parse_ignores_order_case_blanks_and_empty_tokens(
+    offloads: frozenset[str], rng: random.Random
+) -> None:
+    tokens = [rng.choice([t, t.upper(), f"  {t}\t", f" {t.title()} "]) for t in offloads]
+    rng.shuffle(tokens)
+    value = ",".join(tokens + [""] * rng.randint(0, 2) + [" "] * rng.randint(0, 2))
+    assert parse_offloads(value) == offloads
+
+
+def test_offloads_format_is_sorted_whatever_the_order_given() -> None:
+    assert format_offloads([OFFLOAD_TSO, OFFLOAD_CSUM]) == "csum, tso"
+    assert format_offloads(iter((OFFLOAD_CSUM, OFFLOAD_TSO))) == "csum, tso"
+    assert format_offloads({OFFLOAD_CSUM}) == "csum"
+    assert format_offloads(()) == ""
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, frozenset()),
+        ("", frozenset()),
+        (" ", frozenset()),
+        (",", frozenset()),
+        (" , ,, ", frozenset()),
+        ("csum", {"csum"}),
+        ("CSUM", {"csum"}),
+        ("csum, tso", {"csum", "tso"}),
+        ("TSO,Csum", {"csum", "tso"}),
+        (" csum ,, tso ,", {"csum", "tso"}),
+        ("csum,csum", {"csum"}),
+        ("csum tso", {"csum tso"}),  # blanks inside a token are not a separator
+    ],
+)
+def test_offloads_parse(value: str | None, expected: set[str]) -> None:
+    assert parse_offloads(value) == frozenset(expected)

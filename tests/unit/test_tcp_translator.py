@@ -628,8 +628,20 @@ def test_tcp_ipv4_lost_super_segment_is_retransmitted_whole() -> None:
     deadline = stack.get_timer()
     assert deadline is not None
     stack.handle_timer(now=deadline)
-    [(again, data)] = peer.receive()
+    (again, data), *_ = peer.receive()
     assert (again.seq, len(data)) == (first[0].seq, 44 * 1460)
+
+
+def test_tcp_ipv4_fast_retransmit_resends_a_whole_super_segment() -> None:
+    stack, peer, host = make_offloaded(True, mtu=1500)
+    flow = peer.establish(host)
+    stack.handle_host_event(TcpData(flow, b"y" * 150_000), now=1.0)
+    segments = peer.receive()
+    assert len(segments) == 3
+    for _ in range(3):
+        peer.send(ACK)
+    [(again, data)] = peer.receive()
+    assert (again.seq, data) == (segments[0][0].seq, b"y" * 44 * 1460)
 
 
 def test_tcp_ipv4_super_segment_from_the_enclave_is_delivered_whole_and_acked() -> None:
@@ -642,7 +654,8 @@ def test_tcp_ipv4_super_segment_from_the_enclave_is_delivered_whole_and_acked() 
     frame[50:52] = b"\x12\x34"  # left partial by the enclave's kernel
     stack.receive_frame(memoryview(frame), now=1.0)
     peer.snd_nxt = seq_add(peer.snd_nxt, len(payload))
-    assert [c for c in host.take(stack) if isinstance(c, TcpSend)] == [TcpSend(flow, payload)]
+    sends = [c for c in host.take(stack) if isinstance(c, TcpSend)]
+    assert [(c.flow, c.data) for c in sends] == [(flow, payload)]
     [(ack, _)] = peer.receive()  # more than an MSS unacknowledged: ACKed at once
     assert ack.ack == peer.snd_nxt
     assert stack.stats.drops == {}
