@@ -636,7 +636,7 @@ def test_agent_no_tso_asks_for_checksum_offload_only(
         wait_for(lambda: rig.link_ups, "link up")
         conn.sendall(encode_frame(LinkProtocol.GVPROXY, SUPER_SEGMENT))
         assert rig.tap.recv(70000) == CSUM_HEADER + SUPER_SEGMENT
-    assert tunsetoffload.calls[-1] == TUN_F_CSUM
+    assert tunsetoffload.calls == [TUN_F_CSUM, 0, TUN_F_CSUM]  # TSO4 is never even tried
     assert (rig.link_ups[0].offload, rig.link_ups[0].tso) == (True, False)
     assert offload_lines(caplog)[0] == "checksum offload on, segmentation offload off"
 
@@ -663,3 +663,24 @@ def test_agent_segmentation_offload_is_set_again_for_every_session(
         "checksum offload on, segmentation offload on",
         "checksum offload on, segmentation offload off",
     ]
+
+
+def test_agent_segmentation_offload_failing_to_turn_on_reconnects_with_checksum_offload_only(
+    parent: FakeParent, make_agent: Callable[..., AgentRig], caplog: pytest.LogCaptureFixture
+) -> None:
+    tunsetoffload = FakeOffload(fail_calls=frozenset({3}))  # the probe works, the session's not
+    rig = make_agent(reply_wait=30.0, vnet_hdr=True, set_offload=tunsetoffload, mtu=TSO_MTU)
+    with parent.accept() as conn:
+        head, _ = read_request(conn)
+        assert head.get(HEADER_OFFLOAD) == "csum, tso"
+        conn.sendall(TSO_REPLY)
+        assert conn.recv(1) == b""  # the agent gave this session up
+    with parent.accept() as conn:
+        head, _ = read_request(conn)
+        assert head.get(HEADER_OFFLOAD) == "csum"  # checksum offload is still asked for
+        conn.sendall(OFFLOAD_REPLY)
+        wait_for(lambda: rig.link_ups, "link up with checksum offload")
+        exchange_vnet_frames(rig, conn, offload=True)
+    assert tunsetoffload.calls == [*PROBE, TUN_F_CSUM | TUN_F_TSO4, TUN_F_CSUM]
+    assert [(r.offload, r.tso) for r in rig.link_ups] == [(True, False)]
+    assert has_message(caplog, "cannot turn the TAP's segmentation offload on (TUNSETOFFLOAD: ")()

@@ -222,3 +222,38 @@ def test_vnet_header_for_with_gso_size_agrees_with_the_reference_on_mixed_frames
         assert header_for(frame, GSO_SIZE) == expected, frame[:60].hex()
         gso += expected[1] == GSO_TCPV4
     assert gso > 100
+
+
+def _with_byte(frame: bytes, index: int, value: int) -> bytes:
+    changed = bytearray(frame)
+    changed[index] = value
+    return bytes(changed)
+
+
+@pytest.mark.parametrize(
+    ("first_byte", "expected"),
+    [(0x44, ZERO_HEADER), (0x65, ZERO_HEADER), (0x00, ZERO_HEADER)],
+    ids=["ihl 4", "version 6", "zero"],
+)
+def test_vnet_gso_header_of_an_invalid_ipv4_header_is_the_plain_one(
+    first_byte: int, expected: bytes
+) -> None:
+    frame = _with_byte(ipv4_frame(PROTO_TCP, payload=b"x" * 9000), 14, first_byte)
+    assert gso_header(frame, GSO_SIZE) == expected
+    assert header_for(frame, GSO_SIZE) == expected
+
+
+@pytest.mark.parametrize("tcp_offset_byte", [0x00, 0x40, 0xF0])
+def test_vnet_gso_header_with_a_tcp_header_beyond_the_frame_is_the_csum_one(
+    tcp_offset_byte: int,
+) -> None:
+    """A data offset below 5 words, or one reaching past a short frame: no GSO header."""
+    frame = ipv4_frame(PROTO_TCP, payload=b"", options=b"\x01" * 40)  # IHL 15, 94 bytes
+    frame = _with_byte(frame, 14 + 60 + 12, tcp_offset_byte)
+    header = gso_header(frame, 28)  # the MTU 68 gso_size: even this tiny frame is "big"
+    assert header == csum_header(74)
+
+
+def test_vnet_gso_header_never_raises_on_short_frames() -> None:
+    frame = ipv4_frame(PROTO_TCP, payload=b"", options=b"\x01" * 40)[:80]  # TCP header cut
+    assert gso_header(frame, 28) == csum_header(74)

@@ -74,6 +74,14 @@ def test_render_metrics_prometheus_text() -> None:
     assert "nitro_netd_links_refused_total 1" in lines
 
 
+def test_render_metrics_keeps_every_digit_of_large_counters() -> None:
+    status = sample_status()
+    status["counters"]["bytes_in"] = 67_215_548_123
+    lines = render_metrics(status).splitlines()
+    assert 'nitro_netd_bytes_total{direction="from_enclave"} 67215548123' in lines
+    assert "nitro_netd_uptime_seconds 3725.4" in lines
+
+
 def test_metrics_http_answers() -> None:
     server = MetricsServer("127.0.0.1", 1, sample_status)
     assert server.answer(b"GET /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200 OK\r\n")

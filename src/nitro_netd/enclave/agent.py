@@ -296,7 +296,8 @@ class Agent:
         try:
             if self.config.offload:
                 self._set_offload(self.tap_fd, TUN_F_CSUM)
-                self._tso_settable = self._try_offload(TUN_F_CSUM | TUN_F_TSO4)
+                if self.config.tso:
+                    self._tso_settable = self._try_offload(TUN_F_CSUM | TUN_F_TSO4)
             self._set_offload(self.tap_fd, 0)
         except OSError as exc:
             logger.warning(
@@ -322,9 +323,10 @@ class Agent:
         """Set the TAP's offloads for a new session; return why the session cannot go on.
 
         Only failing to turn offload on ends the session: the parent has agreed to leave
-        the checksums of enclave-bound TCP segments partial. The agent then stops asking,
-        so the next session runs without offload. Failing to turn it off is logged; the
-        session goes on (nothing better can be done).
+        the checksums of enclave-bound TCP segments partial (and, with `tso`, to send
+        super-segments). The agent then stops asking for what failed (segmentation offload
+        alone when only that failed), so the next session runs without it. Failing to turn
+        offload off is logged; the session goes on (nothing better can be done).
         """
         self.offload = on
         if not self._offload_settable:
@@ -333,6 +335,13 @@ class Agent:
             flags = (TUN_F_CSUM | (TUN_F_TSO4 if tso else 0)) if on else 0
             self._set_offload(self.tap_fd, flags)
         except OSError as exc:
+            if on and tso:
+                self._tso_settable = False
+                self.offload = False
+                return (
+                    f"cannot turn the TAP's segmentation offload on (TUNSETOFFLOAD: "
+                    f"{_describe(exc)}): reconnecting without it"
+                )
             self._offload_settable = False
             self._no_offload_reason = "the TAP cannot do it (TUNSETOFFLOAD failed)"
             if on:

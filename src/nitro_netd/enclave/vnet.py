@@ -95,10 +95,19 @@ def gso_header(frame: bytes | bytearray | memoryview, gso_size: int) -> bytes:
 
     The enclave's kernel takes the frame as one packet of `gso_size`-byte segments (as if
     its own GRO had merged them). `frame` must pass `is_tcp_ipv4`; ``hdr_len`` (all headers)
-    is read from its IHL and TCP data offset.
+    is read from its IHL and TCP data offset. A frame whose IPv4 header is not valid, or too
+    short to hold the TCP header it claims, gets the same header as without GSO (`ZERO_HEADER`
+    or a plain ``NEEDS_CSUM`` one), never a wrong GSO header.
     """
+    plain = CSUM_HEADERS[frame[ETHERNET_HEADER]]
+    if plain is ZERO_HEADER:
+        return plain
     csum_start = ETHERNET_HEADER + (frame[ETHERNET_HEADER] & 0x0F) * 4
+    if len(frame) < csum_start + 20:
+        return plain
     hdr_len = csum_start + (frame[csum_start + 12] >> 4) * 4
+    if not csum_start + 20 <= hdr_len < len(frame):
+        return plain
     return VNET_HDR.pack(F_NEEDS_CSUM, GSO_TCPV4, hdr_len, gso_size, csum_start, TCP_CSUM_OFFSET)
 
 

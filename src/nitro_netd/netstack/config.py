@@ -57,7 +57,7 @@ class StackConfig:
     checksum_offload: bool = True
     """Agree when an agent offers checksum offload (see `StackOutput.checksum_offload`)."""
     segmentation_offload: bool = True
-    """Agree when an agent offers TCP segmentation offload (`StackOutput.segment_limit`)."""
+    """Agree when an agent offers TCP segmentation offload (`StackOutput.segment_size`)."""
     tcp_buffer: int = 4 << 20
     """Bytes per flow and direction the stack lets wait (receive window, send buffer)."""
 

@@ -58,7 +58,7 @@ class StackOutput:
         those are not verified)."""
         self.segmentation_offload = False
         """Set per link: the agent has the enclave's kernel take our TCP frames as GSO packets,
-        so a segment may carry up to `segment_limit` bytes whatever the enclave's MSS."""
+        so a segment may carry up to `segment_size()` bytes whatever the enclave's MSS."""
         self._identification = 0
 
     def segment_size(self, mss: int) -> int:

@@ -43,7 +43,14 @@ def _metric(
     yield f"# HELP {PREFIX}{name} {help_text}"
     yield f"# TYPE {PREFIX}{name} {kind}"
     for labels, value in samples:
-        yield f"{PREFIX}{name}{labels} {value:g}"
+        yield f"{PREFIX}{name}{labels} {_number(value)}"
+
+
+def _number(value: float) -> str:
+    """A sample value: integers in full (a byte counter must not round), others as repr."""
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        return str(int(value))
+    return repr(float(value))
 
 
 def _label(key: str, value: str) -> str:
