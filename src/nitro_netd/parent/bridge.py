@@ -6,10 +6,7 @@ The bridge owns the `NetStack`, the current `LinkSession` and (later) the host s
 Every input reaches the stack through here (frames from the link, events from host
 sockets, timer expiry) and after each batch of input the bridge *flushes*: it drains the
 stack's frames into the link in one write, hands its commands to the host side, and
-re-arms a single timer at `stack.get_timer()` (the aioquic `transmit()` pattern). A read
-of the link is one batch; host events are batched per turn of the event loop: each one
-schedules a flush (`call_soon`, once), so many readable host sockets in one turn (many
-busy flows) still cost one link write.
+re-arms a single timer at `stack.get_timer()` (the aioquic `transmit()` pattern).
 
 At most one link is live. A new link replaces the old one: the old session is closed and
 the stack forgets the old link's state (flows of the old link are reset). Before a link
@@ -69,7 +66,6 @@ class Bridge:
         self._executors: dict[type, Callable[[Any], None]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._flush_scheduled = False
         self.link = LinkState()
         self.admit_link: AdmitLink | None = None
         """Asked before a new link goes live: a returned reason refuses (closes) it."""
@@ -183,18 +179,11 @@ class Bridge:
             self._executors[command_type] = side.execute
 
     def post_event(self, event: HostEvent) -> None:
-        """Feed one host event to the stack; flush in this turn of the loop (the host
-        sides' callback)."""
+        """Feed one host event to the stack and flush (the host sides' callback)."""
         try:
             self.stack.handle_host_event(event, now=self.loop.time())
         except Exception:  # a bug in the stack: log it, keep serving the other flows
             logger.exception("internal error while handling %r", event)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._scheduled_flush)
-
-    def _scheduled_flush(self) -> None:
-        self._flush_scheduled = False
         self.flush()
 
     def execute(self, command: HostCommand) -> None:
