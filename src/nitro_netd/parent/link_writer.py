@@ -14,6 +14,7 @@ reading host sockets, and below `low_water` to start again.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import struct
 from collections import deque
@@ -81,7 +82,8 @@ class LinkWriter:
     def _flush(self) -> None:
         queue = self._queue
         while queue and self.error is None:
-            batch = [queue[i] for i in range(min(len(queue), IOV_MAX))]
+            whole = len(queue) <= IOV_MAX
+            batch = list(queue) if whole else list(itertools.islice(queue, IOV_MAX))
             try:
                 written = os.writev(self.fd, batch)
             except (BlockingIOError, InterruptedError):
@@ -89,8 +91,12 @@ class LinkWriter:
             except OSError as exc:
                 self._fail(exc)
                 return
+            if whole and written == self.queued:  # the common case: everything went
+                queue.clear()
+                self.queued = 0
+                break
             self._consume(written)
-            if written < sum(len(b) for b in batch):
+            if written < sum(map(len, batch)):
                 break
         self._update_watch()
 
