@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import random
 from ipaddress import IPv4Address
 
@@ -33,7 +34,8 @@ from nitro_netd.netstack import (
     TcpWriteUnblocked,
 )
 from nitro_netd.netstack.output import TSO_MAX_PAYLOAD
-from nitro_netd.netstack.tcp.seq import seq_add
+from nitro_netd.netstack.tcp.connection import TcpConnection
+from nitro_netd.netstack.tcp.seq import seq_add, seq_diff, seq_le
 from tests.support.tcp_peer import FakeHost, Segment, TcpPeer
 
 ACK = TcpFlags.ACK
@@ -659,3 +661,61 @@ def test_tcp_ipv4_super_segment_from_the_enclave_is_delivered_whole_and_acked() 
     [(ack, _)] = peer.receive()  # more than an MSS unacknowledged: ACKed at once
     assert ack.ack == peer.snd_nxt
     assert stack.stats.drops == {}
+
+
+@pytest.mark.parametrize("segmentation", [False, True], ids=["mss", "tso"])
+def test_tcp_ipv4_fast_retransmit_under_a_small_window_never_passes_what_was_sent(
+    segmentation: bool,
+) -> None:
+    """A super-segment retransmission is cut at snd_max: the enclave's ACK of it is then
+    valid, the window opens again and the flow recovers (it used to be reset)."""
+    stack, peer, host = make_offloaded(segmentation, mtu=1500)
+    peer.window_scale, peer.window = None, 10000
+    flow = peer.establish(host)
+    data = os.urandom(200_000)
+    stack.handle_host_event(TcpData(flow, data), now=1.0)
+    conn = stack.tcp.flows[flow]
+    first = peer.receive()
+    assert sum(len(payload) for _, payload in first) == 10000
+    for _ in range(3):  # the first segment was lost: three duplicate ACKs
+        peer.send(ACK, now=1.01)
+    again = peer.receive()
+    assert [(seq_diff(h.seq, conn.snd_una), len(p)) for h, p in again] == [
+        (0, len(first[0][1]))  # 1460 bytes; with TSO all 10000 in flight, not 64240
+    ]
+    assert all(seq_le(seq_add(h.seq, len(p)), conn.snd_max) for h, p in again)
+    peer.received.clear()
+    peer.accept(first)
+    now = 1.02
+    while len(peer.received) < len(data) and now < 30:
+        peer.send(ACK, now=now)
+        peer.window = 10000  # the reader keeps up
+        peer.accept(peer.receive())
+        assert not [c for c in host.take(stack) if isinstance(c, TcpClose)]
+        now += 0.01
+    assert bytes(peer.received) == data
+
+
+def test_tcp_ipv4_bytes_of_a_frame_that_hit_a_stack_bug_still_leave_in_its_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TcpSend chunks are views of the frame: if handling it raised (a bug, which the shell
+    contains), its bytes must still be handed over before the frame's buffer is reused."""
+    stack, peer, host = make()
+    flow = peer.establish(host)
+    buffer = bytearray(peer.frame(ACK | TcpFlags.PSH, b"A" * 100))  # the link's buffer
+    original = TcpConnection._maybe_done
+
+    def fail_once(self: TcpConnection) -> None:
+        monkeypatch.setattr(TcpConnection, "_maybe_done", original)
+        raise RuntimeError("a stack bug")
+
+    monkeypatch.setattr(TcpConnection, "_maybe_done", fail_once)
+    with pytest.raises(RuntimeError):
+        stack.receive_frame(memoryview(buffer), now=1.0)
+    peer.snd_nxt = seq_add(peer.snd_nxt, 100)
+    sent = [(c.flow, c.data) for c in host.take(stack) if isinstance(c, TcpSend)]
+    buffer[:] = bytes(len(buffer))  # the next read overwrites the buffer
+    peer.send(ACK | TcpFlags.PSH, b"B" * 10, now=1.1)
+    sent += [(c.flow, c.data) for c in host.take(stack) if isinstance(c, TcpSend)]
+    assert sent == [(flow, b"A" * 100), (flow, b"B" * 10)]

@@ -461,8 +461,10 @@ class TcpConnection:
             self.snd_max = new_nxt
 
     def _retransmit_first(self) -> None:
-        """Re-send the oldest unacknowledged segment (or FIN)."""
-        n = min(self.output.segment_size(self.enclave_mss), len(self.send_buffer))
+        """Re-send the oldest unacknowledged segment (or FIN): never past what was sent
+        (`snd_max`), which a super-segment would otherwise overshoot under a small window."""
+        in_flight = max(seq_diff(self.snd_max, self.snd_una), 0)
+        n = min(self.output.segment_size(self.enclave_mss), len(self.send_buffer), in_flight)
         if n:
             last = (
                 n == len(self.send_buffer)

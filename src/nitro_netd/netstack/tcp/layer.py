@@ -122,8 +122,10 @@ class TcpLayer:
                 DropReason.NO_FLOW,
                 f"TCP {tcp.flags!r} to {header.destination}:{tcp.destination_port}",
             )
-        conn.on_segment(tcp, payload, now)
-        self._after(conn)
+        try:
+            conn.on_segment(tcp, payload, now)
+        finally:  # even after a bug: the flow's bytes (views of this frame) leave in this batch
+            self._after(conn)
 
     def receive_fast(self, frame: bytes | bytearray | memoryview, now: float) -> bool:
         """Handle a plain data/ACK segment of a known flow without building header objects.
@@ -156,8 +158,10 @@ class TcpLayer:
             if ones_complement_sum(view[34 : 14 + total], pseudo) != 0xFFFF:
                 return False
         payload = view[34 + header_length : 14 + total]
-        conn.on_fields(seq, ack, flags, window, payload, now)
-        self._after(conn)
+        try:
+            conn.on_fields(seq, ack, flags, window, payload, now)
+        finally:  # even after a bug: the flow's bytes (views of this frame) leave in this batch
+            self._after(conn)
         return True
 
     def _open(self, header: IPv4Header, tcp: TcpHeader, body: memoryview, now: float) -> None:
