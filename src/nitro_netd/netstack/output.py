@@ -26,14 +26,15 @@ class SplitFrame:
     """A frame kept as its headers and a view of its payload, so the payload is never copied
     on its way from a flow's send queue to the link (the shell writes both with writev)."""
 
-    __slots__ = ("head", "payload")
+    __slots__ = ("head", "length", "payload")
 
-    def __init__(self, head: bytearray, payload: bytes | bytearray | memoryview) -> None:
+    def __init__(self, head: bytes | bytearray, payload: bytes | bytearray | memoryview) -> None:
         self.head = head
         self.payload = payload
+        self.length = len(head) + len(payload)
 
     def __len__(self) -> int:
-        return len(self.head) + len(self.payload)
+        return self.length
 
     def __bytes__(self) -> bytes:
         return bytes(self.head) + bytes(self.payload)
@@ -80,10 +81,12 @@ class StackOutput:
 
     def send_frame(self, frame: Frame) -> None:
         """Queue a frame (already addressed) for the enclave."""
-        if len(frame) < _MIN_FRAME:
-            frame = bytes(frame) + bytes(_MIN_FRAME - len(frame))
+        size = len(frame)
+        if size < _MIN_FRAME:
+            frame = bytes(frame) + bytes(_MIN_FRAME - size)
+            size = _MIN_FRAME
         self.stats.frames_out += 1
-        self.stats.bytes_out += len(frame)
+        self.stats.bytes_out += size
         self.frames.append(frame)
 
     def send_ethernet(self, ethertype: int, payload: bytes) -> None:
