@@ -8,7 +8,9 @@ does not take waits in a queue of buffers, sent when the socket is writable agai
 frames themselves are never copied into a join buffer. The writer has its own duplicate of
 the link's file descriptor, so its writability watch never collides with the asyncio
 transport that reads the link. Above `high_water` queued bytes the owner is told to stop
-reading host sockets, and below `low_water` to start again.
+reading host sockets, and below `low_water` to start again. The queue holds views of the
+flows' send buffers (which bound it already), so the mark is generous: a low one paused
+every busy flow's reader over and over, for nothing but system calls.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class LinkWriter:
         protocol: LinkProtocol,
         on_writable: Callable[[bool], None],
         *,
-        high_water: int = 4 << 20,
+        high_water: int = 16 << 20,
     ) -> None:
         self.loop = loop
         self.fd = os.dup(fd)

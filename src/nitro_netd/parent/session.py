@@ -42,6 +42,10 @@ from nitro_netd.parent.link_writer import LinkWriter
 logger = logging.getLogger(__name__)
 
 _HANDSHAKE_CHUNK: Final = 4096
+LINK_READ_CAPACITY: Final = 4 << 20
+"""The frame decoder's buffer: one read of the link takes up to this much, so a busy link
+is handled in batches of megabytes, which many flows share (one host write and one ACK
+per flow per batch: larger batches keep eight busy flows as cheap as one)."""
 
 
 class LinkOwner(Protocol):
@@ -174,7 +178,9 @@ class LinkSession(asyncio.BufferedProtocol):
         self._writer.on_error = lambda exc: self.close(f"write failed: {exc}")
         if reply:
             self._writer.write_raw(reply)
-        self._decoder = FrameDecoder(self.protocol, max_frame=self.max_frame)
+        self._decoder = FrameDecoder(
+            self.protocol, max_frame=self.max_frame, capacity=LINK_READ_CAPACITY
+        )
         self._decoder.receive_data(rest)
         self._up = True
         logger.info(
