@@ -719,3 +719,18 @@ def test_tcp_ipv4_bytes_of_a_frame_that_hit_a_stack_bug_still_leave_in_its_batch
     peer.send(ACK | TcpFlags.PSH, b"B" * 10, now=1.1)
     sent += [(c.flow, c.data) for c in host.take(stack) if isinstance(c, TcpSend)]
     assert sent == [(flow, b"A" * 100), (flow, b"B" * 10)]
+
+
+def test_tcp_ipv4_drain_ends_the_batch_once_and_empties_both_queues() -> None:
+    """`drain()` (the shell's call) gives what `commands_to_send()` and
+    `frames_to_send_split()` would, in one go: the coalesced send and the ACK owed."""
+    stack, peer, host = make()
+    flow = peer.establish(host)
+    payload = b"d" * 3000
+    for start in range(0, len(payload), 1000):
+        peer.send(ACK | TcpFlags.PSH, payload[start : start + 1000], now=1.0)
+    commands, frames = stack.drain()
+    assert [(c.flow, c.data) for c in commands if isinstance(c, TcpSend)] == [(flow, payload)]
+    [(ack, data)] = peer.parse([bytes(f) for f in frames])
+    assert (ack.flags, ack.ack, data) == (TcpFlags.ACK, peer.snd_nxt, b"")
+    assert stack.drain() == ([], [])

@@ -166,6 +166,15 @@ class NetStack:
         commands, self.output.commands = self.output.commands, []
         return commands
 
+    def drain(self) -> tuple[list[HostCommand], list[Frame]]:
+        """End the batch once and return (and clear) both queues: the commands and the
+        frames as `frames_to_send_split()` gives them. The shell's one call per flush."""
+        self._end_batch()
+        output = self.output
+        commands, output.commands = output.commands, []
+        frames, output.frames = output.frames, []
+        return commands, frames
+
     def _end_batch(self) -> None:
         for layer in self.layers.values():
             layer.before_flush()

@@ -162,9 +162,9 @@ class Bridge:
         Commands go first: data for the world is on the critical path of a round trip,
         the ACKs and segments for the enclave follow a few microseconds later.
         """
-        for command in self.stack.commands_to_send():
+        commands, frames = self.stack.drain()
+        for command in commands:
             self.execute(command)
-        frames = self.stack.frames_to_send_split()
         if frames and self.session is not None:
             if self.frame_tap is not None:
                 for frame in frames:
