@@ -18,12 +18,19 @@ pump starts, it sets the TAP to `TUN_F_CSUM` if the parent agreed and to 0 other
 reconnect to a stock peer turns offload off again. If turning it on fails after all, the
 session ends and the agent stops asking.
 
+Segmentation offload rides on the same negotiation: if the TAP also takes `TUN_F_TSO4`
+(probed once, unless ``--no-tso``), the agent asks for ``csum, tso``, and where the parent
+agrees the TAP is set to `TUN_F_CSUM | TUN_F_TSO4` and the pump lets TCP super-segments of
+up to 64 KiB through both ways, cut by the enclave's kernel into MTU-sized segments
+(``gso_size`` = MTU - 40). A TAP that refuses TSO4 at session time ends that session; the
+next one asks for checksum offload alone.
+
 Every wait (backoff, handshake, pump) also watches a self-pipe, so `Agent.stop` (safe to
 call from a signal handler) ends the agent promptly. Operator log lines, one per event::
 
     connecting to unix:///run/nitro-netd.sock (gvproxy framing)
     link up: nitro-netd (protocol version 1) at unix:///run/nitro-netd.sock
-    checksum offload on
+    checksum offload on, segmentation offload on
     link lost: parent closed the link
     retry in 0.05 s
 

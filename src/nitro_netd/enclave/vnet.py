@@ -10,6 +10,8 @@ included), except, with checksum offload on, IPv4 TCP segments: their header say
 the pseudo-header sum there. The enclave's kernel takes such a segment as CHECKSUM_PARTIAL,
 which counts as verified on local delivery. The headers are precomputed, one per possible
 first byte of the IPv4 header, so choosing one costs a few byte comparisons and one lookup.
+With segmentation offload, a TCP segment carrying more than one MTU-sized segment's worth
+gets a ``GSO_TCPV4`` header instead (`gso_header`), built per frame.
 """
 
 from __future__ import annotations
