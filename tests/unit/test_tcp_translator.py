@@ -204,6 +204,22 @@ def test_tcp_ipv4_rst_from_enclave_resets_host_socket() -> None:
     assert stack.tcp.flows == {}
 
 
+def test_tcp_ipv4_bytes_before_an_enclave_rst_in_the_same_batch_reach_the_host_first() -> None:
+    stack, peer, host = make()
+    flow = peer.establish(host)
+    for frame in (
+        peer.frame(ACK | TcpFlags.PSH, b"last words"),
+        peer.frame(TcpFlags.RST | ACK, seq=seq_add(peer.snd_nxt, 10)),
+    ):
+        stack.receive_frame(memoryview(bytearray(frame)), now=1.0)
+    commands = host.take(stack)
+    sends = [(c.flow, c.data) for c in commands if isinstance(c, TcpSend)]
+    assert sends == [(flow, b"last words")]
+    assert commands.index(TcpClose(flow, reset=True)) > next(
+        i for i, c in enumerate(commands) if isinstance(c, TcpSend)
+    )
+
+
 def test_tcp_ipv4_host_reset_sends_rst_to_enclave() -> None:
     stack, peer, host = make()
     flow = peer.establish(host)

@@ -300,6 +300,7 @@ class TcpConnection:
         offset = seq_diff(seq, self.rcv_nxt)
         if 0 <= offset <= max(self.buffer, 1) or self.state is TcpState.CONNECTING:
             self.log.info("reset by enclave")
+            self._flush_to_host()  # bytes that came in order before the RST still go out
             self._finish(reset=True)
 
     def _on_ack(self, ack: int, window: int, flags: int, payload: memoryview, now: float) -> bool:
