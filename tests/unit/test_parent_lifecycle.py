@@ -92,6 +92,19 @@ def test_bad_lifecycle_flags_are_rejected_naming_the_flag(
         config(*argv)
 
 
+def test_pcap_size_limit_defaults_to_a_gibibyte_and_zero_lifts_it() -> None:
+    assert config("--pcap", "x.pcap").pcap_max_bytes == 1 << 30
+    assert config("--pcap", "x.pcap", "--pcap-max-mb", "5").pcap_max_bytes == 5 << 20
+    assert config("--pcap", "x.pcap", "--pcap-max-mb", "0").pcap_max_bytes is None
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", "lots"])
+def test_bad_pcap_size_limits_are_rejected(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--pcap-max-mb", value])
+    assert "--pcap-max-mb" in capsys.readouterr().err
+
+
 def test_check_name_accepts_ordinary_names() -> None:
     assert check_name("my-enclave_1.prod") == "my-enclave_1.prod"
 

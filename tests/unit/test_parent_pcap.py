@@ -5,6 +5,8 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import pytest
+
 from nitro_netd.parent.pcap import (
     PcapWriter,
     build_global_header,
@@ -46,3 +48,27 @@ def test_writer_after_close_ignores_frames(tmp_path: Path) -> None:
     writer.close()
     writer.write(b"late")
     assert (tmp_path / "x.pcap").stat().st_size == 24
+
+
+def test_writer_stops_whole_before_the_size_limit_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "x.pcap"
+    limit = 24 + 3 * (16 + 60)  # room for exactly three 60-byte frames
+    writer = PcapWriter(path, max_bytes=limit, clock=lambda: 1.0)
+    for n in range(5):
+        writer.write(bytes([n]) * 60)
+    writer.close()
+    data = path.read_bytes()
+    assert len(data) == limit
+    assert writer.frames == 3
+    assert data[-60:] == bytes([2]) * 60
+    assert "capture stopped after 3 frames" in caplog.text
+
+
+def test_writer_without_a_limit_keeps_everything(tmp_path: Path) -> None:
+    writer = PcapWriter(tmp_path / "x.pcap", max_bytes=None)
+    for _ in range(100):
+        writer.write(bytes(1000))
+    writer.close()
+    assert (tmp_path / "x.pcap").stat().st_size == 24 + 100 * (16 + 1000)

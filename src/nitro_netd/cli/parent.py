@@ -26,6 +26,7 @@ from nitro_netd.parent.lifecycle import (
     remove_new_log,
 )
 from nitro_netd.parent.metrics import parse_metrics_listen
+from nitro_netd.parent.pcap import DEFAULT_MAX_BYTES as DEFAULT_PCAP_MAX_BYTES
 from nitro_netd.transport import EndpointError, parse_endpoint
 
 PROG: Final = "nitro-netd-parent"
@@ -147,10 +148,29 @@ def _add_lifecycle_arguments(parser: argparse.ArgumentParser) -> None:
         "--pcap", type=Path, metavar="FILE", help="write every link frame to FILE (pcap)"
     )
     group.add_argument(
+        "--pcap-max-mb",
+        type=_pcap_max_mb,
+        default=DEFAULT_PCAP_MAX_BYTES >> 20,
+        metavar="MB",
+        help="stop the capture before FILE grows past MB mebibytes; 0: no limit "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
         "--metrics-listen",
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
     )
+
+
+def _pcap_max_mb(text: str) -> int:
+    """``--pcap-max-mb``: a whole number of MiB, 0 for no limit."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative (0 means no limit)")
+    return value
 
 
 def build_config(args: argparse.Namespace) -> DaemonConfig:
@@ -176,6 +196,7 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         enclave_poll=args.enclave_poll,
         exit_with_enclave=args.exit_with_enclave,
         pcap=args.pcap.absolute() if args.pcap else None,
+        pcap_max_bytes=(args.pcap_max_mb << 20) or None,
         metrics_listen=parse_metrics_listen(args.metrics_listen) if args.metrics_listen else None,
     )
 

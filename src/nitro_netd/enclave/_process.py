@@ -24,6 +24,18 @@ PR_SET_PDEATHSIG: Final = 1
 _REPORT_LIMIT: Final = 4096
 
 
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC: Final = _load_libc()
+"""Opened once, in the parent: a forked child must not ``dlopen`` (the loader's lock may
+have been held by another thread of the parent at the fork, and would never be released)."""
+
+
 class Stopped(BaseException):
     """Raised in a child by SIGTERM from its parent: finish up and report."""
 
@@ -117,8 +129,9 @@ def close_other_fds(keep: set[int]) -> None:
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """Ask the kernel to send `sig` to this process when its parent dies (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if _LIBC is not None:
+        with contextlib.suppress(OSError, AttributeError):
+            _LIBC.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
 
 def read_report(child: Child, timeout: float) -> str | None:

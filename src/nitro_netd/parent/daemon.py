@@ -42,6 +42,7 @@ from nitro_netd.parent.host_udp import HostUdp
 from nitro_netd.parent.lifecycle import PidLock, Readiness, StatePaths
 from nitro_netd.parent.metrics import MetricsServer
 from nitro_netd.parent.notify import notify_ready, notify_stopping
+from nitro_netd.parent.pcap import DEFAULT_MAX_BYTES as DEFAULT_PCAP_MAX_BYTES
 from nitro_netd.parent.pcap import PcapWriter
 from nitro_netd.parent.resolvconf import with_parent_resolvers
 from nitro_netd.parent.session import LinkSession
@@ -72,6 +73,8 @@ class DaemonConfig:
     """Stop once the followed enclave is gone."""
     pcap: Path | None = None
     """Write every link frame here (--pcap)."""
+    pcap_max_bytes: int | None = DEFAULT_PCAP_MAX_BYTES
+    """Stop the capture before the file grows past this (--pcap-max-mb; None: no limit)."""
     metrics_listen: tuple[str, int] | None = None
     """Serve Prometheus metrics on this address (--metrics-listen)."""
 
@@ -136,7 +139,7 @@ class Daemon:
     async def _open_all(self) -> None:
         c = self.config
         if c.pcap is not None:
-            self.pcap = _open_pcap(c.pcap)
+            self.pcap = _open_pcap(c.pcap, c.pcap_max_bytes)
             self.bridge.frame_tap = self.pcap.write
         self.exposer.open(c.exposes)
         self.udp_exposer.open(c.exposes)
@@ -197,9 +200,9 @@ class Daemon:
         self.stop.set()
 
 
-def _open_pcap(path: Path) -> PcapWriter:
+def _open_pcap(path: Path, max_bytes: int | None) -> PcapWriter:
     try:
-        return PcapWriter(path)
+        return PcapWriter(path, max_bytes=max_bytes)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot write --pcap {path}: {exc.strerror}") from exc
 

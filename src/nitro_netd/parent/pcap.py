@@ -5,7 +5,8 @@ Format (https://wiki.wireshark.org/Development/LibpcapFileFormat): a 24-byte glo
 frame a 16-byte record header (seconds, microseconds, captured length, original length)
 and the frame's first `snaplen` bytes. Writes go through a large userspace buffer and are
 flushed when the daemon stops; a write error disables the capture (logged once) rather
-than stopping the daemon.
+than stopping the daemon. So does reaching `max_bytes` (``--pcap-max-mb``, 1 GiB by
+default): the file is closed whole, with every frame before the limit, and the log says so.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ PCAP_MAGIC: Final = 0xA1B2C3D4
 LINKTYPE_ETHERNET: Final = 1
 DEFAULT_SNAPLEN: Final = 65535
 BUFFER_BYTES: Final = 1 << 20
+DEFAULT_MAX_BYTES: Final = 1 << 30
 _GLOBAL: Final = struct.Struct("=IHHiIII")
 _RECORD: Final = struct.Struct("=IIII")
 
@@ -48,9 +50,11 @@ class PcapWriter:
         path: Path,
         *,
         snaplen: int = DEFAULT_SNAPLEN,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """Create (truncate) `path` and write the file header.
+        """Create (truncate) `path` and write the file header; None for `max_bytes`: no
+        limit on the file's size.
 
         Raises:
             OSError: the file cannot be created.
@@ -58,6 +62,8 @@ class PcapWriter:
         self.path = path
         self.snaplen = snaplen
         self.frames = 0
+        self.max_bytes = max_bytes
+        self.size = _GLOBAL.size
         self._clock = clock
         self._file: BinaryIO | None = open(path, "wb", buffering=BUFFER_BYTES)  # noqa: SIM115
         self._file.write(build_global_header(snaplen))
@@ -67,6 +73,16 @@ class PcapWriter:
         if self._file is None:
             return
         captured = min(len(frame), self.snaplen)
+        record = _RECORD.size + captured
+        if self.max_bytes is not None and self.size + record > self.max_bytes:
+            logger.warning(
+                "pcap %s: %d bytes reached (--pcap-max-mb); capture stopped after %d frames",
+                self.path,
+                self.size,
+                self.frames,
+            )
+            self.close()
+            return
         try:
             self._file.write(build_record_header(self._clock(), captured, len(frame)))
             self._file.write(frame[:captured])
@@ -75,6 +91,7 @@ class PcapWriter:
             self._close_quietly()
             return
         self.frames += 1
+        self.size += record
 
     def close(self) -> None:
         """Flush and close (idempotent)."""
