@@ -22,7 +22,7 @@ import struct
 from ipaddress import IPv4Address
 from typing import Final
 
-from nitro_netd.frames.checksum import ones_complement_sum
+from nitro_netd.frames.checksum import fold, ones_complement_sum
 from nitro_netd.frames.errors import DropReason, FrameError
 from nitro_netd.frames.ipv4 import IPv4Header
 from nitro_netd.frames.tcp import TcpFlags, TcpHeader, parse_tcp
@@ -67,9 +67,11 @@ _IPV4_NO_OPTIONS: Final = b"\x08\x00\x45"
 """EtherType IPv4, then version 4 with a 20-byte header."""
 _TCP: Final = 6
 _SYN_RST: Final = int(TcpFlags.SYN | TcpFlags.RST)
-_IP_FIELDS: Final = struct.Struct("!H2xH")
+_FAST_FIELDS: Final = struct.Struct("!6s6x3sxH2xHxB2x4s4sHHIIBBH")
+"""The fields the fast path reads, from the Ethernet destination to the TCP window: one
+unpack instead of a slice per check."""
+_IP_HEADER_WORDS: Final = struct.Struct("!10H")
 """total length, (identification), flags and fragment offset."""
-_TCP_FIELDS: Final = struct.Struct("!HHIIBBH")
 
 
 def _sum_addresses(frame: bytes | bytearray | memoryview) -> int:
@@ -134,25 +136,27 @@ class TcpLayer:
         protocol, IP options or fragments, SYN or RST, a bad checksum, an unknown flow —
         which then takes the full path, where every check and drop count lives.
         """
+        if len(frame) < _FAST_MIN:
+            return False
+        (mac, ether_ip, total, fragment, protocol, source, destination,
+         sport, dport, seq, ack, offset, flags, window) = _FAST_FIELDS.unpack_from(frame)  # fmt: skip
         if (
-            len(frame) < _FAST_MIN
-            or frame[12:15] != _IPV4_NO_OPTIONS
-            or frame[23] != _TCP
-            or frame[0:6] != self._gateway_mac
-            or frame[26:30] != self._enclave_ip
+            ether_ip != _IPV4_NO_OPTIONS
+            or protocol != _TCP
+            or mac != self._gateway_mac
+            or source != self._enclave_ip
+            or fragment & 0x3FFF
+            or total < 40
+            or total + 14 > len(frame)
         ):
             return False
-        total, fragment = _IP_FIELDS.unpack_from(frame, 16)
-        if fragment & 0x3FFF or total < 40 or total + 14 > len(frame):
-            return False
-        sport, dport, seq, ack, offset, flags, window = _TCP_FIELDS.unpack_from(frame, 34)
-        conn = self._fast.get((sport, bytes(frame[30:34]), dport))
+        conn = self._fast.get((sport, destination, dport))
         header_length = (offset >> 4) * 4
         if conn is None or flags & _SYN_RST or header_length < 20 or header_length > total - 20:
             return False
-        view = memoryview(frame)
-        if ones_complement_sum(view[14:34]) != 0xFFFF:
+        if fold(sum(_IP_HEADER_WORDS.unpack_from(frame, 14))) != 0xFFFF:
             return False
+        view = memoryview(frame)
         if not self.output.checksum_offload:
             pseudo = _sum_addresses(frame) + _TCP + total - 20
             if ones_complement_sum(view[34 : 14 + total], pseudo) != 0xFFFF:
