@@ -9,15 +9,16 @@ One non-blocking socket per flow, driven by `loop.add_reader` / `add_writer` cal
   `TcpConnected` or `TcpFailed(errno)`.
 * enclave -> host: `TcpSend` chunks are written at once where the kernel takes them (one
   ``sendmsg``, straight from the enclave's frames: they are views valid only during this
-  flush); the rest is copied into the flow's `pending` buffer until the socket is writable. Above
-  `HIGH_WATER` pending bytes the stack is told `TcpWriteBlocked` (it stops opening the
-  enclave's window) and below `LOW_WATER` `TcpWriteUnblocked`. A `TcpShutdown` or a
-  graceful `TcpClose` takes effect only after `pending` is written: no byte is lost.
-* host -> enclave: each readable callback does one `recv` of up to `HostTcp.read_size` bytes
-  and posts `TcpData` (or `TcpEof`). The size follows the link (`read_size_for`): 1 MiB
-  when segments to the enclave are large, 256 KiB when they are MTU 1500-sized (a bigger
-  batch of small segments only makes the link burstier). Reading stops while the stack asks (`TcpPauseReading`, the
-  enclave is slow) or while the link to the enclave is backed up (`set_link_paused`).
+  flush); the rest is copied into the flow's `pending` buffer until the socket is
+  writable. Above `HIGH_WATER` pending bytes the stack is told `TcpWriteBlocked` (it stops
+  opening the enclave's window) and below `LOW_WATER` `TcpWriteUnblocked`. A `TcpShutdown`
+  or a graceful `TcpClose` takes effect only after `pending` is written: no byte is lost.
+* host -> enclave: each readable callback does one `recv` of up to `HostTcp.read_size`
+  bytes and posts `TcpData` (or `TcpEof`). The size follows the link (`read_size_for`):
+  1 MiB when segments to the enclave are large, 256 KiB when they are MTU 1500-sized (a
+  bigger batch of small segments only makes the link burstier). Reading stops while the
+  stack asks (`TcpPauseReading`, the enclave is slow) or while the link to the enclave is
+  backed up (`set_link_paused`).
 
 Events caused by a command are posted with `call_soon`, never from inside `execute()`,
 so the stack is never re-entered while the bridge is draining it.
