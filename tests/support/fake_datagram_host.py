@@ -16,10 +16,12 @@ from nitro_netd.netstack import (
     PingClose,
     PingReply,
     PingSend,
+    StackConfig,
     UdpClose,
     UdpDatagram,
     UdpSend,
 )
+from tests.support.fake_enclave import FakeEnclave
 
 MAX_ROUNDS = 100
 
@@ -73,3 +75,8 @@ def echo_of(send: UdpSend | PingSend) -> UdpDatagram | PingReply:
     if isinstance(send, UdpSend):
         return UdpDatagram(send.flow, send.address, send.port, send.data)
     return PingReply(send.flow, send.sequence, send.payload)
+
+
+def datagram_rig(config: StackConfig) -> tuple[NetStack, FakeEnclave, FakeDatagramHost]:
+    """A stack with `config`, an enclave that builds frames for it, and an in-memory host."""
+    return NetStack(config), FakeEnclave(config), FakeDatagramHost()

@@ -17,7 +17,7 @@ from nitro_netd.netstack.dns import (
     parse_header,
     parse_query,
 )
-from tests.support.fake_datagram_host import FakeDatagramHost
+from tests.support.fake_datagram_host import FakeDatagramHost, datagram_rig
 from tests.support.fake_enclave import FakeEnclave
 
 GATEWAY = IPv4Address("192.168.127.1")
@@ -27,8 +27,7 @@ RESOLVERS = (IPv4Address("10.0.0.2"), IPv4Address("10.0.0.3"))
 def make(
     servers: tuple[IPv4Address, ...] = RESOLVERS, **config: object
 ) -> tuple[NetStack, FakeEnclave, FakeDatagramHost]:
-    stack_config = StackConfig(dns_servers=servers, dns_timeout=2.0, **config)  # type: ignore[arg-type]
-    return NetStack(stack_config), FakeEnclave(stack_config), FakeDatagramHost()
+    return datagram_rig(StackConfig(dns_servers=servers, dns_timeout=2.0, **config))  # type: ignore[arg-type]
 
 
 def query(name: str, qtype: int = RRType.A, ident: int = 0x4242) -> bytes:

@@ -14,7 +14,7 @@ from nitro_netd.frames.errors import DropReason
 from nitro_netd.frames.icmp import IcmpType, UnreachableCode
 from nitro_netd.frames.ipv4 import IpProto, parse_ipv4
 from nitro_netd.netstack import NetStack, StackConfig, UdpDatagram, UdpFailed, UdpSend
-from tests.support.fake_datagram_host import FakeDatagramHost
+from tests.support.fake_datagram_host import FakeDatagramHost, datagram_rig
 from tests.support.fake_enclave import FakeEnclave
 
 WORLD = IPv4Address("198.18.0.2")
@@ -24,8 +24,7 @@ LOOPBACK = IPv4Address("127.0.0.1")
 
 
 def make(**config: object) -> tuple[NetStack, FakeEnclave, FakeDatagramHost]:
-    stack_config = StackConfig(**config)  # type: ignore[arg-type]
-    return NetStack(stack_config), FakeEnclave(stack_config), FakeDatagramHost()
+    return datagram_rig(StackConfig(**config))  # type: ignore[arg-type]
 
 
 def send_one(stack: NetStack, host: FakeDatagramHost) -> UdpSend:
