@@ -106,17 +106,20 @@ def parse_exposes(specs: Iterable[str]) -> tuple[ExposeSpec, ...]:
     return tuple(out)
 
 
-def bind_tcp_listener(item: ExposeSpec) -> socket.socket:
-    """Bind and listen for one exposed TCP port.
+def bind_exposed(item: ExposeSpec) -> socket.socket:
+    """Bind one exposed port (and listen, for TCP), non-blocking.
 
     Raises:
         OSError: with a message naming the port (e.g. already in use).
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp = item.protocol == "tcp"
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if tcp:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((BIND_ADDRESS, item.parent_port))
-        sock.listen(BACKLOG)
+        if tcp:
+            sock.listen(BACKLOG)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
@@ -126,9 +129,7 @@ def bind_tcp_listener(item: ExposeSpec) -> socket.socket:
     return sock
 
 
-def bind_all(
-    items: Sequence[ExposeSpec], protocol: str, bind: Callable[[ExposeSpec], socket.socket]
-) -> list[tuple[socket.socket, ExposeSpec]]:
+def bind_all(items: Sequence[ExposeSpec], protocol: str) -> list[tuple[socket.socket, ExposeSpec]]:
     """Bind every item of `protocol`, all or nothing.
 
     Raises:
@@ -138,7 +139,7 @@ def bind_all(
     try:
         for item in items:
             if item.protocol == protocol:
-                bound.append((bind(item), item))
+                bound.append((bind_exposed(item), item))
     except OSError:
         for sock, _ in bound:
             sock.close()
@@ -169,7 +170,7 @@ class TcpExposer:
         Raises:
             OSError: a port could not be bound; nothing stays bound.
         """
-        bound = bind_all(items, "tcp", bind_tcp_listener)
+        bound = bind_all(items, "tcp")
         for sock, item in bound:
             self.listeners[sock.fileno()] = (sock, item)
             self.loop.add_reader(sock.fileno(), self._on_acceptable, sock, item)
@@ -212,24 +213,6 @@ class TcpExposer:
         self.listeners.clear()
 
 
-def bind_udp_listener(item: ExposeSpec) -> socket.socket:
-    """Bind one exposed UDP port.
-
-    Raises:
-        OSError: with a message naming the port (e.g. already in use).
-    """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sock.bind((BIND_ADDRESS, item.parent_port))
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise OSError(
-            exc.errno, f"cannot expose udp port {item.parent_port}: {exc.strerror}"
-        ) from exc
-    return sock
-
-
 class UdpExposer:
     """Exposed UDP ports: client datagrams go in as `UdpInbound`; `UdpReply` goes back out.
 
@@ -254,7 +237,7 @@ class UdpExposer:
         Raises:
             OSError: a port could not be bound; nothing stays bound.
         """
-        bound = bind_all(items, "udp", bind_udp_listener)
+        bound = bind_all(items, "udp")
         for sock, item in bound:
             self.sockets[item.parent_port] = (sock, item)
             self.loop.add_reader(sock.fileno(), self._on_readable, sock, item)
