@@ -4,10 +4,8 @@ metrics, the pcap file, and CID pinning of links."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import struct
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -15,7 +13,7 @@ import pytest
 
 from nitro_netd.cli.status import StatusError, query_status, render_status
 from nitro_netd.link import LinkProtocol
-from nitro_netd.parent import DaemonConfig, serve
+from nitro_netd.parent import DaemonConfig
 from nitro_netd.parent.daemon import Daemon
 from nitro_netd.parent.enclave_watch import EnclaveInfo
 from nitro_netd.parent.lifecycle import StatePaths
@@ -23,6 +21,7 @@ from nitro_netd.parent.pcap import LINKTYPE_ETHERNET, PCAP_MAGIC
 from nitro_netd.parent.session import LinkSession
 from nitro_netd.transport import parse_endpoint
 from tests.integration.test_parent_link import Agent, ping_roundtrip
+from tests.support.link_agent import running
 
 TIMEOUT = 10.0
 
@@ -41,18 +40,6 @@ def make_config(tmp_path: Path, **extra: Any) -> DaemonConfig:
         state=StatePaths(tmp_path / "state", "app"),
         **extra,
     )
-
-
-@contextlib.asynccontextmanager
-async def running(config: DaemonConfig) -> AsyncIterator[None]:
-    stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(serve(config, stop, ready.set))
-    await asyncio.wait_for(ready.wait(), TIMEOUT)
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, TIMEOUT)
 
 
 async def test_status_reports_link_counters_and_flows_over_control_socket(tmp_path: Path) -> None:

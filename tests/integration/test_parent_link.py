@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -28,25 +26,11 @@ from nitro_netd.link import (
     encode_frame,
 )
 from nitro_netd.netstack import StackConfig
-from nitro_netd.parent import DaemonConfig, serve
-from nitro_netd.transport import parse_endpoint
 from tests.support.fake_enclave import FakeEnclave
+from tests.support.link_agent import running_daemon
 
 GATEWAY = IPv4Address("192.168.127.1")
 TIMEOUT = 10.0
-
-
-@contextlib.asynccontextmanager
-async def running_daemon(path: Path, stack: StackConfig | None = None) -> AsyncIterator[None]:
-    stop, ready = asyncio.Event(), asyncio.Event()
-    config = DaemonConfig(listen=parse_endpoint(f"unix://{path}"), stack=stack or StackConfig())
-    task = asyncio.create_task(serve(config, stop, ready.set))
-    await asyncio.wait_for(ready.wait(), TIMEOUT)
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, TIMEOUT)
 
 
 class Agent:

@@ -21,10 +21,9 @@ TIMEOUT = 10.0
 
 
 @contextlib.asynccontextmanager
-async def running_daemon(path: Path, stack: StackConfig) -> AsyncIterator[None]:
-    """Run the daemon listening on `unix://path` until the block ends."""
+async def running(config: DaemonConfig) -> AsyncIterator[None]:
+    """Run the daemon with `config` from its readiness until the block ends."""
     stop, ready = asyncio.Event(), asyncio.Event()
-    config = DaemonConfig(listen=parse_endpoint(f"unix://{path}"), stack=stack)
     task = asyncio.create_task(serve(config, stop, ready.set))
     await asyncio.wait_for(ready.wait(), TIMEOUT)
     try:
@@ -32,6 +31,14 @@ async def running_daemon(path: Path, stack: StackConfig) -> AsyncIterator[None]:
     finally:
         stop.set()
         await asyncio.wait_for(task, TIMEOUT)
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(path: Path, stack: StackConfig | None = None) -> AsyncIterator[None]:
+    """Run the daemon listening on `unix://path` until the block ends."""
+    config = DaemonConfig(listen=parse_endpoint(f"unix://{path}"), stack=stack or StackConfig())
+    async with running(config):
+        yield
 
 
 class LinkAgent:
