@@ -10,7 +10,6 @@ from nitro_netd.enclave.handshake import (
     TSO_REQUEST_HEADERS,
     Handshake,
     PeerKind,
-    offload_agreed,
     offloads_agreed,
 )
 from nitro_netd.link import (
@@ -209,11 +208,11 @@ def test_handshake_offload_off_with_a_stock_gvproxy() -> None:
 )
 def test_handshake_offload_decision_from_the_reply_header(value: str | None, agreed: bool) -> None:
     headers = {} if value is None else {HEADER_OFFLOAD.lower(): value}
-    assert offload_agreed(HttpHead("HTTP/1.1 200 OK", headers)) is agreed
+    assert (OFFLOAD_CSUM in offloads_agreed(HttpHead("HTTP/1.1 200 OK", headers))) is agreed
 
 
 def test_handshake_offload_decision_without_a_reply() -> None:
-    assert offload_agreed(None) is False
+    assert OFFLOAD_CSUM not in offloads_agreed(None)
 
 
 # --- segmentation offload negotiation --------------------------------------------------
@@ -302,7 +301,6 @@ def test_handshake_offloads_agreed_from_the_reply_header(
     headers = {} if value is None else {HEADER_OFFLOAD.lower(): value}
     reply = HttpHead("HTTP/1.1 200 OK", headers)
     assert offloads_agreed(reply) == frozenset(agreed)
-    assert offload_agreed(reply) is (OFFLOAD_CSUM in agreed)
 
 
 def test_handshake_offloads_agreed_without_a_reply() -> None:

@@ -72,11 +72,6 @@ def offloads_agreed(reply: HttpHead | None) -> frozenset[str]:
     return agreed
 
 
-def offload_agreed(reply: HttpHead | None) -> bool:
-    """Return True if our daemon's reply agrees to checksum offload for this link."""
-    return OFFLOAD_CSUM in offloads_agreed(reply)
-
-
 class PeerKind(enum.Enum):
     """What answered the agent's connection."""
 

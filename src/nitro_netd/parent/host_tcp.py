@@ -295,11 +295,6 @@ class HostTcp:
 
     def execute(self, command: Any) -> None:
         """Carry out one TCP command."""
-        if type(command) is TcpSend:  # the common case first
-            flow = self.flows.get(command.flow)
-            if flow is not None:
-                flow.send(command.chunks)
-            return
         if isinstance(command, TcpConnect):
             self._connect(command)
             return

@@ -467,11 +467,7 @@ class TcpConnection:
         in_flight = max(seq_diff(self.snd_max, self.snd_una), 0)
         n = min(self.output.segment_size(self.enclave_mss), len(self.send_buffer), in_flight)
         if n:
-            last = (
-                n == len(self.send_buffer)
-                and self.host_eof
-                and seq_diff(self.snd_max, self.snd_una) > n
-            )
+            last = n == len(self.send_buffer) and self.host_eof and in_flight > n
             flags = _ACK | _PSH | (_FIN if last else 0)
             self._send(self.snd_una, flags, self.send_buffer.slice(0, n))
         elif self.host_eof:
