@@ -738,8 +738,8 @@ def test_tcp_ipv4_bytes_of_a_frame_that_hit_a_stack_bug_still_leave_in_its_batch
 
 
 def test_tcp_ipv4_drain_ends_the_batch_once_and_empties_both_queues() -> None:
-    """`drain()` (the shell's call) gives what `commands_to_send()` and
-    `frames_to_send_split()` would, in one go: the coalesced send and the ACK owed."""
+    """`drain()` (the shell's call) gives what `commands_to_send()` and `frames_to_send()`
+    would, in one go: the coalesced send and the ACK owed."""
     stack, peer, host = make()
     flow = peer.establish(host)
     payload = b"d" * 3000

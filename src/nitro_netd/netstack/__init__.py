@@ -1,8 +1,9 @@
 """The sans-IO network stack of the parent daemon.
 
 This package contains no I/O: no sockets, no clock, no asyncio. The caller passes frames,
-host events and the time in, and after **every** call drains `NetStack.frames_to_send()`
-and `NetStack.commands_to_send()` and re-arms its timer from `NetStack.get_timer()`.
+host events and the time in, and after **every** call drains the stack (`NetStack.drain()`,
+or `frames_to_send()` and `commands_to_send()`) and re-arms its timer from
+`NetStack.get_timer()`.
 """
 
 from __future__ import annotations

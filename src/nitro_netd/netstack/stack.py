@@ -18,7 +18,8 @@ Dispatch is by table: EtherType -> handler, IP protocol -> layer, event type -> 
 Decoding errors raise `FrameError` anywhere below and are caught in exactly one place,
 `receive_frame()`, which counts the drop by reason. Enclave input never raises out.
 Work a layer defers to the end of a batch (coalesced ACKs) is emitted when the shell
-drains `frames_to_send()`.
+drains the stack: `drain()` (both queues, large segments kept as `SplitFrame` so they are
+written without copying), or `frames_to_send()` and `commands_to_send()` one at a time.
 """
 
 from __future__ import annotations
@@ -151,14 +152,9 @@ class NetStack:
         Ends the batch first: layers emit what they deferred (one ACK per flow, one
         coalesced `TcpSend` per flow), so drain this and `commands_to_send()` after each call.
         """
-        return [bytes(f) if isinstance(f, SplitFrame) else f for f in self.frames_to_send_split()]
-
-    def frames_to_send_split(self) -> list[Frame]:
-        """As `frames_to_send()`, but large segments stay split as headers and a payload
-        view (`SplitFrame`) so that the shell can write them without copying."""
         self._end_batch()
         frames, self.output.frames = self.output.frames, []
-        return frames
+        return [bytes(f) if isinstance(f, SplitFrame) else f for f in frames]
 
     def commands_to_send(self) -> list[HostCommand]:
         """Return and clear the commands queued for the shell, oldest first (ends the batch)."""
@@ -167,8 +163,9 @@ class NetStack:
         return commands
 
     def drain(self) -> tuple[list[HostCommand], list[Frame]]:
-        """End the batch once and return (and clear) both queues: the commands and the
-        frames as `frames_to_send_split()` gives them. The shell's one call per flush."""
+        """End the batch once and return (and clear) both queues: the commands, and the
+        frames with large segments still split as headers and a payload view
+        (`SplitFrame`), for the shell to write without copying. Its one call per flush."""
         self._end_batch()
         output = self.output
         commands, output.commands = output.commands, []
