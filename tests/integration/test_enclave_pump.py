@@ -151,12 +151,14 @@ def receive_from_tap(tap: socket.socket, count: int) -> list[bytes]:
     return [tap.recv(MAX_TEST_FRAME + 100) for _ in range(count)]
 
 
-def test_pump_random_frames_both_ways_arrive_intact_and_in_order(rig: PumpRig) -> None:
-    outbound = random_frames(1, FRAMES_PER_DIRECTION)
-    inbound = random_frames(2, FRAMES_PER_DIRECTION)
-    rig.start()
+def exchange_both_ways(
+    rig: PumpRig, into_tap: list[bytes], inbound: list[bytes]
+) -> tuple[list[bytes], list[list[bytes]]]:
+    """Send `into_tap` into the TAP and `inbound` into the link at once; return the frames
+    that came out of the link, and (in a list, empty if the reader never finished) those
+    that came out of the TAP."""
     senders = [
-        send_frames_into_tap(rig.tap_test, outbound),
+        send_frames_into_tap(rig.tap_test, into_tap),
         send_stream_into_link(rig.link_test, rig.protocol, inbound),
     ]
     received_inbound: list[list[bytes]] = []
@@ -165,10 +167,18 @@ def test_pump_random_frames_both_ways_arrive_intact_and_in_order(rig: PumpRig) -
         daemon=True,
     )
     reader.start()
-    received_outbound = receive_from_link(rig.link_test, rig.protocol, len(outbound))
+    received_outbound = receive_from_link(rig.link_test, rig.protocol, len(into_tap))
     reader.join(DEADLINE)
     for sender in senders:
         sender.join(DEADLINE)
+    return received_outbound, received_inbound
+
+
+def test_pump_random_frames_both_ways_arrive_intact_and_in_order(rig: PumpRig) -> None:
+    outbound = random_frames(1, FRAMES_PER_DIRECTION)
+    inbound = random_frames(2, FRAMES_PER_DIRECTION)
+    rig.start()
+    received_outbound, received_inbound = exchange_both_ways(rig, outbound, inbound)
     assert received_outbound == outbound
     assert received_inbound == [inbound]
 
@@ -354,21 +364,8 @@ def test_pump_vnet_frames_both_ways_arrive_intact_and_in_order(vnet_rig: PumpRig
     inbound = random_frames(5, FRAMES_PER_DIRECTION // 2) + mixed_frames(6, 500)
     headers = tap_headers(7, len(outbound), tso=rig.gso_size > 0)
     rig.start()
-    senders = [
-        send_frames_into_tap(rig.tap_test, [h + f for h, f in zip(headers, outbound, strict=True)]),
-        send_stream_into_link(rig.link_test, rig.protocol, inbound),
-    ]
-    received_inbound: list[list[bytes]] = []
-    reader = threading.Thread(
-        target=lambda: received_inbound.append(receive_from_tap(rig.tap_test, len(inbound))),
-        daemon=True,
-    )
-    reader.start()
-    received_outbound = receive_from_link(rig.link_test, rig.protocol, len(outbound))
-    reader.join(DEADLINE)
-    for sender in senders:
-        sender.join(DEADLINE)
-
+    into_tap = [h + f for h, f in zip(headers, outbound, strict=True)]
+    received_outbound, received_inbound = exchange_both_ways(rig, into_tap, inbound)
     assert received_outbound == outbound  # headers stripped, frames unchanged
     assert len(received_inbound) == 1
     got_headers, got_frames = split_headers(received_inbound[0])
