@@ -8,6 +8,7 @@ out. With segmentation offload (``gso_size``) those headers may be GSO ones."""
 
 from __future__ import annotations
 
+import platform
 import random
 import socket
 import threading
@@ -637,3 +638,54 @@ def test_pump_segmentation_offload_needs_checksum_offload() -> None:
         pytest.raises(ValueError, match="needs checksum offload"),
     ):
         run_pump(tap_agent.fileno(), link_agent, LinkProtocol.GVPROXY, vnet_hdr=True, gso_size=1460)
+
+
+# Syscall numbers a thread waiting in select.poll shows in /proc: poll or ppoll.
+POLL_SYSCALLS = {"x86_64": {7, 271}, "aarch64": {73}}
+
+
+def current_syscall(native_id: int) -> int | None:
+    """The syscall thread `native_id` of this process is in, or None if it is running."""
+    with open(f"/proc/self/task/{native_id}/syscall") as status:
+        first = status.read().split()[0]
+    return None if first == "running" else int(first)
+
+
+@pytest.mark.skipif(platform.machine() not in POLL_SYSCALLS, reason="poll syscall numbers known")
+def test_link_to_tap_waits_in_poll_so_the_other_directions_reads_do_not_wake_it() -> None:
+    """An idle link→tap pump sleeps in poll(POLLIN), not in a blocking recv: a stream socket
+    wakes every recv sleeper each time the parent reads what the other child sent, which
+    cost a cross-CPU wake-up per enclave→parent frame. The link stays blocking (its file
+    status flags are shared with the other child) and frames still flow after the wait."""
+    link_agent, link_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    tap_agent, tap_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    native_id: list[int] = []
+    result: list[str] = []
+
+    def run() -> None:
+        native_id.append(threading.get_native_id())
+        decoder = FrameDecoder(LinkProtocol.GVPROXY)
+        result.append(pump_link_to_tap(link_agent, tap_agent.fileno(), decoder, DirectionStats()))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        # Where it sleeps: the same syscall seen three times in a row, 10 ms apart.
+        deadline = time.monotonic() + DEADLINE
+        seen: list[int | None] = []
+        while time.monotonic() < deadline and (len(seen) < 3 or len(set(seen[-3:])) != 1):
+            seen.append(current_syscall(native_id[0]) if native_id else None)
+            time.sleep(0.01)
+        waiting_in = seen[-1]
+        assert waiting_in in POLL_SYSCALLS[platform.machine()], f"waits in syscall {waiting_in}"
+        assert link_agent.getblocking(), "the shared link descriptor was made non-blocking"
+        frame = random.Random(5).randbytes(300)
+        link_test.sendall(encode_frame(LinkProtocol.GVPROXY, frame))
+        tap_test.settimeout(DEADLINE)
+        assert tap_test.recv(MAX_TEST_FRAME) == frame
+    finally:
+        link_test.close()
+        thread.join(DEADLINE)
+        for sock in (link_agent, tap_agent, tap_test):
+            sock.close()
+    assert result == ["parent closed the link"]

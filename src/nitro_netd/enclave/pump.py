@@ -14,7 +14,9 @@ works: tests use a ``SOCK_SEQPACKET`` socketpair) and a connected, handshaken li
   has nothing more, so coalescing adds no latency. The TAP descriptor is non-blocking for
   this; an idle TAP is waited on with ``poll``.
 * **link → tap** receives into a `link.FrameDecoder`'s free space (``recv_into``, up to a
-  MiB at a time) and writes each decoded frame with one ``os.write``. A frame the TAP
+  MiB at a time, non-blocking per call) and writes each decoded frame with one
+  ``os.write``. An idle link is waited on with ``poll``, never in a blocking ``recv``,
+  whose sleeper the other child's traffic would wake on every frame. A frame the TAP
   refuses is dropped and counted; a bad length from the parent (`LinkError`) ends the
   session.
 
@@ -212,7 +214,7 @@ def pump_link_to_tap(
     """
     if vnet_hdr:
         return _pump_link_to_vnet_tap(sock, tap_fd, decoder, stats, csum_offload, gso_size)
-    recv_into, write = sock.recv_into, os.write
+    receive, write = _link_receiver(sock), os.write
     while True:
         frame = decoder.maybe_next_frame()
         while frame is not None:
@@ -223,7 +225,7 @@ def pump_link_to_tap(
             except OSError as exc:
                 _handle_tap_write_error(tap_fd, (frame,), exc, stats)
             frame = decoder.maybe_next_frame()
-        n = recv_into(decoder.get_buffer())
+        n = receive(decoder.get_buffer())
         if not n:
             return "parent closed the link"
         decoder.buffer_updated(n)
@@ -238,7 +240,7 @@ def _pump_link_to_vnet_tap(
     gso_size: int = 0,
 ) -> str:
     """`pump_link_to_tap` for a TAP that takes a virtio-net header before each frame."""
-    recv_into, writev = sock.recv_into, os.writev
+    receive, writev = _link_receiver(sock), os.writev
     zero, csum_headers, min_tcp = ZERO_HEADER, CSUM_HEADERS, MIN_TCP_FRAME
     gso_above = gso_size + MIN_TCP_FRAME if gso_size else 1 << 30
     while True:
@@ -266,10 +268,35 @@ def _pump_link_to_vnet_tap(
             except OSError as exc:
                 _handle_tap_write_error(tap_fd, buffers, exc, stats)
             frame = decoder.maybe_next_frame()
-        n = recv_into(decoder.get_buffer())
+        n = receive(decoder.get_buffer())
         if not n:
             return "parent closed the link"
         decoder.buffer_updated(n)
+
+
+def _link_receiver(sock: socket.socket) -> Callable[[memoryview], int]:
+    """``recv_into`` for the link that waits in ``poll``, never in a blocking ``recv``.
+
+    A task blocked in a stream socket's ``recv`` sleeps on the socket's one wait queue and
+    is woken by *every* event on it, including the write-space wake-up each time the parent
+    reads a frame the other child sent. A ``poll`` for ``POLLIN`` filters those out, which
+    saves a cross-CPU wake-up per enclave→parent frame: a round trip's latency. The socket
+    stays blocking (the other child shares its file status flags); the receive is
+    non-blocking per call (``MSG_DONTWAIT``).
+    """
+    recv_into, dontwait = sock.recv_into, socket.MSG_DONTWAIT
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    wait = poller.poll
+
+    def receive(buffer: memoryview) -> int:
+        while True:
+            try:
+                return recv_into(buffer, 0, dontwait)
+            except BlockingIOError:
+                wait()
+
+    return receive
 
 
 def _handle_tap_write_error(
