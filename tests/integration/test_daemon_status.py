@@ -60,7 +60,21 @@ async def test_status_reports_link_counters_and_flows_over_control_socket(tmp_pa
     assert set(status["flows"]) == {"icmp", "tcp", "udp"}
     assert status["enclave"]["following"] is False
     assert "link          up for" in render_status(status, now=status["time"])
+    assert status["busy_poll"]["window_us"] == 50
+    assert status["busy_poll"]["windows"] >= 1, "the ping's flushes never kicked the poller"
+    assert status["busy_poll"]["seconds"] > 0
     assert not config.state.control.exists(), "control socket left behind"
+
+
+async def test_busy_poll_zero_leaves_the_loop_sleeping(tmp_path: Path) -> None:
+    config = make_config(tmp_path, busy_poll=0.0)
+    assert config.state is not None
+    async with running(config):
+        agent = await Agent.connect(tmp_path / "link.sock", LinkProtocol.GVPROXY)
+        await ping_roundtrip(agent)
+        status = await asyncio.to_thread(query_status, config.state)
+        agent.close()
+    assert status["busy_poll"] == {"window_us": 0, "seconds": 0.0, "windows": 0}
 
 
 async def test_status_of_a_stopped_daemon_is_a_clear_error(tmp_path: Path) -> None:

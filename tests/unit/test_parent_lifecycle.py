@@ -105,6 +105,19 @@ def test_bad_pcap_size_limits_are_rejected(value: str, capsys: pytest.CaptureFix
     assert "--pcap-max-mb" in capsys.readouterr().err
 
 
+def test_busy_poll_defaults_to_50_microseconds_and_zero_turns_it_off() -> None:
+    assert config().busy_poll == pytest.approx(50e-6)
+    assert config("--busy-poll-us", "200").busy_poll == pytest.approx(200e-6)
+    assert config("--busy-poll-us", "0").busy_poll == 0
+
+
+@pytest.mark.parametrize("value", ["-1", "2.5", "10001", "soon"])
+def test_bad_busy_poll_windows_are_rejected(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--busy-poll-us", value])
+    assert "--busy-poll-us" in capsys.readouterr().err
+
+
 def test_check_name_accepts_ordinary_names() -> None:
     assert check_name("my-enclave_1.prod") == "my-enclave_1.prod"
 

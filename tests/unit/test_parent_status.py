@@ -32,6 +32,7 @@ def sample_status(**link: Any) -> dict[str, Any]:
         "counters": {"frames_in": 10, "bytes_in": 1000, "frames_out": 12, "bytes_out": 2000,
                      "drops": {"bad_checksum": 2}},
         "pcap": None,
+        "busy_poll": {"window_us": 50, "seconds": 1.25, "windows": 300},
         "time": NOW,
     }  # fmt: skip
 
@@ -47,7 +48,16 @@ def test_render_status_table() -> None:
         "  from enclave  10 frames, 1000 bytes",
         "  to enclave    12 frames, 2000 bytes",
         "  drops         bad_checksum 2",
+        "  busy poll     50 µs windows, 1.250 s awake in 300",
     ]
+
+
+def test_render_status_busy_poll_off_and_absent() -> None:
+    status = sample_status()
+    status["busy_poll"] = {"window_us": 0, "seconds": 0.0, "windows": 0}
+    assert "  busy poll     off" in render_status(status, now=NOW).splitlines()
+    del status["busy_poll"]  # a daemon from before busy polling
+    assert "busy poll" not in render_status(status, now=NOW)
 
 
 def test_render_status_link_down_shows_last_peer() -> None:
@@ -72,6 +82,7 @@ def test_render_metrics_prometheus_text() -> None:
     assert 'nitro_netd_flows{protocol="tcp"} 3' in lines
     assert "nitro_netd_link_up 1" in lines
     assert "nitro_netd_links_refused_total 1" in lines
+    assert "nitro_netd_busy_poll_seconds_total 1.25" in lines
 
 
 def test_render_metrics_keeps_every_digit_of_large_counters() -> None:

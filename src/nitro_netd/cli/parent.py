@@ -11,6 +11,8 @@ from typing import Final
 
 from nitro_netd.cli.common import LOG_LEVELS, fail, setup_logging
 from nitro_netd.netstack.config import DEFAULT_MTU, StackConfig
+from nitro_netd.parent.busy_poll import DEFAULT_WINDOW as DEFAULT_BUSY_POLL
+from nitro_netd.parent.busy_poll import MAX_WINDOW as MAX_BUSY_POLL
 from nitro_netd.parent.daemon import DaemonConfig, run
 from nitro_netd.parent.enclave_watch import DEFAULT_POLL
 from nitro_netd.parent.expose import parse_exposes
@@ -156,6 +158,15 @@ def _add_lifecycle_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     group.add_argument(
+        "--busy-poll-us",
+        type=_busy_poll_us,
+        default=round(DEFAULT_BUSY_POLL * 1e6),
+        metavar="US",
+        help="keep polling this many microseconds after each burst of work instead of "
+        "sleeping at once: cuts round-trip latency on VMs, costs at most that much CPU per "
+        f"burst; 0: off, at most {round(MAX_BUSY_POLL * 1e6)} (default: %(default)s)",
+    )
+    group.add_argument(
         "--metrics-listen",
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
@@ -170,6 +181,19 @@ def _pcap_max_mb(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative (0 means no limit)")
+    return value
+
+
+def _busy_poll_us(text: str) -> int:
+    """``--busy-poll-us``: whole microseconds, 0 (off) up to `MAX_BUSY_POLL`."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= MAX_BUSY_POLL * 1e6:
+        raise argparse.ArgumentTypeError(
+            f"{value} is outside 0..{round(MAX_BUSY_POLL * 1e6)} (0 turns busy polling off)"
+        )
     return value
 
 
@@ -198,6 +222,7 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         pcap=args.pcap.absolute() if args.pcap else None,
         pcap_max_bytes=(args.pcap_max_mb << 20) or None,
         metrics_listen=parse_metrics_listen(args.metrics_listen) if args.metrics_listen else None,
+        busy_poll=args.busy_poll_us / 1e6,
     )
 
 

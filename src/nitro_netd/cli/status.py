@@ -174,6 +174,12 @@ def _enclave_line(enclave: dict[str, Any]) -> str:
     return f"{enclave['name']}: {where} (following with {enclave['nitro_cli']})"
 
 
+def _busy_poll_line(busy: dict[str, Any]) -> str:
+    if not busy["window_us"]:
+        return "off"
+    return f"{busy['window_us']} µs windows, {busy['seconds']:.3f} s awake in {busy['windows']}"
+
+
 def render_status(status: dict[str, Any], *, now: float) -> str:
     """The human-readable table for one status snapshot."""
     counters = status["counters"]
@@ -193,6 +199,8 @@ def render_status(status: dict[str, Any], *, now: float) -> str:
     ]  # fmt: skip
     if status.get("pcap"):
         rows.append(("pcap", status["pcap"]))
+    if busy := status.get("busy_poll"):  # absent from older daemons' status
+        rows.append(("busy poll", _busy_poll_line(busy)))
     width = max(len(label) for label, _ in rows)
     title = f"nitro-netd-parent {status['name'] or '(unnamed)'}"
     return "\n".join([title, *(f"  {label:<{width}}  {value}" for label, value in rows)])

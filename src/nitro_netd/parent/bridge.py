@@ -6,7 +6,9 @@ The bridge owns the `NetStack`, the current `LinkSession` and (later) the host s
 Every input reaches the stack through here (frames from the link, events from host
 sockets, timer expiry) and after each batch of input the bridge *flushes*: it drains the
 stack's frames into the link in one write, hands its commands to the host side, and
-re-arms a single timer at `stack.get_timer()` (the aioquic `transmit()` pattern).
+re-arms a single timer at `stack.get_timer()` (the aioquic `transmit()` pattern). Then
+it kicks the busy poller, if any, which keeps the loop awake a little while for the next
+input (`busy_poll`).
 
 At most one link is live. A new link replaces the old one: the old session is closed and
 the stack forgets the old link's state (flows of the old link are reset). Before a link
@@ -29,6 +31,7 @@ from nitro_netd.frames.errors import DropReason
 from nitro_netd.netstack import NetStack, StackConfig
 from nitro_netd.netstack.events import HostCommand, HostEvent
 from nitro_netd.netstack.output import SplitFrame
+from nitro_netd.parent.busy_poll import BusyPoll
 from nitro_netd.parent.host import HostSide
 from nitro_netd.parent.session import LinkSession
 from nitro_netd.transport import peer_cid
@@ -73,6 +76,8 @@ class Bridge:
         """Sees every frame of the live link, both directions (valid during the call)."""
         self.link_observers: list[Callable[[LinkSession], None]] = []
         """Called with each new live link, once its offloads are known."""
+        self.busy_poll: BusyPoll | None = None
+        """Kicked after every flush (``--busy-poll-us``); None: the loop sleeps at once."""
 
     # --- LinkOwner -------------------------------------------------------------
 
@@ -171,6 +176,8 @@ class Bridge:
                     self.frame_tap(bytes(frame) if isinstance(frame, SplitFrame) else frame)
             self.session.send_frames(frames)
         self._arm_timer(self.stack.get_timer())
+        if self.busy_poll is not None:
+            self.busy_poll.kick()
 
     def add_host_side(self, side: HostSide) -> None:
         """Route the commands `side` declares to it."""

@@ -30,6 +30,7 @@ from typing import Any, Final
 from nitro_netd.frames.ipv4 import IpProto
 from nitro_netd.netstack import NetStack
 from nitro_netd.parent.bridge import Bridge
+from nitro_netd.parent.busy_poll import BusyPoll
 from nitro_netd.parent.enclave_watch import EnclaveWatcher
 from nitro_netd.parent.expose import ExposeSpec
 
@@ -105,7 +106,18 @@ def build_status(inputs: StatusInputs, *, now: float, monotonic: float) -> Statu
         "flows": flow_counts(inputs.bridge.stack),
         "counters": inputs.bridge.stack.stats.snapshot(),
         "pcap": inputs.pcap,
+        "busy_poll": _busy_poll_status(inputs.bridge.busy_poll),
         "time": now,
+    }
+
+
+def _busy_poll_status(busy_poll: BusyPoll | None) -> dict[str, Any]:
+    if busy_poll is None:
+        return {"window_us": 0, "seconds": 0.0, "windows": 0}
+    return {
+        "window_us": round(busy_poll.window * 1e6),
+        "seconds": round(busy_poll.spun, 6),
+        "windows": busy_poll.windows,
     }
 
 

@@ -33,6 +33,7 @@ from typing import Any, Final
 
 from nitro_netd.netstack import StackConfig
 from nitro_netd.parent.bridge import Bridge
+from nitro_netd.parent.busy_poll import DEFAULT_WINDOW, BusyPoll
 from nitro_netd.parent.control import ControlServer, StatusInputs, status_getter
 from nitro_netd.parent.enclave_watch import DEFAULT_POLL, EnclaveWatcher, PinVerdict, decide_pin
 from nitro_netd.parent.expose import ExposeSpec, TcpExposer, UdpExposer
@@ -77,6 +78,8 @@ class DaemonConfig:
     """Stop the capture before the file grows past this (--pcap-max-mb; None: no limit)."""
     metrics_listen: tuple[str, int] | None = None
     """Serve Prometheus metrics on this address (--metrics-listen)."""
+    busy_poll: float = DEFAULT_WINDOW
+    """Seconds the loop keeps polling after each burst of work (--busy-poll-us; 0: off)."""
 
 
 class Daemon:
@@ -87,6 +90,8 @@ class Daemon:
         self.stop = stop
         self.loop = asyncio.get_running_loop()
         self.bridge = Bridge(with_parent_resolvers(config.stack), self.loop)
+        if config.busy_poll:
+            self.bridge.busy_poll = BusyPoll(self.loop, config.busy_poll)
         self.host_tcp = HostTcp(self.loop, self.bridge.post_event)
         self.bridge.add_host_side(self.host_tcp)
         self.bridge.link_observers.append(self._on_new_link)

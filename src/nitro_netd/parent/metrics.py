@@ -76,6 +76,9 @@ def render_metrics(status: dict[str, Any]) -> str:
                   (_label("direction", "to_enclave"), counters["bytes_out"])]),
         *_metric("drops_total", "counter", "Dropped frames by reason.",
                  [(_label("reason", r), n) for r, n in counters["drops"].items()]),
+        *_metric("busy_poll_seconds_total", "counter",
+                 "Seconds the event loop was kept polling after work (--busy-poll-us).",
+                 [("", status["busy_poll"]["seconds"])]),
     ]  # fmt: skip
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,74 @@
+"""Busy polling: keep the event loop awake for a short window after each burst of work.
+
+Theory of operation
+-------------------
+A round trip through the bridge wakes the daemon twice (the enclave's request on the
+link, the world's answer on a host socket). On a virtual machine a sleeping daemon's vCPU
+halts, and waking it costs a cross-CPU interrupt and a VM exit, paid by the waker and the
+woken. On the 2-core simulator machine that was most of the daemon's CPU per round trip
+and about 100 µs of its latency (bench/README.md). Go programs such as gvproxy avoid most
+of it without trying: Go's scheduler spins briefly before it parks a thread.
+
+`BusyPoll.kick` is called after every flush. It keeps one callback re-scheduling itself
+with ``call_soon`` until `window` seconds (a monotonic clock with sub-microsecond
+resolution: uvloop's ``loop.time()`` has only milliseconds) have passed without another
+kick. While that callback is pending the loop polls its descriptors with a zero timeout
+instead of sleeping, so the next event is picked up at once and nothing has to be woken.
+
+The cost is bounded: at most `window` of CPU per burst of work, nothing while idle. In a
+steady stream the loop never waits, so the window never starts; in a ping-pong it spins
+through the gaps shorter than `window`, instead of sleeping and being woken. `spun`
+accounts the wall time spent spinning (``busy_poll_seconds`` in the status and metrics).
+A window of 0 turns it off (``--busy-poll-us 0``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Final
+
+DEFAULT_WINDOW: Final = 50e-6
+"""Seconds of polling after the last burst of work (``--busy-poll-us``'s default)."""
+MAX_WINDOW: Final = 0.01
+"""The longest window ``--busy-poll-us`` takes: beyond it, sleeping is cheaper."""
+
+
+class BusyPoll:
+    """Keeps `loop` polling for `window` seconds after each `kick`; see the module docstring."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, window: float) -> None:
+        if not 0 < window <= MAX_WINDOW:
+            raise ValueError(f"busy-poll window {window} s is outside (0, {MAX_WINDOW}]")
+        self.window = window
+        self.spun = 0.0
+        """Seconds the loop was kept from sleeping (the work in between included)."""
+        self.windows = 0
+        """Windows started (bursts of work that were followed by polling)."""
+        self._loop = loop
+        self._until = 0.0
+        self._started = 0.0
+        self._active = False
+
+    def kick(self) -> None:
+        """Work was just done: poll until `window` has passed without more."""
+        now = time.monotonic()
+        self._until = now + self.window
+        if not self._active:
+            self._active = True
+            self._started = now
+            self.windows += 1
+            self._loop.call_soon(self._turn)
+
+    def _turn(self) -> None:
+        now = time.monotonic()
+        if now < self._until:
+            self._loop.call_soon(self._turn)
+        else:
+            self._active = False
+            self.spun += now - self._started
+
+    @property
+    def active(self) -> bool:
+        """True while the loop is being kept awake."""
+        return self._active

@@ -1,0 +1,110 @@
+"""BusyPoll on a stdlib selector loop whose selector records every timeout it is given:
+while a window is open the loop must poll (timeout 0), and it must sleep again after."""
+
+from __future__ import annotations
+
+import asyncio
+import selectors
+import time
+from typing import Any
+
+import pytest
+
+from nitro_netd.parent.busy_poll import MAX_WINDOW, BusyPoll
+
+WINDOW = 0.002
+DEADLINE = 5.0
+
+
+class RecordingSelector(selectors.DefaultSelector):
+    """Records each select()'s timeout (None: sleep until an event), and whether the
+    watched poller's window was open at that moment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watched: BusyPoll | None = None
+        self.calls: list[tuple[float | None, bool]] = []
+
+    def select(self, timeout: float | None = None) -> list[Any]:
+        self.calls.append((timeout, self.watched is not None and self.watched.active))
+        return list(super().select(timeout))
+
+
+async def until(condition: Any) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        await asyncio.sleep(0.001)
+
+
+def run_on_recording_loop(body: Any) -> RecordingSelector:
+    selector = RecordingSelector()
+    loop = asyncio.SelectorEventLoop(selector)
+    try:
+        loop.run_until_complete(body(loop))
+    finally:
+        loop.close()
+    return selector
+
+
+def test_a_kick_keeps_the_loop_polling_for_the_window_then_lets_it_sleep() -> None:
+    poller: list[BusyPoll] = []
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        busy = BusyPoll(loop, WINDOW)
+        poller.append(busy)
+        selector_of(loop).watched = busy
+        started = time.monotonic()
+        busy.kick()
+        assert busy.active
+        await until(lambda: not busy.active)
+        assert time.monotonic() - started >= WINDOW
+        await asyncio.sleep(0.01)  # idle again: the loop may sleep
+
+    calls = run_on_recording_loop(body).calls
+    busy = poller[0]
+    during = [timeout for timeout, window_open in calls if window_open]
+    last_open = max(i for i, (_, window_open) in enumerate(calls) if window_open)
+    after = [timeout for timeout, _ in calls[last_open + 1 :]]
+    assert len(during) > 5, "the loop did not keep turning during the window"
+    assert all(timeout == 0 for timeout in during), [t for t in during if t]
+    assert any(timeout for timeout in after), "the loop never slept after the window"
+    assert busy.windows == 1
+    assert WINDOW <= busy.spun < 1.0
+
+
+def test_kicks_inside_the_window_extend_it_without_starting_another() -> None:
+    poller: list[BusyPoll] = []
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        busy = BusyPoll(loop, WINDOW)
+        poller.append(busy)
+        started = time.monotonic()
+        busy.kick()
+        while time.monotonic() - started < 3 * WINDOW:
+            busy.kick()  # more work keeps arriving
+            await asyncio.sleep(0)
+        assert busy.active
+        await until(lambda: not busy.active)
+        busy.kick()  # a new burst after the window closed
+        await until(lambda: not busy.active)
+
+    run_on_recording_loop(body)
+    assert poller[0].windows == 2
+    assert poller[0].spun >= 4 * WINDOW
+
+
+@pytest.mark.parametrize("window", [0.0, -1e-6, MAX_WINDOW * 2])
+def test_windows_outside_the_range_are_refused(window: float) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(ValueError, match="busy-poll window"):
+            BusyPoll(loop, window)
+    finally:
+        loop.close()
+
+
+def selector_of(loop: asyncio.AbstractEventLoop) -> RecordingSelector:
+    selector = loop._selector  # type: ignore[attr-defined]
+    assert isinstance(selector, RecordingSelector)
+    return selector
