@@ -14,6 +14,9 @@ with ``call_soon`` until `window` seconds (a monotonic clock with sub-microsecon
 resolution: uvloop's ``loop.time()`` has only milliseconds) have passed without another
 kick. While that callback is pending the loop polls its descriptors with a zero timeout
 instead of sleeping, so the next event is picked up at once and nothing has to be woken.
+Each turn also yields the CPU (``sched_yield``): a task sharing this CPU that the daemon
+just woke (the world's server, the agent) runs at once instead of waiting out the
+spinner's time slice. Without it, runs where they shared a CPU were 100 µs slower.
 
 The cost is bounded: at most `window` of CPU per burst of work, nothing while idle. In a
 steady stream the loop never waits, so the window never starts; in a ping-pong it spins
@@ -25,6 +28,7 @@ A window of 0 turns it off (``--busy-poll-us 0``).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Final
 
@@ -63,6 +67,7 @@ class BusyPoll:
     def _turn(self) -> None:
         now = time.monotonic()
         if now < self._until:
+            os.sched_yield()
             self._loop.call_soon(self._turn)
         else:
             self._active = False
