@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from nitro_netd.parent.busy_poll import MAX_WINDOW, BusyPoll
+from nitro_netd.parent.busy_poll import BULK_BYTES, BULK_HOLD, MAX_WINDOW, BusyPoll
 
 WINDOW = 0.002
 DEADLINE = 5.0
@@ -55,7 +55,7 @@ def test_a_kick_keeps_the_loop_polling_for_the_window_then_lets_it_sleep() -> No
         poller.append(busy)
         selector_of(loop).watched = busy
         started = time.monotonic()
-        busy.kick()
+        busy.kick(0)
         assert busy.active
         await until(lambda: not busy.active)
         assert time.monotonic() - started >= WINDOW
@@ -80,13 +80,13 @@ def test_kicks_inside_the_window_extend_it_without_starting_another() -> None:
         busy = BusyPoll(loop, WINDOW)
         poller.append(busy)
         started = time.monotonic()
-        busy.kick()
+        busy.kick(0)
         while time.monotonic() - started < 3 * WINDOW:
-            busy.kick()  # more work keeps arriving
+            busy.kick(0)  # more work keeps arriving
             await asyncio.sleep(0)
         assert busy.active
         await until(lambda: not busy.active)
-        busy.kick()  # a new burst after the window closed
+        busy.kick(0)  # a new burst after the window closed
         await until(lambda: not busy.active)
 
     run_on_recording_loop(body)
@@ -108,3 +108,27 @@ def selector_of(loop: asyncio.AbstractEventLoop) -> RecordingSelector:
     selector = loop._selector  # type: ignore[attr-defined]
     assert isinstance(selector, RecordingSelector)
     return selector
+
+
+def test_bulk_transfer_holds_polling_off_until_it_has_paused() -> None:
+    """Spinning between a bulk transfer's large reads only takes CPU from the processes
+    on the other end of the pipeline: a flush that moved BULK_BYTES turns kicks into
+    no-ops until BULK_HOLD has passed."""
+    poller: list[BusyPoll] = []
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        busy = BusyPoll(loop, WINDOW)
+        poller.append(busy)
+        busy.kick(BULK_BYTES)
+        assert not busy.active
+        bulk_ended = time.monotonic()
+        busy.kick(100)  # an ACK in the middle of the transfer
+        assert not busy.active
+        await asyncio.sleep(BULK_HOLD * 1.1)  # the hold is a duration: let it pass
+        assert time.monotonic() - bulk_ended >= BULK_HOLD
+        busy.kick(100)  # small messages again, after the hold
+        assert busy.active
+        await until(lambda: not busy.active)
+
+    run_on_recording_loop(body)
+    assert poller[0].windows == 1

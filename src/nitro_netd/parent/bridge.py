@@ -78,6 +78,8 @@ class Bridge:
         """Called with each new live link, once its offloads are known."""
         self.busy_poll: BusyPoll | None = None
         """Kicked after every flush (``--busy-poll-us``); None: the loop sleeps at once."""
+        self._moved = 0
+        """Link bytes both ways at the last flush (how much each flush moved)."""
 
     # --- LinkOwner -------------------------------------------------------------
 
@@ -177,7 +179,10 @@ class Bridge:
             self.session.send_frames(frames)
         self._arm_timer(self.stack.get_timer())
         if self.busy_poll is not None:
-            self.busy_poll.kick()
+            stats = self.stack.stats
+            moved = stats.bytes_in + stats.bytes_out
+            self.busy_poll.kick(moved - self._moved)
+            self._moved = moved
 
     def add_host_side(self, side: HostSide) -> None:
         """Route the commands `side` declares to it."""

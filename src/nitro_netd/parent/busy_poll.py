@@ -19,8 +19,11 @@ just woke (the world's server, the agent) runs at once instead of waiting out th
 spinner's time slice. Without it, runs where they shared a CPU were 100 µs slower.
 
 The cost is bounded: at most `window` of CPU per burst of work, nothing while idle. In a
-steady stream the loop never waits, so the window never starts; in a ping-pong it spins
-through the gaps shorter than `window`, instead of sleeping and being woken. `spun`
+ping-pong it spins through the gaps shorter than `window`, instead of sleeping and being
+woken. Bulk transfer is left alone: once a flush has moved `BULK_BYTES` over the link,
+kicks do nothing for `BULK_HOLD`. Between a bulk flow's large reads the loop would spin
+on a CPU that the flow's other processes (the sender, the agent, the receiver) need: a
+few percent of world→enclave throughput on 2 cores. `spun`
 accounts the wall time spent spinning (``busy_poll_seconds`` in the status and metrics).
 A window of 0 turns it off (``--busy-poll-us 0``).
 """
@@ -36,6 +39,10 @@ DEFAULT_WINDOW: Final = 50e-6
 """Seconds of polling after the last burst of work (``--busy-poll-us``'s default)."""
 MAX_WINDOW: Final = 0.01
 """The longest window ``--busy-poll-us`` takes: beyond it, sleeping is cheaper."""
+BULK_BYTES: Final = 64 * 1024
+"""A flush that moved this many link bytes (either way) is bulk transfer..."""
+BULK_HOLD: Final = 0.01
+"""...and for this many seconds after one the loop sleeps as soon as it is idle."""
 
 
 class BusyPoll:
@@ -51,12 +58,18 @@ class BusyPoll:
         """Windows started (bursts of work that were followed by polling)."""
         self._loop = loop
         self._until = 0.0
+        self._bulk_until = 0.0
         self._started = 0.0
         self._active = False
 
-    def kick(self) -> None:
-        """Work was just done: poll until `window` has passed without more."""
+    def kick(self, moved: int) -> None:
+        """Work that moved `moved` link bytes was just done: poll until `window` has passed
+        without more, unless bulk data moved in the last `BULK_HOLD` seconds."""
         now = time.monotonic()
+        if moved >= BULK_BYTES:
+            self._bulk_until = now + BULK_HOLD
+        if now < self._bulk_until:
+            return
         self._until = now + self.window
         if not self._active:
             self._active = True
