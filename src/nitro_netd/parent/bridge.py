@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -214,7 +215,12 @@ class Bridge:
             self._timer = None
         self._timer_at = when
         if when is not None:
-            self._timer = self.loop.call_at(when, self._on_timer)
+            # uvloop keeps time in whole milliseconds and runs a timer due in under half a
+            # millisecond at once (call_soon): the stack then found nothing due, re-armed,
+            # and spun through handle_timer until the clock ticked (a delayed ACK is due
+            # 0.5 ms after a request). Round up: a timer never fires before its deadline.
+            delay = math.ceil((when - self.loop.time()) * 1000) / 1000
+            self._timer = self.loop.call_later(max(delay, 0.0), self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
