@@ -84,8 +84,11 @@ class LinkWriter:
     def _flush(self) -> None:
         queue = self._queue
         while queue and self.error is None:
-            whole = len(queue) <= IOV_MAX
-            batch = list(queue) if whole else list(itertools.islice(queue, IOV_MAX))
+            if len(queue) <= IOV_MAX:
+                batch, size = list(queue), self.queued
+            else:
+                batch = list(itertools.islice(queue, IOV_MAX))
+                size = sum(map(len, batch))
             try:
                 written = os.writev(self.fd, batch)
             except (BlockingIOError, InterruptedError):
@@ -93,12 +96,12 @@ class LinkWriter:
             except OSError as exc:
                 self._fail(exc)
                 return
-            if whole and written == self.queued:  # the common case: everything went
+            if written == self.queued:  # the common case: everything went
                 queue.clear()
                 self.queued = 0
                 break
             self._consume(written)
-            if written < sum(map(len, batch)):
+            if written < size:
                 break
         self._update_watch()
 
