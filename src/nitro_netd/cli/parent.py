@@ -99,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="idle time after which a UDP flow is forgotten (default: %(default)s)",
     )
     parser.add_argument(
+        "--busy-poll-us",
+        type=_busy_poll_us,
+        default=round(DEFAULT_BUSY_POLL * 1e6),
+        metavar="US",
+        help="keep polling this many microseconds after each burst of work instead of "
+        "sleeping at once: cuts round-trip latency on VMs, costs at most that much CPU per "
+        f"burst; 0: off, at most {round(MAX_BUSY_POLL * 1e6)} (default: %(default)s)",
+    )
+    parser.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info", help="default: %(default)s"
     )
     _add_lifecycle_arguments(parser)
@@ -156,15 +165,6 @@ def _add_lifecycle_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MB",
         help="stop the capture before FILE grows past MB mebibytes; 0: no limit "
         "(default: %(default)s)",
-    )
-    group.add_argument(
-        "--busy-poll-us",
-        type=_busy_poll_us,
-        default=round(DEFAULT_BUSY_POLL * 1e6),
-        metavar="US",
-        help="keep polling this many microseconds after each burst of work instead of "
-        "sleeping at once: cuts round-trip latency on VMs, costs at most that much CPU per "
-        f"burst; 0: off, at most {round(MAX_BUSY_POLL * 1e6)} (default: %(default)s)",
     )
     group.add_argument(
         "--metrics-listen",
