@@ -673,10 +673,13 @@ def test_link_to_tap_waits_in_poll_so_the_other_directions_reads_do_not_wake_it(
         # Where it sleeps: the same syscall seen three times in a row, 10 ms apart.
         deadline = time.monotonic() + DEADLINE
         seen: list[int | None] = []
-        while time.monotonic() < deadline and (len(seen) < 3 or len(set(seen[-3:])) != 1):
-            seen.append(current_syscall(native_id[0]) if native_id else None)
+        while time.monotonic() < deadline and (
+            len(seen) < 3 or len(set(seen[-3:])) != 1 or seen[-1] is None
+        ):
+            if native_id:
+                seen.append(current_syscall(native_id[0]))
             time.sleep(0.01)
-        waiting_in = seen[-1]
+        waiting_in = seen[-1] if seen else None
         assert waiting_in in POLL_SYSCALLS[platform.machine()], f"waits in syscall {waiting_in}"
         assert link_agent.getblocking(), "the shared link descriptor was made non-blocking"
         frame = random.Random(5).randbytes(300)

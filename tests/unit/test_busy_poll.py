@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from nitro_netd.parent.busy_poll import BULK_BYTES, BULK_HOLD, MAX_WINDOW, BusyPoll
+from nitro_netd.parent.busy_poll import BULK_BYTES, BULK_HOLD, MAX_WINDOW, RATE_PERIOD, BusyPoll
 
 WINDOW = 0.002
 DEADLINE = 5.0
@@ -66,7 +66,7 @@ def test_a_kick_keeps_the_loop_polling_for_the_window_then_lets_it_sleep() -> No
     during = [timeout for timeout, window_open in calls if window_open]
     last_open = max(i for i, (_, window_open) in enumerate(calls) if window_open)
     after = [timeout for timeout, _ in calls[last_open + 1 :]]
-    assert len(during) > 5, "the loop did not keep turning during the window"
+    assert len(during) >= 2, "the loop did not keep turning during the window"
     assert all(timeout == 0 for timeout in during), [t for t in during if t]
     assert any(timeout for timeout in after), "the loop never slept after the window"
     assert busy.windows == 1
@@ -92,6 +92,27 @@ def test_kicks_inside_the_window_extend_it_without_starting_another() -> None:
     run_on_recording_loop(body)
     assert poller[0].windows == 2
     assert poller[0].spun >= 4 * WINDOW
+
+
+def test_many_small_flushes_at_a_bulk_rate_hold_polling_off_too() -> None:
+    """500 Mbit/s of UDP arrives as many small flushes, none of them bulk on its own."""
+    poller: list[BusyPoll] = []
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        busy = BusyPoll(loop, WINDOW)
+        poller.append(busy)
+        busy.kick(1400)  # one datagram: a small message, worth polling for
+        assert busy.active
+        await until(lambda: not busy.active)
+        started = time.monotonic()
+        for _ in range(BULK_BYTES // 1400 + 1):  # a millisecond's worth of datagrams
+            busy.kick(1400)
+        assert time.monotonic() - started < RATE_PERIOD, "the kicks took over a period"
+        await until(lambda: not busy.active)
+        busy.kick(1400)
+        assert not busy.active, "polling went on through a bulk rate of small flushes"
+
+    run_on_recording_loop(body)
 
 
 @pytest.mark.parametrize("window", [0.0, -1e-6, MAX_WINDOW * 2])

@@ -48,7 +48,7 @@ def test_render_status_table() -> None:
         "  from enclave  10 frames, 1000 bytes",
         "  to enclave    12 frames, 2000 bytes",
         "  drops         bad_checksum 2",
-        "  busy poll     50 µs windows, 1.250 s awake in 300",
+        "  busy poll     50 µs windows, 1.250 s awake in 300 windows",
     ]
 
 

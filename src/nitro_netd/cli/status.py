@@ -177,7 +177,10 @@ def _enclave_line(enclave: dict[str, Any]) -> str:
 def _busy_poll_line(busy: dict[str, Any]) -> str:
     if not busy["window_us"]:
         return "off"
-    return f"{busy['window_us']} µs windows, {busy['seconds']:.3f} s awake in {busy['windows']}"
+    return (
+        f"{busy['window_us']} µs windows, {busy['seconds']:.3f} s awake in "
+        f"{busy['windows']} windows"
+    )
 
 
 def render_status(status: dict[str, Any], *, now: float) -> str:

@@ -20,10 +20,11 @@ spinner's time slice. Without it, runs where they shared a CPU were 100 µs slow
 
 The cost is bounded: at most `window` of CPU per burst of work, nothing while idle. In a
 ping-pong it spins through the gaps shorter than `window`, instead of sleeping and being
-woken. Bulk transfer is left alone: once a flush has moved `BULK_BYTES` over the link,
-kicks do nothing for `BULK_HOLD`. Between a bulk flow's large reads the loop would spin
-on a CPU that the flow's other processes (the sender, the agent, the receiver) need: a
-few percent of world→enclave throughput on 2 cores. `spun`
+woken. Bulk transfer is left alone: once `BULK_BYTES` have crossed the link within one
+`RATE_PERIOD` (in one flush or in many small ones, as 500 Mbit/s of UDP does), kicks do
+nothing for `BULK_HOLD`. Between a bulk flow's reads the loop would spin on a CPU that the
+flow's other processes (the sender, the agent, the receiver) need: a few percent of
+world→enclave throughput on 2 cores. `spun`
 accounts the wall time spent spinning (``busy_poll_seconds`` in the status and metrics).
 A window of 0 turns it off (``--busy-poll-us 0``).
 """
@@ -39,10 +40,12 @@ DEFAULT_WINDOW: Final = 50e-6
 """Seconds of polling after the last burst of work (``--busy-poll-us``'s default)."""
 MAX_WINDOW: Final = 0.01
 """The longest window ``--busy-poll-us`` takes: beyond it, sleeping is cheaper."""
-BULK_BYTES: Final = 64 * 1024
-"""A flush that moved this many link bytes (either way) is bulk transfer..."""
+BULK_BYTES: Final = 32 * 1024
+"""Link bytes (either way) that, moved within one `RATE_PERIOD`, mean bulk transfer..."""
+RATE_PERIOD: Final = 0.001
+"""(so 32 KiB per millisecond: about 260 Mbit/s)..."""
 BULK_HOLD: Final = 0.01
-"""...and for this many seconds after one the loop sleeps as soon as it is idle."""
+"""...and for this many seconds after it the loop sleeps as soon as it is idle."""
 
 
 class BusyPoll:
@@ -53,20 +56,25 @@ class BusyPoll:
             raise ValueError(f"busy-poll window {window} s is outside (0, {MAX_WINDOW}]")
         self.window = window
         self.spun = 0.0
-        """Seconds the loop was kept from sleeping (the work in between included)."""
+        """Wall seconds the loop was kept from sleeping (the work in between included)."""
         self.windows = 0
         """Windows started (bursts of work that were followed by polling)."""
         self._loop = loop
         self._until = 0.0
         self._bulk_until = 0.0
+        self._rate_start = 0.0
+        self._rate_bytes = 0
         self._started = 0.0
         self._active = False
 
     def kick(self, moved: int) -> None:
         """Work that moved `moved` link bytes was just done: poll until `window` has passed
-        without more, unless bulk data moved in the last `BULK_HOLD` seconds."""
+        without more, unless bulk data is moving (see the module docstring)."""
         now = time.monotonic()
-        if moved >= BULK_BYTES:
+        if now - self._rate_start >= RATE_PERIOD:
+            self._rate_start, self._rate_bytes = now, 0
+        self._rate_bytes += moved
+        if self._rate_bytes >= BULK_BYTES:
             self._bulk_until = now + BULK_HOLD
         if now < self._bulk_until:
             return

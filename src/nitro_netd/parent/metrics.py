@@ -77,7 +77,7 @@ def render_metrics(status: dict[str, Any]) -> str:
         *_metric("drops_total", "counter", "Dropped frames by reason.",
                  [(_label("reason", r), n) for r, n in counters["drops"].items()]),
         *_metric("busy_poll_seconds_total", "counter",
-                 "Seconds the event loop was kept polling after work (--busy-poll-us).",
+                 "Wall seconds the event loop was kept from sleeping, work included (--busy-poll-us).",
                  [("", status["busy_poll"]["seconds"])]),
     ]  # fmt: skip
     return "\n".join(lines) + "\n"
