@@ -65,6 +65,9 @@ MAX_RTO: Final = 10.0
 MAX_RETRIES: Final = 12
 """Retransmissions of the same data before the flow is declared dead and reset."""
 DUPACK_THRESHOLD: Final = 3
+_SEQ_HALF: Final = 1 << 31
+_SEQ_MASK: Final = 0xFFFFFFFF
+"""`seq.seq_diff`, inlined where it runs per segment."""
 ACK_DELAY: Final = 0.0005
 """How long the ACK for a small segment may wait for a reply to ride on (delayed ACK)."""
 DEFAULT_MSS: Final = 536
@@ -328,7 +331,7 @@ class TcpConnection:
             self._on_dupack(now)
         if acked >= 0:  # an older ACK carries an older window: ignore it
             self.snd_wnd = window
-        self._try_send(now)
+        self._try_send(now, restart=acked > 0)  # new data acknowledged: restart the timer
         return True
 
     def _advance(self, ack: int, acked: int, now: float) -> None:
@@ -341,8 +344,7 @@ class TcpConnection:
             self.snd_nxt = ack
         self.dupacks = 0
         self.retries = 0
-        self.rto = INITIAL_RTO
-        self._arm(now, restart=True)
+        self.rto = INITIAL_RTO  # the caller's _try_send restarts the timer with it
         if self.reading_paused and len(self.send_buffer) <= self.buffer // 2:
             self.reading_paused = False
             self.output.send_command(TcpResumeReading(self.flow))
@@ -433,28 +435,35 @@ class TcpConnection:
             self.ack_deadline = self._now + ACK_DELAY
             self._set_deadline()
 
-    def _try_send(self, now: float) -> None:
+    def _try_send(self, now: float, *, restart: bool = False) -> None:
+        """Send what the window allows, then keep the timer running (`_arm`; `restart`
+        when new data was just acknowledged). Runs on every segment and host read, so
+        `offset` (``seq_diff(snd_nxt, snd_una)``) is computed once and carried along."""
         if self.state is not TcpState.ESTABLISHED or not self.syn_acked:
+            if restart:
+                self._arm(now, restart=True)
             return
-        buffered = len(self.send_buffer)
         queue = self.send_buffer
-        segment = self.output.segment_size(self.enclave_mss)
-        while True:
-            offset = seq_diff(self.snd_nxt, self.snd_una)
-            n = min(segment, buffered - offset, self.snd_wnd - offset)
-            if n <= 0:
-                break
-            last = offset + n == buffered
-            flags = _ACK | _PSH if last else _ACK
-            if last and self.host_eof:
-                flags |= _FIN
-            self._send(self.snd_nxt, flags, queue.slice(offset, n))
-            self._sent(seq_add(self.snd_nxt, n + (1 if flags & _FIN else 0)))
-        offset = seq_diff(self.snd_nxt, self.snd_una)
+        buffered = len(queue)
+        offset = ((self.snd_nxt - self.snd_una + _SEQ_HALF) & _SEQ_MASK) - _SEQ_HALF
+        if offset < buffered:
+            segment = self.output.segment_size(self.enclave_mss)
+            window = self.snd_wnd
+            while (n := min(segment, buffered - offset, window - offset)) > 0:
+                last = offset + n == buffered
+                flags = _ACK | _PSH if last else _ACK
+                if last and self.host_eof:
+                    flags |= _FIN
+                    n_seq = n + 1
+                else:
+                    n_seq = n
+                self._send(self.snd_nxt, flags, queue.slice(offset, n))
+                self._sent(seq_add(self.snd_nxt, n_seq))
+                offset += n_seq
         if self.host_eof and offset == buffered and not self.fin_acked:
             self._send(self.snd_nxt, _FIN | _ACK)
             self._sent(seq_add(self.snd_nxt, 1))
-        self._arm(now)
+        self._arm(now, restart=restart)
 
     def _sent(self, new_nxt: int) -> None:
         self.snd_nxt = new_nxt

@@ -1,10 +1,11 @@
 """Building TCP/IPv4 frames for the enclave quickly.
 
-The data path builds one frame per segment. Its common case, a large payload with checksum
-offload, is one `struct` pack of all three headers (the IPv4 checksum from a precomputed sum
-of the fixed words) and the payload left where it is, in the flow's send buffer
-(`SplitFrame`). Otherwise the headers are packed into a new frame, a small payload is
-copied after them, and the payload's checksum is summed once (numpy when present).
+The data path builds one frame per segment. With checksum offload and no TCP options (every
+segment after the handshake) all three headers are one `struct` pack (the IPv4 checksum
+from a precomputed sum of the fixed words); a large payload is left where it is, in the
+flow's send buffer (`SplitFrame`), and a small one (or none: an ACK) is joined after them.
+Otherwise the headers are packed into a new frame, a small payload is copied after them,
+and the payload's checksum is summed once (numpy when present).
 """
 
 from __future__ import annotations
@@ -69,14 +70,18 @@ class SegmentBuilder:
         window: int,
         payload: bytes | bytearray | memoryview = b"",
         options: TcpOptions | None = None,
-    ) -> bytearray | SplitFrame:
+    ) -> bytes | bytearray | SplitFrame:
         """Return an Ethernet frame carrying one TCP segment.
 
-        A payload of `SPLIT_MIN` bytes or more is not copied: the frame comes back as a
-        `SplitFrame` of the headers and the payload itself.
+        With checksum offload and no options (every segment after the handshake), the
+        headers are one `struct` pack; a payload of `SPLIT_MIN` bytes or more is then not
+        copied: the frame comes back as a `SplitFrame` of the headers and the payload.
         """
-        if options is None and self.partial_checksum and len(payload) >= SPLIT_MIN:
-            return self._build_split(seq, ack, flags, window, payload)
+        if options is None and self.partial_checksum:
+            head = self._pack_headers(seq, ack, flags, window, len(payload))
+            if len(payload) >= SPLIT_MIN:
+                return SplitFrame(head, payload)
+            return head + payload if payload else head
         opts = build_tcp_options(options) if options is not None else b""
         tcp_len = 20 + len(opts) + len(payload)
         split = len(payload) >= SPLIT_MIN
@@ -127,15 +132,13 @@ class SegmentBuilder:
             struct.pack_into("!H", frame, 50, ~total & _FOLD)  # already folded
         return SplitFrame(frame, payload) if split else frame
 
-    def _build_split(
-        self, seq: int, ack: int, flags: int, window: int, payload: bytes | bytearray | memoryview
-    ) -> SplitFrame:
-        """The data path's common case, in one pack: a large payload (left where it is), no
-        options, checksum offload (only the pseudo-header sum in the TCP checksum)."""
-        tcp_len = 20 + len(payload)
+    def _pack_headers(self, seq: int, ack: int, flags: int, window: int, length: int) -> bytes:
+        """The data path's common case, in one pack: no options, checksum offload (only the
+        pseudo-header sum in the TCP checksum), a payload of `length` bytes to follow."""
+        tcp_len = 20 + length
         total = 20 + tcp_len
         ident = self._ident = (self._ident + 1) & 0xFFFF
-        head = _HEADERS.pack(
+        return _HEADERS.pack(
             self._eth,
             0x45,
             0,
@@ -157,4 +160,3 @@ class SegmentBuilder:
             fold(self._address_sum + IpProto.TCP + tcp_len),
             0,
         )
-        return SplitFrame(head, payload)
