@@ -24,9 +24,9 @@ woken. Bulk transfer is left alone: once `BULK_BYTES` have crossed the link with
 `RATE_PERIOD` (in one flush or in many small ones, as 500 Mbit/s of UDP does), kicks do
 nothing for `BULK_HOLD`. Between a bulk flow's reads the loop would spin on a CPU that the
 flow's other processes (the sender, the agent, the receiver) need: a few percent of
-world→enclave throughput on 2 cores. `spun`
-accounts the wall time spent spinning (``busy_poll_seconds`` in the status and metrics).
-A window of 0 turns it off (``--busy-poll-us 0``).
+world→enclave throughput on 2 cores. `spun` accounts the wall time the loop was kept
+awake, work included (``busy_poll.seconds`` in the status, and
+``nitro_netd_busy_poll_seconds_total``). A window of 0 turns it off (``--busy-poll-us 0``).
 """
 
 from __future__ import annotations
