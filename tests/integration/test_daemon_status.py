@@ -42,14 +42,21 @@ def make_config(tmp_path: Path, **extra: Any) -> DaemonConfig:
     )
 
 
-async def test_status_reports_link_counters_and_flows_over_control_socket(tmp_path: Path) -> None:
-    config = make_config(tmp_path)
+async def status_after_a_ping(tmp_path: Path, config: DaemonConfig) -> dict[str, Any]:
+    """Run the daemon, ping its gateway once over a link, and return its status."""
     assert config.state is not None
     async with running(config):
         agent = await Agent.connect(tmp_path / "link.sock", LinkProtocol.GVPROXY)
         await ping_roundtrip(agent)
         status = await asyncio.to_thread(query_status, config.state)
         agent.close()
+    return status
+
+
+async def test_status_reports_link_counters_and_flows_over_control_socket(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    assert config.state is not None
+    status = await status_after_a_ping(tmp_path, config)
 
     assert status["name"] == "app"
     assert status["link"]["up"] is True
@@ -67,13 +74,7 @@ async def test_status_reports_link_counters_and_flows_over_control_socket(tmp_pa
 
 
 async def test_busy_poll_zero_leaves_the_loop_sleeping(tmp_path: Path) -> None:
-    config = make_config(tmp_path, busy_poll=0.0)
-    assert config.state is not None
-    async with running(config):
-        agent = await Agent.connect(tmp_path / "link.sock", LinkProtocol.GVPROXY)
-        await ping_roundtrip(agent)
-        status = await asyncio.to_thread(query_status, config.state)
-        agent.close()
+    status = await status_after_a_ping(tmp_path, make_config(tmp_path, busy_poll=0.0))
     assert status["busy_poll"] == {"window_us": 0, "seconds": 0.0, "windows": 0}
 
 
