@@ -173,12 +173,17 @@ def _add_lifecycle_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _pcap_max_mb(text: str) -> int:
-    """``--pcap-max-mb``: a whole number of MiB, 0 for no limit."""
+def _whole_number(text: str) -> int:
+    """An option's whole-number value (argparse reports the error with the option)."""
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def _pcap_max_mb(text: str) -> int:
+    """``--pcap-max-mb``: a whole number of MiB, 0 for no limit."""
+    value = _whole_number(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative (0 means no limit)")
     return value
@@ -186,10 +191,7 @@ def _pcap_max_mb(text: str) -> int:
 
 def _busy_poll_us(text: str) -> int:
     """``--busy-poll-us``: whole microseconds, 0 (off) up to `MAX_BUSY_POLL`."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    value = _whole_number(text)
     if not 0 <= value <= MAX_BUSY_POLL * 1e6:
         raise argparse.ArgumentTypeError(
             f"{value} is outside 0..{round(MAX_BUSY_POLL * 1e6)} (0 turns busy polling off)"
