@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -408,7 +409,17 @@ def test_pump_vnet_tap_closed_ends_the_session(vnet_rig: PumpRig) -> None:
     assert result.reason == "tap closed"
 
 
-def test_pump_vnet_offload_needs_vnet_headers() -> None:
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"csum_offload": True}, "virtio-net headers"),
+        ({"vnet_hdr": True, "gso_size": 1460}, "needs checksum offload"),
+    ],
+    ids=["offload needs vnet headers", "segmentation offload needs checksum offload"],
+)
+def test_pump_refuses_offload_settings_that_cannot_work(
+    settings: dict[str, Any], message: str
+) -> None:
     tap_agent, tap_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     link_agent, link_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with (
@@ -416,9 +427,9 @@ def test_pump_vnet_offload_needs_vnet_headers() -> None:
         tap_test,
         link_agent,
         link_test,
-        pytest.raises(ValueError, match="virtio-net headers"),
+        pytest.raises(ValueError, match=message),
     ):
-        run_pump(tap_agent.fileno(), link_agent, LinkProtocol.GVPROXY, csum_offload=True)
+        run_pump(tap_agent.fileno(), link_agent, LinkProtocol.GVPROXY, **settings)
 
 
 def pump_queued_tap_messages(
@@ -625,19 +636,6 @@ def test_pump_tso_lets_super_segments_past_the_mtu_both_ways(rig: PumpRig) -> No
     rig.link_test.sendall(encode_frame(rig.protocol, SUPER_SEGMENT))
     [message] = receive_from_tap(rig.tap_test, 1)
     assert message == vnet_header(NEEDS_CSUM, VNET_GSO_TCPV4, 54, GSO_SIZE, 34, 16) + SUPER_SEGMENT
-
-
-def test_pump_segmentation_offload_needs_checksum_offload() -> None:
-    tap_agent, tap_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    link_agent, link_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    with (
-        tap_agent,
-        tap_test,
-        link_agent,
-        link_test,
-        pytest.raises(ValueError, match="needs checksum offload"),
-    ):
-        run_pump(tap_agent.fileno(), link_agent, LinkProtocol.GVPROXY, vnet_hdr=True, gso_size=1460)
 
 
 # Syscall numbers a thread waiting in select.poll shows in /proc: poll or ppoll.
