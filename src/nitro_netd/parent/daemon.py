@@ -303,7 +303,8 @@ _MALLOC_TRIM_THRESHOLD: Final = 64 << 20
 def keep_large_buffers_on_heap() -> bool:
     """Ask glibc to serve the data path's large buffers from the heap; True if it agreed.
 
-    Every host-socket read allocates a 256 KiB buffer and shrinks it to the bytes read.
+    Every host-socket read allocates a buffer of `HostTcp.read_size` (256 KiB or 1 MiB,
+    `read_size_for`) and shrinks it to the bytes read.
     glibc's default maps a fresh region for such a buffer and unmaps it when freed: three
     system calls and a page fault per 4 KiB on every read (a 1-byte round trip paid
     about 35 us for them). With the thresholds raised, the buffers come from the
