@@ -65,9 +65,6 @@ MAX_RTO: Final = 10.0
 MAX_RETRIES: Final = 12
 """Retransmissions of the same data before the flow is declared dead and reset."""
 DUPACK_THRESHOLD: Final = 3
-_SEQ_HALF: Final = 1 << 31
-_SEQ_MASK: Final = 0xFFFFFFFF
-"""`seq.seq_diff`, inlined where it runs per segment."""
 ACK_DELAY: Final = 0.0005
 """How long the ACK for a small segment may wait for a reply to ride on (delayed ACK)."""
 DEFAULT_MSS: Final = 536
@@ -438,14 +435,14 @@ class TcpConnection:
     def _try_send(self, now: float, *, restart: bool = False) -> None:
         """Send what the window allows, then keep the timer running (`_arm`; `restart`
         when new data was just acknowledged). Runs on every segment and host read, so
-        `offset` (``seq_diff(snd_nxt, snd_una)``) is computed once and carried along."""
+        `offset` (bytes sent but not acknowledged) is computed once and carried along."""
         if self.state is not TcpState.ESTABLISHED or not self.syn_acked:
             if restart:
                 self._arm(now, restart=True)
             return
         queue = self.send_buffer
         buffered = len(queue)
-        offset = ((self.snd_nxt - self.snd_una + _SEQ_HALF) & _SEQ_MASK) - _SEQ_HALF
+        offset = seq_diff(self.snd_nxt, self.snd_una)
         if offset < buffered:
             segment = self.output.segment_size(self.enclave_mss)
             window = self.snd_wnd
