@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from hypothesis import given, settings
@@ -11,7 +12,9 @@ from nitro_netd.frames.arp import ArpOp
 from nitro_netd.frames.errors import DropReason
 from nitro_netd.frames.ethernet import EtherType, MacAddress, build_ethernet
 from nitro_netd.frames.icmp import IcmpType
+from nitro_netd.frames.ipv4 import IPv4Header
 from nitro_netd.netstack import NetStack, StackConfig
+from nitro_netd.netstack.events import HostEvent
 from tests.support.fake_enclave import FakeEnclave
 
 GATEWAY = IPv4Address("192.168.127.1")
@@ -123,3 +126,77 @@ def test_arbitrary_payloads_to_gateway_never_raise(payload: bytes, ethertype: Et
     stack.receive_frame(frame, now=1.0)
     stack.frames_to_send()
     assert stack.stats.frames_in == 1
+
+
+@dataclass
+class Probe:
+    """A host event only `RecordingLayer` takes."""
+
+    deadline: float | None
+
+
+class RecordingLayer:
+    """A layer that records which of its batch and timer methods the stack calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.deadline: float | None = None
+
+    def receive(self, header: IPv4Header, body: memoryview, now: float) -> None:
+        self.calls.append("receive")
+
+    def handle_event(self, event: HostEvent, now: float) -> None:
+        assert isinstance(event, Probe)
+        self.calls.append("handle_event")
+        self.deadline = event.deadline
+
+    def handle_timer(self, now: float) -> None:
+        self.calls.append("handle_timer")
+        self.deadline = None
+
+    def get_timer(self) -> float | None:
+        self.calls.append("get_timer")
+        return self.deadline
+
+    def before_flush(self) -> None:
+        self.calls.append("before_flush")
+
+    def reset(self) -> None:
+        self.calls.append("reset")
+
+
+def test_only_layers_with_input_end_the_batch_and_are_asked_their_timer() -> None:
+    """Each batch asks only the layers that had input since the last one; the others'
+    timers are remembered, so the stack's timer stays right."""
+    stack, enclave = make()
+    layer = RecordingLayer()
+    stack.add_layer(253, layer, (Probe,))
+    stack.drain()
+    assert stack.get_timer() is None
+    layer.calls.clear()
+
+    stack.receive_frame(enclave.ping(GATEWAY, 1, 1, b"x"), now=1.0)  # ICMP: another layer
+    stack.drain()
+    assert stack.get_timer() is None
+    assert layer.calls == [], "a layer without input was asked"
+
+    stack.handle_host_event(Probe(deadline=5.0), now=1.0)  # type: ignore[arg-type]
+    stack.drain()
+    assert stack.get_timer() == 5.0
+    assert layer.calls == ["handle_event", "before_flush", "get_timer"]
+    layer.calls.clear()
+
+    stack.receive_frame(enclave.ipv4(GATEWAY, 253, b"hello"), now=2.0)
+    assert stack.get_timer() == 5.0
+    stack.drain()
+    assert layer.calls == ["receive", "get_timer", "before_flush"]
+    layer.calls.clear()
+    assert stack.get_timer() == 5.0, "the timer is asked again after the batch ended"
+    assert layer.calls == ["get_timer"]
+
+    stack.handle_timer(now=4.0)
+    assert "handle_timer" not in layer.calls
+    stack.handle_timer(now=5.0)
+    assert "handle_timer" in layer.calls
+    stack.drain()
+    assert stack.get_timer() is None

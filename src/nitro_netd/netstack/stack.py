@@ -20,6 +20,10 @@ Decoding errors raise `FrameError` anywhere below and are caught in exactly one 
 Work a layer defers to the end of a batch (coalesced ACKs) is emitted when the shell
 drains the stack: `drain()` (both queues, large segments kept as `SplitFrame` so they are
 written without copying), or `frames_to_send()` and `commands_to_send()` one at a time.
+
+Only the layers that had input since the last batch are asked to end it, and each layer's
+earliest timer is kept until the layer has input again: a TCP round trip does not pay for
+asking the UDP and ICMP layers, every batch, what has not changed.
 """
 
 from __future__ import annotations
@@ -58,6 +62,12 @@ class NetStack:
         self.output = StackOutput(self.config, self.stats)
         self.layers: dict[int, Layer] = {}
         self.event_routes: dict[type, Layer] = {}
+        self._unflushed: set[Layer] = set()
+        """Layers with input since the last end of batch (`before_flush()` is owed)."""
+        self._timers_stale: set[Layer] = set()
+        """Layers whose timer may have changed since `get_timer()` last asked them."""
+        self._timers: dict[Layer, float | None] = {}
+        """Each layer's earliest timer, as it last said."""
         datagram_budget = FlowBudget(self.config.max_udp_flows)
         self.add_layer(IpProto.ICMP, IcmpLayer(self.output, datagram_budget), PING_EVENTS)
         self.add_layer(IpProto.UDP, UdpLayer(self.output, datagram_budget), UDP_EVENTS)
@@ -69,6 +79,12 @@ class NetStack:
         self.layers[protocol] = layer
         for event_type in events:
             self.event_routes[event_type] = layer
+        self._touch(layer)
+
+    def _touch(self, layer: Layer) -> None:
+        """`layer` had input: it ends the next batch and its timer is asked again."""
+        self._unflushed.add(layer)
+        self._timers_stale.add(layer)
 
     # --- input -------------------------------------------------------------------
 
@@ -81,7 +97,10 @@ class NetStack:
         """
         self.stats.frames_in += 1
         self.stats.bytes_in += len(frame)
-        if self.tcp.receive_fast(frame, now):
+        tcp = self.tcp
+        self._unflushed.add(tcp)  # _touch() inline; before the call, which may raise (a bug)
+        self._timers_stale.add(tcp)
+        if tcp.receive_fast(frame, now):
             return
         try:
             header, payload = parse_ethernet(frame)
@@ -106,20 +125,25 @@ class NetStack:
         if layer is None:
             logger.warning("host event with no layer to take it: %r", event)
             return
+        self._touch(layer)
         layer.handle_event(event, now)
 
     def handle_timer(self, *, now: float) -> None:
         """Run whatever timers are due at `now`. May queue frames and commands."""
-        for layer in self.layers.values():
-            when = layer.get_timer()
+        self.get_timer()  # refresh the timers of layers that had input
+        for layer, when in list(self._timers.items()):
             if when is not None and when <= now:
+                self._touch(layer)
                 layer.handle_timer(now)
 
     def get_timer(self) -> float | None:
         """Return when `handle_timer()` should next be called, or None for never."""
+        timers = self._timers
+        for layer in self._timers_stale:
+            timers[layer] = layer.get_timer()
+        self._timers_stale.clear()
         earliest: float | None = None
-        for layer in self.layers.values():  # a plain loop: this runs after every batch
-            when = layer.get_timer()
+        for when in timers.values():  # a plain loop: this runs after every batch
             if when is not None and (earliest is None or when < earliest):
                 earliest = when
         return earliest
@@ -142,6 +166,7 @@ class NetStack:
         """Forget everything tied to the old link (a new enclave link replaced it)."""
         self.output.neighbours.clear()
         for layer in self.layers.values():
+            self._touch(layer)
             layer.reset()
 
     # --- output ------------------------------------------------------------------
@@ -173,8 +198,12 @@ class NetStack:
         return commands, frames
 
     def _end_batch(self) -> None:
-        for layer in self.layers.values():
-            layer.before_flush()
+        unflushed = self._unflushed
+        if unflushed:
+            for layer in unflushed:
+                layer.before_flush()
+            self._timers_stale |= unflushed  # ending a batch may arm timers (delayed ACKs)
+            unflushed.clear()
 
     # --- handlers ----------------------------------------------------------------
 
@@ -192,6 +221,7 @@ class NetStack:
         layer = self.layers.get(header.protocol)
         if layer is None:
             raise FrameError(DropReason.UNSUPPORTED_PROTOCOL, f"IP protocol {header.protocol}")
+        self._touch(layer)
         layer.receive(header, body, now)
 
 
