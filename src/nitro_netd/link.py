@@ -117,7 +117,9 @@ class FrameDecoder:
     ) -> None:
         self.protocol = protocol
         self.max_frame = min(max_frame or protocol.max_frame, protocol.max_frame)
-        size = max(capacity, 2 * (self.max_frame + protocol.header_size))
+        self._header = protocol.header_size
+        self._length = _LE16 if protocol is LinkProtocol.GVPROXY else _BE32
+        size = max(capacity, 2 * (self.max_frame + self._header))
         self._buffer = bytearray(size)
         self._view = memoryview(self._buffer)
         self._start = 0
@@ -132,7 +134,7 @@ class FrameDecoder:
         """Return free space to receive into (compacting first if needed)."""
         if self._start == self._end:
             self._start = self._end = 0
-        elif len(self._buffer) - self._end < self.max_frame + self.protocol.header_size:
+        elif len(self._buffer) - self._end < self.max_frame + self._header:
             pending = self._end - self._start
             self._view[:pending] = self._view[self._start : self._end]
             self._start, self._end = 0, pending
@@ -154,7 +156,7 @@ class FrameDecoder:
 
     def _grow(self, needed: int) -> None:
         """Move the pending bytes into a new buffer with room for `needed` bytes and a frame."""
-        size = max(2 * len(self._buffer), needed + self.max_frame + self.protocol.header_size)
+        size = max(2 * len(self._buffer), needed + self.max_frame + self._header)
         buffer = bytearray(size)
         pending = self.pending
         buffer[:pending] = self._view[self._start : self._end]
@@ -167,16 +169,13 @@ class FrameDecoder:
         Raises:
             LinkError: the next length is out of bounds; the stream cannot be resynchronised.
         """
-        header = self.protocol.header_size
-        if self._end - self._start < header:
+        start = self._start
+        if self._end - start < self._header:
             return None
-        if self.protocol is LinkProtocol.GVPROXY:
-            (length,) = _LE16.unpack_from(self._buffer, self._start)
-        else:
-            (length,) = _BE32.unpack_from(self._buffer, self._start)
+        (length,) = self._length.unpack_from(self._buffer, start)
         if not MIN_FRAME <= length <= self.max_frame:
             raise LinkError(f"invalid frame length {length}: outside {MIN_FRAME}..{self.max_frame}")
-        begin = self._start + header
+        begin = start + self._header
         if self._end - begin < length:
             return None
         self._start = begin + length

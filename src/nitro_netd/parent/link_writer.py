@@ -59,12 +59,13 @@ class LinkWriter:
         self.error: OSError | None = None
         self.on_error: Callable[[OSError], None] | None = None
         self._pack = _LE16.pack if protocol is LinkProtocol.GVPROXY else _BE32.pack
+        self._header = protocol.header_size
 
     def write_frames(self, frames: list[Frame]) -> None:
         """Queue frames with their length prefixes and write what the kernel takes now."""
         pack = self._pack
         queue = self._queue
-        header = self.protocol.header_size
+        header = self._header
         for frame in frames:
             queue.append(pack(len(frame)))
             if isinstance(frame, SplitFrame):
