@@ -240,7 +240,7 @@ class TcpConnection:
         if self.state is TcpState.CLOSED or self.host_eof:
             return
         self.send_buffer.append(data)
-        if len(self.send_buffer) > self.buffer and not self.reading_paused:
+        if self.send_buffer.size > self.buffer and not self.reading_paused:
             self.reading_paused = True
             self.output.send_command(TcpPauseReading(self.flow))
         self._try_send(now)
@@ -332,7 +332,7 @@ class TcpConnection:
         return True
 
     def _advance(self, ack: int, acked: int, now: float) -> None:
-        data = min(acked, len(self.send_buffer))
+        data = min(acked, self.send_buffer.size)
         self.send_buffer.consume(data)
         if acked > data and self.host_eof:
             self.fin_acked = True
@@ -342,7 +342,7 @@ class TcpConnection:
         self.dupacks = 0
         self.retries = 0
         self.rto = INITIAL_RTO  # the caller's _try_send restarts the timer with it
-        if self.reading_paused and len(self.send_buffer) <= self.buffer // 2:
+        if self.reading_paused and self.send_buffer.size <= self.buffer // 2:
             self.reading_paused = False
             self.output.send_command(TcpResumeReading(self.flow))
 
@@ -441,7 +441,7 @@ class TcpConnection:
                 self._arm(now, restart=True)
             return
         queue = self.send_buffer
-        buffered = len(queue)
+        buffered = queue.size
         offset = seq_diff(self.snd_nxt, self.snd_una)
         if offset < buffered:
             segment = self.output.segment_size(self.enclave_mss)
@@ -489,7 +489,8 @@ class TcpConnection:
         enclave cannot postpone a retransmission forever. With nothing in flight but bytes
         held back by a zero window, the same timer sends window probes (RFC 9293 §3.8.6.1).
         """
-        live = self.state in (TcpState.ESTABLISHED, TcpState.SYN_SENT)
+        state = self.state
+        live = state is TcpState.ESTABLISHED or state is TcpState.SYN_SENT
         in_flight = not self.syn_acked or self.snd_una != self.snd_max
         if not live or not (in_flight or self._window_blocked()):
             self.rto_deadline = None
@@ -499,7 +500,7 @@ class TcpConnection:
 
     def _window_blocked(self) -> bool:
         """Bytes wait unsent and nothing is in flight: only the enclave's window holds them."""
-        unsent = len(self.send_buffer) - seq_diff(self.snd_nxt, self.snd_una)
+        unsent = self.send_buffer.size - seq_diff(self.snd_nxt, self.snd_una)
         return self.syn_acked and self.snd_una == self.snd_max and unsent > 0
 
     def _set_deadline(self) -> None:

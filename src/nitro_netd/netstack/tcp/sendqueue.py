@@ -17,21 +17,22 @@ class SendQueue:
         self._chunks: deque[bytes] = deque()
         self._head = 0
         """Bytes of `_chunks[0]` already acknowledged."""
-        self._length = 0
+        self.size = 0
+        """Bytes held (`len()`; an attribute for the data path, which reads it per segment)."""
 
     def __len__(self) -> int:
-        return self._length
+        return self.size
 
     def append(self, data: bytes) -> None:
         """Queue bytes after everything held."""
         if data:
             self._chunks.append(data)
-            self._length += len(data)
+            self.size += len(data)
 
     def consume(self, n: int) -> None:
         """Forget the first `n` bytes (they were acknowledged)."""
-        n = min(n, self._length)
-        self._length -= n
+        n = min(n, self.size)
+        self.size -= n
         chunks = self._chunks
         while n:
             room = len(chunks[0]) - self._head
@@ -44,7 +45,7 @@ class SendQueue:
 
     def slice(self, offset: int, n: int) -> bytes | memoryview:
         """Return bytes [offset, offset + n) (clipped to what is held)."""
-        n = max(0, min(n, self._length - offset))
+        n = max(0, min(n, self.size - offset))
         position = offset + self._head
         for index, chunk in enumerate(self._chunks):
             if position < len(chunk):
