@@ -6,8 +6,7 @@ The bridge owns the `NetStack`, the current `LinkSession` and (later) the host s
 Every input reaches the stack through here (frames from the link, events from host
 sockets, timer expiry) and after each batch of input the bridge *flushes*: it drains the
 stack's frames into the link in one write, hands its commands to the host side, and
-re-arms a single timer at `stack.get_timer()` (the aioquic `transmit()` pattern; a timer
-already armed for earlier is kept, runs the stack early, and re-arms). Then
+re-arms a single timer at `stack.get_timer()` (the aioquic `transmit()` pattern). Then
 it kicks the busy poller, if any, which keeps the loop awake a little while for the next
 input (`busy_poll`).
 
