@@ -126,36 +126,3 @@ def test_a_timer_never_runs_before_its_deadline(factory: Any, delay: float) -> N
         assert len(bridge.timer_runs) == 1
 
     run(factory, body)
-
-
-@pytest.mark.parametrize("factory", loop_factories())
-def test_a_later_deadline_keeps_the_armed_timer_which_then_rearms_for_it(factory: Any) -> None:
-    """A round trip moves the stack's deadline earlier (delayed ACK) and later (RTO): the
-    loop's timer is only replaced for an earlier one. The kept, early timer runs the stack
-    (nothing is due yet) and the flush arms the later deadline, which then runs too."""
-
-    async def body() -> None:
-        bridge = CountingBridge(asyncio.get_running_loop())
-        now = bridge.loop.time()
-        bridge._arm_timer(now + 0.002)
-        armed = bridge._timer
-        bridge._arm_timer(now + 0.030)
-        bridge._arm_timer(None)
-        assert bridge._timer is armed, "a later deadline (or none) replaced an earlier timer"
-        bridge._arm_timer(now + 0.001)
-        assert bridge._timer is not armed, "an earlier deadline kept the later timer"
-        assert armed is not None
-        assert armed.cancelled()
-
-        later = now + 0.010
-        bridge.stack.get_timer = lambda: later  # type: ignore[method-assign]
-        deadline = time.monotonic() + DEADLINE
-        while len(bridge.timer_runs) < 2:
-            assert time.monotonic() < deadline, f"timer runs: {bridge.timer_runs}"
-            await asyncio.sleep(0.001)
-        first, second = bridge.timer_runs[:2]
-        assert now + 0.001 <= first < later, "the early timer did not run first"
-        assert second >= later, "the flush after the early run did not arm the real deadline"
-        bridge.stack.get_timer = lambda: None  # type: ignore[method-assign]
-
-    run(factory, body)

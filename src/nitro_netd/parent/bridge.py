@@ -228,14 +228,7 @@ class Bridge:
         executor(command)
 
     def _arm_timer(self, when: float | None) -> None:
-        """Have `_on_timer` run at `when` (None: never), or earlier.
-
-        A timer already armed for `when` or earlier is kept: when it fires, the stack
-        runs what is due (maybe nothing) and the flush arms the next one. A round trip
-        moves the deadline back and forth (a delayed ACK, then a retransmission timeout),
-        which would otherwise cancel and re-create the loop's timer twice.
-        """
-        if self._timer_at is not None and (when is None or when >= self._timer_at):
+        if when == self._timer_at:
             return
         if self._timer is not None:
             self._timer.cancel()
