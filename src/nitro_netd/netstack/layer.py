@@ -9,7 +9,12 @@ from nitro_netd.netstack.events import HostEvent
 
 
 class Layer(Protocol):
-    """A protocol layer: IP packets and host events in, output through `StackOutput`."""
+    """A protocol layer: IP packets and host events in, output through `StackOutput`.
+
+    Its timer and its deferred output change only in `receive`, `handle_event`,
+    `handle_timer` and `reset`: the stack asks `before_flush()` and `get_timer()` only of
+    the layers it called one of those on since it last asked.
+    """
 
     def receive(self, header: IPv4Header, body: memoryview, now: float) -> None:
         """Handle one IPv4 packet from the enclave; raise `FrameError` to drop it."""
