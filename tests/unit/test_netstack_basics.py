@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -200,3 +201,48 @@ def test_only_layers_with_input_end_the_batch_and_are_asked_their_timer() -> Non
     assert "handle_timer" in layer.calls
     stack.drain()
     assert stack.get_timer() is None
+
+
+class OtherProbe(Probe):
+    """A host event for a second `RecordingLayer`."""
+
+
+class FailingLayer(RecordingLayer):
+    """A layer with a bug at the end of a batch."""
+
+    def before_flush(self) -> None:
+        super().before_flush()
+        raise RuntimeError("a layer bug")
+
+
+def test_a_layer_failing_to_end_its_batch_does_not_keep_the_others_from_ending_theirs() -> None:
+    """A layer's deferred output may be views of the link's buffer, valid only during the
+    batch: another layer's bug must not leave it behind."""
+    stack, _ = make()
+    failing, other = FailingLayer(), RecordingLayer()
+    stack.add_layer(252, failing, (Probe,))
+    stack.add_layer(253, other, (OtherProbe,))
+    with pytest.raises(RuntimeError, match="a layer bug"):
+        stack.drain()  # the batch that added them
+    failing.calls.clear()
+    other.calls.clear()
+    stack.handle_host_event(Probe(deadline=None), now=1.0)  # type: ignore[arg-type]
+    stack.handle_host_event(OtherProbe(deadline=None), now=1.0)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="a layer bug"):
+        stack.drain()
+    assert failing.calls == ["handle_event", "before_flush"]
+    assert other.calls == ["handle_event", "before_flush"], "a failing layer kept another's"
+    assert stack.get_timer() is None
+
+
+def test_a_replaced_layer_is_never_asked_again() -> None:
+    stack, _ = make()
+    first, second = RecordingLayer(), RecordingLayer()
+    stack.add_layer(253, first, (Probe,))
+    stack.add_layer(253, second, (Probe,))
+    stack.handle_host_event(Probe(deadline=3.0), now=1.0)  # type: ignore[arg-type]
+    stack.drain()
+    assert stack.get_timer() == 3.0
+    stack.handle_timer(now=3.0)
+    assert first.calls == []
+    assert second.calls == ["handle_event", "before_flush", "get_timer", "handle_timer"]

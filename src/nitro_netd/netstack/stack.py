@@ -62,9 +62,10 @@ class NetStack:
         self.output = StackOutput(self.config, self.stats)
         self.layers: dict[int, Layer] = {}
         self.event_routes: dict[type, Layer] = {}
-        self._unflushed: set[Layer] = set()
-        """Layers with input since the last end of batch (`before_flush()` is owed)."""
-        self._timers_stale: set[Layer] = set()
+        self._unflushed: dict[Layer, None] = {}
+        """Layers with input since the last end of batch (`before_flush()` is owed), in the
+        order they had it (dicts, not sets: the order of calls never depends on addresses)."""
+        self._timers_stale: dict[Layer, None] = {}
         """Layers whose timer may have changed since `get_timer()` last asked them."""
         self._timers: dict[Layer, float | None] = {}
         """Each layer's earliest timer, as it last said."""
@@ -76,6 +77,10 @@ class NetStack:
 
     def add_layer(self, protocol: int, layer: Layer, events: tuple[type, ...]) -> None:
         """Register the layer for an IP protocol and the host events it consumes."""
+        old = self.layers.get(protocol)
+        if old is not None:
+            for table in (self._unflushed, self._timers_stale, self._timers):
+                table.pop(old, None)
         self.layers[protocol] = layer
         for event_type in events:
             self.event_routes[event_type] = layer
@@ -83,8 +88,8 @@ class NetStack:
 
     def _touch(self, layer: Layer) -> None:
         """`layer` had input: it ends the next batch and its timer is asked again."""
-        self._unflushed.add(layer)
-        self._timers_stale.add(layer)
+        self._unflushed[layer] = None
+        self._timers_stale[layer] = None
 
     # --- input -------------------------------------------------------------------
 
@@ -98,8 +103,8 @@ class NetStack:
         self.stats.frames_in += 1
         self.stats.bytes_in += len(frame)
         tcp = self.tcp
-        self._unflushed.add(tcp)  # _touch() inline; before the call, which may raise (a bug)
-        self._timers_stale.add(tcp)
+        self._unflushed[tcp] = None  # _touch() inline; before the call, which may raise (a bug)
+        self._timers_stale[tcp] = None
         if tcp.receive_fast(frame, now):
             return
         try:
@@ -199,11 +204,18 @@ class NetStack:
 
     def _end_batch(self) -> None:
         unflushed = self._unflushed
-        if unflushed:
-            for layer in unflushed:
+        if not unflushed:
+            return
+        self._unflushed = {}
+        self._timers_stale |= unflushed  # ending a batch may arm timers (delayed ACKs)
+        error: Exception | None = None
+        for layer in unflushed:
+            try:
                 layer.before_flush()
-            self._timers_stale |= unflushed  # ending a batch may arm timers (delayed ACKs)
-            unflushed.clear()
+            except Exception as exc:  # a bug: the other layers still end their batch
+                error = error or exc
+        if error is not None:
+            raise error
 
     # --- handlers ----------------------------------------------------------------
 
