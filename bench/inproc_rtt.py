@@ -39,11 +39,12 @@ CONNECT = (
     b"POST /connect HTTP/1.1\r\nHost: bench\r\nContent-Length: 0\r\n"
     b"Nitro-Netd-Version: 1\r\nNitro-Netd-Reply: 1\r\nNitro-Netd-Offload: csum, tso\r\n\r\n"
 )
-SYN, ACK, PSH = 0x02, 0x10, 0x08
+SYN, RST, ACK, PSH = 0x02, 0x04, 0x10, 0x08
 SYN_OPTIONS = struct.pack("!BBHBBBB", 2, 4, 65480, 1, 3, 3, 7)
 """MSS 65480, NOP, window scale 7."""
 _TCP = struct.Struct("!HHIIBBHHH")
 _IP = struct.Struct("!BBHHHBBH4s4s")
+Profiler = cProfile.Profile | None
 
 
 def ip_checksum(header: bytes) -> int:
@@ -66,14 +67,21 @@ class Echo(asyncio.Protocol):
 class FakeAgent(asyncio.Protocol):
     """The enclave's side of the link: one TCP connection, 1-byte requests, one at a time."""
 
-    def __init__(self, stack: StackConfig, port: int, rounds: int) -> None:
+    def __init__(self, stack: StackConfig, port: int, rounds: int, profiler: Profiler) -> None:
         self.macs = stack.gateway_mac.octets + stack.enclave_mac.octets + b"\x08\x00"
-        self.port, self.rounds = port, rounds
+        self.port, self.rounds, self.profiler = port, rounds, profiler
         self.snd, self.rcv, self.count = 1000, 0, 0
         self.head_seen = False
         self.pending = b""
         self.started = 0.0
         self.done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+
+    def fail(self, why: str) -> None:
+        if not self.done.done():
+            self.done.set_exception(RuntimeError(why))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(f"the daemon closed the link: {exc or 'EOF'}")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -112,7 +120,9 @@ class FakeAgent(asyncio.Protocol):
         (total,) = struct.unpack_from("!H", frame, 16)
         (seq,) = struct.unpack_from("!I", frame, 38)
         payload = total - 20 - (frame[46] >> 4) * 4
-        if frame[47] & SYN:
+        if frame[47] & RST:
+            self.fail("the connection was reset (is the echo server reachable?)")
+        elif frame[47] & SYN:
             self.rcv = (seq + 1) & 0xFFFFFFFF
             self.transport.write(self.frame(ACK))
             self.request()
@@ -121,7 +131,11 @@ class FakeAgent(asyncio.Protocol):
             self.count += 1
             if self.count == WARMUP:
                 self.started = time.perf_counter()
+                if self.profiler is not None:
+                    self.profiler.enable()
             if self.count == WARMUP + self.rounds:
+                if self.profiler is not None:
+                    self.profiler.disable()
                 self.done.set_result(time.perf_counter() - self.started)
                 return
             self.request()
@@ -137,34 +151,53 @@ async def measure(rounds: int, profile: Path | None) -> float:
     server = await loop.create_server(Echo, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     stack = StackConfig()
-    with tempfile.TemporaryDirectory(prefix="nnd-rtt-") as folder:
-        path = Path(folder) / "link.sock"
-        config = DaemonConfig(listen=parse_endpoint(f"unix://{path}"), stack=stack, busy_poll=0.0)
-        stop, ready = asyncio.Event(), asyncio.Event()
-        daemon = asyncio.create_task(serve(config, stop, ready.set))
-        await asyncio.wait_for(ready.wait(), 10)
-        transport, agent = await loop.create_unix_connection(
-            lambda: FakeAgent(stack, port, rounds), str(path)
-        )
-        profiler = cProfile.Profile() if profile else None
-        if profiler is not None:
-            profiler.enable()
-        seconds = await asyncio.wait_for(agent.done, 60 + rounds / 1000)
-        if profiler is not None and profile is not None:
-            profiler.disable()
-            profiler.dump_stats(profile)
-        transport.close()
-        stop.set()
-        await asyncio.wait_for(daemon, 10)
-    server.close()
+    profiler = cProfile.Profile() if profile is not None else None
+    try:
+        with tempfile.TemporaryDirectory(prefix="nnd-rtt-") as folder:
+            path = Path(folder) / "link.sock"
+            config = DaemonConfig(
+                listen=parse_endpoint(f"unix://{path}"), stack=stack, busy_poll=0.0
+            )
+            stop, ready = asyncio.Event(), asyncio.Event()
+            daemon = asyncio.create_task(serve(config, stop, ready.set))
+            await asyncio.wait(
+                [daemon, asyncio.create_task(ready.wait())],
+                timeout=10,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if daemon.done():
+                daemon.result()  # raises the daemon's error
+                raise RuntimeError("the daemon stopped before it was ready")
+            if not ready.is_set():
+                raise RuntimeError("the daemon was not ready within 10 s")
+            transport, agent = await loop.create_unix_connection(
+                lambda: FakeAgent(stack, port, rounds, profiler), str(path)
+            )
+            try:
+                seconds = await asyncio.wait_for(agent.done, 60 + rounds / 1000)
+            finally:
+                transport.close()
+                stop.set()
+                await asyncio.wait_for(daemon, 10)
+    finally:
+        server.close()
+    if profiler is not None and profile is not None:
+        profiler.dump_stats(profile)
     return seconds / rounds * 1e6
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: at least 1")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15000, help="timed round trips")
+    parser.add_argument("--rounds", type=positive, default=15000, help="timed round trips")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
-    parser.add_argument("--profile", type=Path, help="write a cProfile of the timed part")
+    parser.add_argument("--profile", type=Path, help="write a cProfile of the timed rounds")
     args = parser.parse_args(argv)
     keep_large_buffers_on_heap()
     runner: Any = asyncio.run
