@@ -66,9 +66,15 @@ class LinkProtocol(enum.Enum):
     QEMU = "qemu"
 
     @property
+    def length_prefix(self) -> struct.Struct:
+        """The format of the length before each frame: 16-bit little-endian (gvproxy) or
+        32-bit big-endian (qemu)."""
+        return _LE16 if self is LinkProtocol.GVPROXY else _BE32
+
+    @property
     def header_size(self) -> int:
         """Bytes of length prefix before each frame."""
-        return 2 if self is LinkProtocol.GVPROXY else 4
+        return self.length_prefix.size
 
     @property
     def max_frame(self) -> int:
@@ -84,10 +90,7 @@ def pack_length(
     protocol: LinkProtocol, buffer: bytearray | memoryview, offset: int, length: int
 ) -> None:
     """Write a frame's length prefix into `buffer` at `offset`."""
-    if protocol is LinkProtocol.GVPROXY:
-        _LE16.pack_into(buffer, offset, length)
-    else:
-        _BE32.pack_into(buffer, offset, length)
+    protocol.length_prefix.pack_into(buffer, offset, length)
 
 
 def encode_frame(protocol: LinkProtocol, frame: bytes | bytearray | memoryview) -> bytes:
@@ -99,8 +102,7 @@ def encode_frame(protocol: LinkProtocol, frame: bytes | bytearray | memoryview) 
     n = len(frame)
     if not MIN_FRAME <= n <= protocol.max_frame:
         raise ValueError(f"frame of {n} bytes outside {MIN_FRAME}..{protocol.max_frame}")
-    prefix = _LE16.pack(n) if protocol is LinkProtocol.GVPROXY else _BE32.pack(n)
-    return prefix + bytes(frame)
+    return protocol.length_prefix.pack(n) + bytes(frame)
 
 
 class FrameDecoder:
@@ -117,8 +119,8 @@ class FrameDecoder:
     ) -> None:
         self.protocol = protocol
         self.max_frame = min(max_frame or protocol.max_frame, protocol.max_frame)
-        self._header = protocol.header_size
-        self._length = _LE16 if protocol is LinkProtocol.GVPROXY else _BE32
+        self._length = protocol.length_prefix
+        self._header = self._length.size
         size = max(capacity, 2 * (self.max_frame + self._header))
         self._buffer = bytearray(size)
         self._view = memoryview(self._buffer)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import struct
 from collections import deque
 from collections.abc import Callable
 from typing import Final
@@ -27,8 +26,6 @@ from nitro_netd.link import LinkProtocol
 from nitro_netd.netstack.output import Frame, SplitFrame
 
 IOV_MAX: Final = 1024
-_LE16: Final = struct.Struct("<H")
-_BE32: Final = struct.Struct(">I")
 
 Buffer = bytes | bytearray | memoryview
 
@@ -58,7 +55,7 @@ class LinkWriter:
         self._paused = False
         self.error: OSError | None = None
         self.on_error: Callable[[OSError], None] | None = None
-        self._pack = _LE16.pack if protocol is LinkProtocol.GVPROXY else _BE32.pack
+        self._pack = protocol.length_prefix.pack
         self._header = protocol.header_size
 
     def write_frames(self, frames: list[Frame]) -> None:
