@@ -197,7 +197,7 @@ class TcpConnection:
             f"{self.state.value} rcv_nxt={self.rcv_nxt} edge={seq_diff(self.rcv_right_edge, self.rcv_nxt)}"
             f" blocked={self.write_blocked} enclave_fin={self.enclave_fin} una={self.snd_una}"
             f" nxt+{seq_diff(self.snd_nxt, self.snd_una)} max+{seq_diff(self.snd_max, self.snd_una)}"
-            f" wnd={self.snd_wnd} queued={len(self.send_buffer)} host_eof={self.host_eof}"
+            f" wnd={self.snd_wnd} queued={self.send_buffer.size} host_eof={self.host_eof}"
             f" fin_acked={self.fin_acked} paused={self.reading_paused} rto={self.rto}"
             f" rto_at={self.rto_deadline} ack_at={self.ack_deadline} retries={self.retries} dupacks={self.dupacks}"
         )
@@ -471,9 +471,9 @@ class TcpConnection:
         """Re-send the oldest unacknowledged segment (or FIN): never past what was sent
         (`snd_max`), which a super-segment would otherwise overshoot under a small window."""
         in_flight = max(seq_diff(self.snd_max, self.snd_una), 0)
-        n = min(self.output.segment_size(self.enclave_mss), len(self.send_buffer), in_flight)
+        n = min(self.output.segment_size(self.enclave_mss), self.send_buffer.size, in_flight)
         if n:
-            last = n == len(self.send_buffer) and self.host_eof and in_flight > n
+            last = n == self.send_buffer.size and self.host_eof and in_flight > n
             flags = _ACK | _PSH | (_FIN if last else 0)
             self._send(self.snd_una, flags, self.send_buffer.slice(0, n))
         elif self.host_eof:
