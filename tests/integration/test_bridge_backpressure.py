@@ -4,10 +4,12 @@ new link sets the stack's offloads."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from nitro_netd.netstack import StackConfig
 from nitro_netd.parent.bridge import Bridge
+from nitro_netd.parent.busy_poll import BusyPoll
 from nitro_netd.parent.session import LinkSession
 
 
@@ -63,3 +65,32 @@ async def test_each_new_link_sets_the_stack_offloads_and_tells_the_observers() -
     strict = Bridge(StackConfig(segmentation_offload=False), asyncio.get_running_loop())
     assert (strict.segmentation_allowed(), strict.offload_allowed()) == (False, True)
     strict.close()
+
+
+async def test_a_backed_up_link_stops_busy_polling_until_it_drains() -> None:
+    bridge = Bridge(StackConfig(), asyncio.get_running_loop())
+    backlog: list[bool] = []
+
+    class RecordingPoll(BusyPoll):
+        def set_backlogged(self, backlogged: bool) -> None:
+            backlog.append(backlogged)
+            super().set_backlogged(backlogged)
+
+    bridge.busy_poll = RecordingPoll(bridge.loop, 50e-6)
+    session = LinkSession(bridge, max_frame=65535)
+    bridge.on_link_up(session)
+    bridge.on_link_writable(session, False)
+    assert backlog[-1] is True
+    bridge.busy_poll.kick(54)  # an ACK from the enclave
+    deadline = time.monotonic() + 5.0
+    while bridge.busy_poll.active:  # the window the link-up flush opened closes
+        assert time.monotonic() < deadline, "spinning while the link is backed up"
+        await asyncio.sleep(0)
+    bridge.busy_poll.kick(54)
+    assert not bridge.busy_poll.active, "a window opened while the link is backed up"
+    bridge.on_link_writable(session, True)
+    assert backlog[-1] is False
+    bridge.on_link_writable(session, False)
+    bridge.on_link_down(session, "gone")  # a dead link is not a backed-up one
+    assert backlog[-1] is False
+    bridge.close()

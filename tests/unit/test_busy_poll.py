@@ -153,3 +153,38 @@ def test_bulk_transfer_holds_polling_off_until_it_has_paused() -> None:
 
     run_on_recording_loop(body)
     assert poller[0].windows == 1
+
+
+def test_no_polling_while_the_link_is_backed_up_nor_for_the_bulk_hold_after() -> None:
+    """With the link to the enclave backed up the daemon waits for the agent: the enclave's
+    ACKs (small flushes) must not keep it spinning on a CPU the agent needs."""
+    poller: list[BusyPoll] = []
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        busy = BusyPoll(loop, MAX_WINDOW)
+        poller.append(busy)
+        selector_of(loop).watched = busy
+        busy.kick(54)  # a window opens...
+        assert busy.active
+        busy.set_backlogged(True)  # ...and the link backs up: it closes at the next turn
+        await until(lambda: not busy.active)
+        assert busy.spun < MAX_WINDOW
+        busy.kick(54)  # an ACK while backed up
+        assert not busy.active
+        await asyncio.sleep(BULK_HOLD * 1.1)  # however long the backlog lasts
+        busy.kick(54)
+        assert not busy.active
+        busy.set_backlogged(False)
+        released = time.monotonic()
+        busy.kick(54)  # right after the backlog cleared: still bulk
+        assert not busy.active
+        await asyncio.sleep(BULK_HOLD * 1.1)
+        assert time.monotonic() - released >= BULK_HOLD
+        busy.kick(54)  # small messages again
+        assert busy.active
+        busy.set_backlogged(False)  # not backed up: changes nothing
+        busy.kick(54)
+        assert busy.active
+
+    run_on_recording_loop(body)
+    assert poller[0].windows == 2

@@ -117,8 +117,7 @@ class Bridge:
         old, self.session = self.session, session
         if old is not None and not old.closed:
             old.close("replaced by a new link")
-        for side in self.host_sides:
-            side.set_link_paused(False)  # a backed-up old link must not hold the new one
+        self._set_link_backlogged(False)  # a backed-up old link must not hold the new one
         self.stack.handle_link_reset()
         self.stack.set_checksum_offload(session.checksum_offload)
         self.stack.set_segmentation_offload(session.segmentation_offload)
@@ -151,21 +150,26 @@ class Bridge:
 
     def on_link_writable(self, session: LinkSession, writable: bool) -> None:
         """Backpressure: stop reading host sockets while the link is backed up."""
-        paused = not writable and session is self.session
-        for side in self.host_sides:
-            side.set_link_paused(paused)
+        self._set_link_backlogged(not writable and session is self.session)
 
     def on_link_down(self, session: LinkSession, reason: str) -> None:
         """Forget the link if it was the live one."""
         if session is self.session:
             self.session = None
             self.link.up, self.link.since = False, time.time()
-            for side in self.host_sides:
-                side.set_link_paused(False)
+            self._set_link_backlogged(False)
             self.stack.handle_link_reset()
             self.flush()
             for side in self.host_sides:
                 side.close_all()
+
+    def _set_link_backlogged(self, backlogged: bool) -> None:
+        """Stop (or restart) reading host sockets, and busy polling, while the live link
+        to the enclave is backed up."""
+        for side in self.host_sides:
+            side.set_link_paused(backlogged)
+        if self.busy_poll is not None:
+            self.busy_poll.set_backlogged(backlogged)
 
     # --- output --------------------------------------------------------------------
 

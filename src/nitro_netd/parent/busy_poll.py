@@ -24,7 +24,12 @@ woken. Bulk transfer is left alone: once `BULK_BYTES` have crossed the link with
 `RATE_PERIOD` (in one flush or in many small ones, as 500 Mbit/s of UDP does), kicks do
 nothing for `BULK_HOLD`. Between a bulk flow's reads the loop would spin on a CPU that the
 flow's other processes (the sender, the agent, the receiver) need: a few percent of
-world→enclave throughput on 2 cores. `spun` accounts the wall time the loop was kept
+world→enclave throughput on 2 cores. Nor does the loop spin while the link to the
+enclave is backed up (`set_backlogged`, from the link writer's pause): the daemon is then
+waiting for the agent, not for a small message, and with 8 bulk streams world→enclave
+that was half of the time (the enclave's ACKs alone kept kicking; 7-12 % of the wall
+time went to spinning). When the backlog clears, the bulk hold starts as if bulk data had
+just moved. `spun` accounts the wall time the loop was kept
 awake, work included (``busy_poll.seconds`` in the status, and
 ``nitro_netd_busy_poll_seconds_total``). A window of 0 turns it off (``--busy-poll-us 0``).
 """
@@ -66,6 +71,7 @@ class BusyPoll:
         self._rate_bytes = 0
         self._started = 0.0
         self._active = False
+        self._backlogged = False
 
     def kick(self, moved: int) -> None:
         """Work that moved `moved` link bytes was just done: poll until `window` has passed
@@ -76,7 +82,7 @@ class BusyPoll:
         self._rate_bytes += moved
         if self._rate_bytes >= BULK_BYTES:
             self._bulk_until = now + BULK_HOLD
-        if now < self._bulk_until:
+        if now < self._bulk_until or self._backlogged:
             return
         self._until = now + self.window
         if not self._active:
@@ -85,9 +91,16 @@ class BusyPoll:
             self.windows += 1
             self._loop.call_soon(self._turn)
 
+    def set_backlogged(self, backlogged: bool) -> None:
+        """The link to the enclave is (or no longer is) backed up: while it is, kicks do
+        nothing and an open window closes at its next turn; after it, the bulk hold runs."""
+        if self._backlogged and not backlogged:
+            self._bulk_until = time.monotonic() + BULK_HOLD
+        self._backlogged = backlogged
+
     def _turn(self) -> None:
         now = time.monotonic()
-        if now < self._until:
+        if now < self._until and not self._backlogged:
             os.sched_yield()
             self._loop.call_soon(self._turn)
         else:
