@@ -298,10 +298,19 @@ def detect_protocol(first_bytes: bytes) -> LinkProtocol | None:
 
     A gvproxy-style agent starts with ``POST``; a QEMU-style one with a 32-bit big-endian
     length, whose first two bytes are zero for any frame up to 64 KiB.
+    Anything else is refused (`LinkError`) before it can replace a working link: an HTTP
+    probe, a port scanner, a peer speaking another protocol.
     """
     probe = first_bytes[:4]
     if b"POST".startswith(probe):
         return LinkProtocol.GVPROXY if len(probe) == 4 else None
+    if not any(probe[:2]) and len(probe) < 4:
+        return None
+    if any(probe[:2]) or not MIN_FRAME <= int.from_bytes(probe) <= LinkProtocol.QEMU.max_frame:
+        raise LinkError(
+            f"not an enclave link: it starts with {bytes(probe)!r}, neither POST (gvproxy"
+            " framing) nor a frame length (qemu framing)"
+        )
     return LinkProtocol.QEMU
 
 

@@ -296,3 +296,92 @@ async def test_segmentation_offload_not_agreed_keeps_the_mtu_limit(
         assert await agent.closed_by_daemon()
     assert f"invalid frame length {SMALL_MTU + 15}" in caplog.text
     assert "segmentation offload off)" in caplog.text
+
+
+# --- bad peers and exhausted resources -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "first_bytes",
+    [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x16\x03\x01\x02\x00", b"\x00\x00\x00\x05"],
+)
+async def test_a_stray_connection_never_replaces_the_live_link(
+    tmp_path: Path, first_bytes: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An HTTP probe, a TLS hello or an impossible frame length is refused before it can
+    take over (and reset) the enclave's working link."""
+    caplog.set_level(logging.INFO)
+    path = tmp_path / "link.sock"
+    async with running_daemon(path):
+        good = await Agent.connect(path, LinkProtocol.GVPROXY)
+        await ping_roundtrip(good)
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(first_bytes)
+        assert await Agent(reader, writer, LinkProtocol.QEMU).closed_by_daemon()
+        assert "not an enclave link" in caplog.text
+        assert "replaced by a new link" not in caplog.text
+        await ping_roundtrip(good, sequence=2)
+        good.close()
+
+
+async def test_out_of_descriptors_fails_one_udp_flow_not_the_link(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import resource
+
+    path = tmp_path / "link.sock"
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    async with running_daemon(path):
+        agent = await Agent.connect(path, LinkProtocol.GVPROXY)
+        await ping_roundtrip(agent)
+        enclave = FakeEnclave()
+        held: list[int] = []
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 4096), hard))
+        try:
+            while True:
+                try:
+                    held.append(os.open("/dev/null", os.O_RDONLY))
+                except OSError:
+                    break
+            agent.send(enclave.udp(IPv4Address("192.168.127.254"), 40000, 9, b"x"))
+            agent.send(enclave.ping(GATEWAY, sequence=2))  # handled after the datagram
+            while True:  # the flow's failure may come back first, as an ICMP error
+                _, message = enclave.parse_icmp_reply(await agent.receive())
+                if message.type == IcmpType.ECHO_REPLY:
+                    break
+        finally:
+            for fd in held:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        await ping_roundtrip(agent, sequence=3)
+        agent.close()
+    assert "cannot open a socket" in caplog.text
+    assert "link broken" not in caplog.text
+
+
+async def test_a_peer_gone_before_its_handshake_reply_never_replaces_the_live_link(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    write_failed = asyncio.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "write failed" in record.getMessage():
+                write_failed.set()
+
+    logging.getLogger("nitro_netd.parent.session").addHandler(watch := Watch())
+    path = tmp_path / "link.sock"
+    async with running_daemon(path):
+        good = await Agent.connect(path, LinkProtocol.GVPROXY)
+        await ping_roundtrip(good)
+        gone = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        gone.connect(str(path))  # asks for a reply, and closes before the daemon reads it
+        gone.sendall(build_connect_request({HEADER_WANT_REPLY: "1"}))
+        gone.close()
+        async with asyncio.timeout(TIMEOUT):
+            await write_failed.wait()
+        await ping_roundtrip(good, sequence=2)
+        good.close()
+    logging.getLogger("nitro_netd.parent.session").removeHandler(watch)
+    assert "replaced by a new link" not in caplog.text

@@ -284,20 +284,44 @@ def test_link_arbitrary_bytes_yield_frames_or_link_error(
         (b"POS", None),
         (b"POST", LinkProtocol.GVPROXY),
         (GO_CONNECT_REQUEST, LinkProtocol.GVPROXY),
-        (b"\x00", LinkProtocol.QEMU),
+        (b"\x00", None),
+        (b"\x00\x00\x05", None),
         (b"\x00\x00\x05\xea", LinkProtocol.QEMU),
-        (b"PX", LinkProtocol.QEMU),
-        (b"GET ", LinkProtocol.QEMU),
     ],
 )
 def test_detect_protocol(first: bytes, expected: LinkProtocol | None) -> None:
     assert detect_protocol(first) is expected
 
 
+@pytest.mark.parametrize(
+    "first",
+    [b"PX", b"GET ", b"\x16\x03\x01", b"\x00\x01\x00\x0f", b"\x00\x00\x00\x0d"],
+)
+def test_detect_protocol_refuses_what_is_neither_framing(first: bytes) -> None:
+    """Not POST, and not a 32-bit length of a possible frame: an HTTP probe, a TLS hello,
+    a runt or an oversized first frame is not an agent."""
+    with pytest.raises(LinkError, match="not an enclave link"):
+        detect_protocol(first)
+
+
 @given(frame=st.binary(min_size=MIN_FRAME, max_size=100))
 def test_detect_protocol_qemu_frame(frame: bytes) -> None:
     stream = encode_frame(LinkProtocol.QEMU, frame)
-    assert all(detect_protocol(stream[:n]) is LinkProtocol.QEMU for n in range(1, 5))
+    assert all(detect_protocol(stream[:n]) is None for n in range(1, 4))
+    assert detect_protocol(stream[:4]) is LinkProtocol.QEMU
+
+
+@given(first=st.binary(min_size=4, max_size=8))
+def test_detect_protocol_never_guesses(first: bytes) -> None:
+    """Any first bytes give a framing whose first frame is possible, or a clear error."""
+    try:
+        protocol = detect_protocol(first)
+    except LinkError:
+        return
+    if protocol is LinkProtocol.QEMU:
+        assert MIN_FRAME <= int.from_bytes(first[:4]) <= LinkProtocol.QEMU.max_frame
+    else:
+        assert first.startswith(b"POST")
 
 
 def test_detect_protocol_connect_request_prefixes() -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -246,3 +248,11 @@ def test_a_replaced_layer_is_never_asked_again() -> None:
     stack.handle_timer(now=3.0)
     assert first.calls == []
     assert second.calls == ["handle_event", "before_flush", "get_timer", "handle_timer"]
+
+
+@pytest.mark.parametrize("name", ["connect_timeout", "dns_timeout", "udp_idle_timeout"])
+@pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), float("nan"), 1e9])
+def test_timeouts_that_no_timer_can_take_are_refused(name: str, value: float) -> None:
+    changes: dict[str, Any] = {name: value}
+    with pytest.raises(ValueError, match=name):
+        dataclasses.replace(StackConfig(), **changes)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Final
 
 from nitro_netd.cli.common import LOG_LEVELS, fail, setup_logging
-from nitro_netd.netstack.config import DEFAULT_MTU, StackConfig
+from nitro_netd.netstack.config import DEFAULT_MTU, MAX_TIMEOUT, StackConfig
 from nitro_netd.parent.busy_poll import DEFAULT_WINDOW as DEFAULT_BUSY_POLL
 from nitro_netd.parent.busy_poll import MAX_WINDOW as MAX_BUSY_POLL
 from nitro_netd.parent.daemon import DaemonConfig, run
@@ -206,8 +206,11 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         ValueError: an argument is invalid (message says which and why).
     """
     for name in ("connect_timeout", "udp_timeout", "enclave_poll"):
-        if not getattr(args, name) > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive number of seconds")
+        if not 0 < getattr(args, name) <= MAX_TIMEOUT:
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be a number of seconds above 0 and at most"
+                f" {MAX_TIMEOUT:.0f} (a day)"
+            )
     stack = StackConfig(
         mtu=args.mtu, connect_timeout=args.connect_timeout, udp_idle_timeout=args.udp_timeout
     )

@@ -8,6 +8,9 @@ from typing import Final
 
 from nitro_netd.frames.ethernet import MacAddress
 
+MAX_TIMEOUT: Final = 86400.0
+"""The longest timeout the stack takes, in seconds (a day): longer ones are mistakes."""
+
 DEFAULT_MTU: Final = 65520
 """The largest 802.3 MTU rounded to 32-bit words, as passt uses: big frames cost nothing on
 a reliable stream and save per-frame work."""
@@ -67,6 +70,11 @@ class StackConfig:
         for name in ("gateway_ip", "enclave_ip", "host_alias_ip"):
             if getattr(self, name) not in self.subnet:
                 raise ValueError(f"{name} {getattr(self, name)} is outside {self.subnet}")
+        for name in ("connect_timeout", "dns_timeout", "udp_idle_timeout", "ping_idle_timeout"):
+            if not 0 < getattr(self, name) <= MAX_TIMEOUT:  # a timer must be armable
+                raise ValueError(
+                    f"{name} {getattr(self, name)} is outside (0, {MAX_TIMEOUT:.0f}] s"
+                )
 
     @property
     def local_ips(self) -> frozenset[IPv4Address]:

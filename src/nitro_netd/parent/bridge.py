@@ -229,7 +229,11 @@ class Bridge:
         if executor is None:
             logger.error("no host side executes %s", type(command).__name__)
             return
-        executor(command)
+        try:
+            executor(command)
+        except Exception:  # a bug in a host side: log it, keep the link and other flows
+            self.stack.stats.count_drop(DropReason.INTERNAL_ERROR)
+            logger.exception("internal error while carrying out %r", command)
 
     def _arm_timer(self, when: float | None) -> None:
         if when == self._timer_at:

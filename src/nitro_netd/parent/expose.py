@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 BIND_ADDRESS: Final = "0.0.0.0"
 BACKLOG: Final = 1024
+ACCEPT_BACKOFF: Final = 1.0
+"""Seconds an exposed port is not accepted on after running out of descriptors or memory."""
+_OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class ExposeError(ValueError):
@@ -163,6 +166,8 @@ class TcpExposer:
         self._link_up = link_up
         self._flow_ids = count(SHELL_FLOW_BASE)
         self.listeners: dict[int, tuple[socket.socket, ExposeSpec]] = {}
+        self._backoffs: dict[int, asyncio.TimerHandle] = {}
+        """Listeners not watched for a while after running out of descriptors."""
 
     def open(self, items: Sequence[ExposeSpec]) -> None:
         """Bind every TCP item (all or nothing) and start accepting.
@@ -185,11 +190,31 @@ class TcpExposer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                logger.warning("accept on port %d failed: %s", item.parent_port, exc)
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._back_off(listener, item, exc)
                     return
+                logger.warning("accept on port %d failed: %s", item.parent_port, exc)
                 continue
             self._hand_over(client, address, port, item)
+
+    def _back_off(self, listener: socket.socket, item: ExposeSpec, exc: OSError) -> None:
+        """Out of descriptors or memory: the waiting client keeps the listener readable, so
+        stop watching it for `ACCEPT_BACKOFF` seconds instead of spinning on it."""
+        fd = listener.fileno()
+        self.loop.remove_reader(fd)
+        logger.warning(
+            "accept on port %d failed: %s; not accepting for %.0f s (raise the open-files"
+            " limit, ulimit -n / LimitNOFILE=, if this recurs)",
+            item.parent_port,
+            exc,
+            ACCEPT_BACKOFF,
+        )
+        self._backoffs[fd] = self.loop.call_later(ACCEPT_BACKOFF, self._resume, listener, item)
+
+    def _resume(self, listener: socket.socket, item: ExposeSpec) -> None:
+        fd = listener.fileno()
+        if self._backoffs.pop(fd, None) is not None and fd in self.listeners:
+            self.loop.add_reader(fd, self._on_acceptable, listener, item)
 
     def _hand_over(self, client: socket.socket, address: str, port: int, item: ExposeSpec) -> None:
         if not self._link_up():
@@ -207,6 +232,9 @@ class TcpExposer:
 
     def close(self) -> None:
         """Stop listening."""
+        for timer in self._backoffs.values():
+            timer.cancel()
+        self._backoffs.clear()
         for fd, (sock, _) in list(self.listeners.items()):
             self.loop.remove_reader(fd)
             sock.close()

@@ -54,7 +54,12 @@ class HostUdp(DatagramSockets):
             self.post_soon(UdpFailed(command.flow, error_number(exc)))
 
     def _open(self, command: UdpSend) -> socket.socket | None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: this flow fails, nothing else
+            logger.warning("udp flow %d: cannot open a socket: %s", command.flow, exc)
+            self.post_soon(UdpFailed(command.flow, error_number(exc)))
+            return None
         try:
             sock.setblocking(False)
             sock.connect((str(command.address), command.port))

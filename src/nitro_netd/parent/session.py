@@ -119,6 +119,10 @@ class LinkSession(asyncio.BufferedProtocol):
                 self._deliver_frames(self._decoder)
         except LinkError as exc:
             self.close(f"protocol error: {exc}")
+        except Exception:  # a bug behind the link: log it, never blame the agent for it
+            logger.exception("link from %s: internal error while handling its input", self.peer)
+            if not self._up:
+                self.close("internal error during the handshake")
 
     def _on_writable(self, writable: bool) -> None:
         self.owner.on_link_writable(self, writable)
@@ -178,6 +182,8 @@ class LinkSession(asyncio.BufferedProtocol):
         self._writer.on_error = lambda exc: self.close(f"write failed: {exc}")
         if reply:
             self._writer.write_raw(reply)
+            if self.closed:  # the reply could not be written: the link is already gone
+                return
         self._decoder = FrameDecoder(
             self.protocol, max_frame=self.max_frame, capacity=LINK_READ_CAPACITY
         )
