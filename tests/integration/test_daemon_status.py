@@ -151,3 +151,18 @@ async def test_link_from_another_cid_is_refused_and_the_enclaves_accepted(tmp_pa
 
     daemon.watcher.update(None)
     assert "not running" in (daemon.admit(session, 16) or "")
+
+
+async def test_an_overlong_control_request_gets_an_error_answer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_config(tmp_path)
+    assert config.state is not None
+    async with running(config):
+        reader, writer = await asyncio.open_unix_connection(str(config.state.control))
+        writer.write(b"x" * (1 << 17) + b"\n")  # past the stream reader's 64 KiB line limit
+        async with asyncio.timeout(TIMEOUT):
+            answer = await reader.readline()
+        writer.close()
+    assert answer == b'{"ok": false, "error": "request line too long"}\n'
+    assert "Traceback" not in caplog.text

@@ -385,3 +385,22 @@ async def test_a_peer_gone_before_its_handshake_reply_never_replaces_the_live_li
         good.close()
     logging.getLogger("nitro_netd.parent.session").removeHandler(watch)
     assert "replaced by a new link" not in caplog.text
+
+
+@pytest.mark.parametrize("partial", [b"", b"POS", b"POST /connect HTTP/1.1\r\n", b"\x00\x00"])
+async def test_a_handshake_never_completed_is_closed_after_the_timeout(
+    tmp_path: Path, partial: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nitro_netd.parent.session as session_module
+
+    monkeypatch.setattr(session_module, "HANDSHAKE_TIMEOUT", 0.2)
+    path = tmp_path / "link.sock"
+    async with running_daemon(path):
+        good = await Agent.connect(path, LinkProtocol.GVPROXY)
+        await ping_roundtrip(good)
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(partial)
+        assert await Agent(reader, writer, LinkProtocol.GVPROXY).closed_by_daemon()
+        # The good link's timer, armed first, would have fired before this one closed.
+        await ping_roundtrip(good, sequence=2)
+        good.close()

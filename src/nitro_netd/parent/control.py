@@ -170,8 +170,13 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
-                line = await reader.readline()
-            writer.write(json.dumps(self.answer(line[:MAX_REQUEST])).encode() + b"\n")
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):  # no newline within the limit
+                    answer: dict[str, Any] = {"ok": False, "error": "request line too long"}
+                else:
+                    answer = self.answer(line[:MAX_REQUEST])
+            writer.write(json.dumps(answer).encode() + b"\n")
             await writer.drain()
         except (OSError, TimeoutError) as exc:
             logger.debug("control client: %s", exc)

@@ -10,8 +10,11 @@ would read an answer as frames). From then on bytes are received straight into t
 is handed to the `LinkOwner` in order; after each read the owner flushes its output once,
 so replies to a burst of frames leave in one write.
 
-A protocol violation (bad handshake, a frame length out of bounds) closes this session
-with a logged reason; nothing else is affected.
+A protocol violation (first bytes of neither framing, a bad handshake, a frame length out
+of bounds) closes this session with a logged reason; nothing else is affected. So does a
+handshake not complete within `HANDSHAKE_TIMEOUT`: a peer that connects and says nothing
+must not hold a socket for ever. A session goes live (`on_link_up`, replacing any other)
+only once its handshake is complete and its reply, if any, written.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from nitro_netd.parent.link_writer import LinkWriter
 logger = logging.getLogger(__name__)
 
 _HANDSHAKE_CHUNK: Final = 4096
+HANDSHAKE_TIMEOUT: Final = 10.0
+"""Seconds a new connection has to finish its handshake before it is closed."""
 LINK_READ_CAPACITY: Final = 4 << 20
 """The frame decoder's buffer: one read of the link takes up to this much, so a busy link
 is handled in batches of megabytes, which many flows share (one host write and one ACK
@@ -92,6 +97,7 @@ class LinkSession(asyncio.BufferedProtocol):
         self._decoder: FrameDecoder | None = None
         self._up = False
         self._writer: LinkWriter | None = None
+        self._handshake_timer: asyncio.TimerHandle | None = None
         self.checksum_offload = False
         """Agreed in the handshake: see `StackOutput.checksum_offload`."""
         self.segmentation_offload = False
@@ -103,6 +109,15 @@ class LinkSession(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.peer = _describe_peer(transport)
         logger.info("link from %s: connected", self.peer)
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            HANDSHAKE_TIMEOUT, self._handshake_timed_out
+        )
+
+    def _handshake_timed_out(self) -> None:
+        """A peer that never finishes its handshake must not hold a socket for ever."""
+        self._handshake_timer = None
+        if not self._up:
+            self.close(f"no complete handshake within {HANDSHAKE_TIMEOUT:.0f} s")
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._decoder is not None:
@@ -189,6 +204,7 @@ class LinkSession(asyncio.BufferedProtocol):
         )
         self._decoder.receive_data(rest)
         self._up = True
+        self._cancel_handshake_timer()
         logger.info(
             "link from %s: up (%s framing, checksum offload %s, segmentation offload %s)",
             self.peer,
@@ -221,6 +237,7 @@ class LinkSession(asyncio.BufferedProtocol):
         if self.closed:
             return
         self.closed = True
+        self._cancel_handshake_timer()
         if self._writer is not None:
             self._writer.close()
         if self.transport is not None:
@@ -228,6 +245,11 @@ class LinkSession(asyncio.BufferedProtocol):
         logger.info("link from %s: down (%s)", self.peer, reason)
         if self._up:
             self.owner.on_link_down(self, reason)
+
+    def _cancel_handshake_timer(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
 
 
 def _describe_peer(transport: asyncio.BaseTransport) -> str:
