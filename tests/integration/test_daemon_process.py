@@ -231,3 +231,41 @@ def test_bad_lifecycle_flags_exit_2_with_one_line(
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not work.state.exists()
+
+
+def test_sigusr1_while_starting_does_not_kill_the_daemon(work: Workdir) -> None:
+    """SIGUSR1 logs the flows once serving; while start-up waits on a slow nitro-cli its
+    default action (terminate, no clean-up) must not apply."""
+    asked, go = work.root / "asked", work.root / "go"
+    fake = work.root / "nitro-cli"
+    fake.write_text(
+        f"#!/bin/sh\ntouch {asked}\nwhile [ ! -e {go} ]; do sleep 0.01; done\necho '[]'\n"
+    )
+    fake.chmod(0o755)
+    daemon = subprocess.Popen(work.argv("--nitro-cli", str(fake)), stderr=subprocess.DEVNULL)
+    try:
+        wait_until(asked.exists, "the daemon asking nitro-cli during start-up")
+        daemon.send_signal(signal.SIGUSR1)
+        go.touch()
+        wait_until(work.control.exists, "daemon ready")
+        assert daemon.poll() is None, f"the daemon died: {daemon.returncode}"
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(TIMEOUT) == 0
+    finally:
+        daemon.kill()
+        daemon.wait()
+    assert not work.pidfile.exists()
+
+
+def test_an_unopenable_log_file_is_one_line_and_exit_2(work: Workdir) -> None:
+    result = subprocess.run(
+        work.argv("--log-file", str(work.root / "missing" / "parent.log")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"nitro-netd-parent: error: cannot open --log-file {work.root}/missing/parent.log:"
+        " No such file or directory"
+    ]

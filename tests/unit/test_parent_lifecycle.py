@@ -169,3 +169,17 @@ def test_daemon_raises_its_open_files_limit_towards_the_flow_limits() -> None:
         assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= wanted
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_start_up_os_errors_name_the_file_and_what_to_try() -> None:
+    from nitro_netd.cli.parent import _describe_os_error
+
+    denied = PermissionError(13, "Permission denied", "/run/nitro-netd/app/parent.pid")
+    assert _describe_os_error(denied) == (
+        "/run/nitro-netd/app/parent.pid: Permission denied"
+        " (run as root, or pass --state-dir DIR to a directory you may write)"
+    )
+    assert _describe_os_error(NotADirectoryError(20, "Not a directory", "/etc/passwd/x")) == (
+        "/etc/passwd/x: Not a directory"
+    )
+    assert _describe_os_error(OSError(98, "Address already in use")) == "Address already in use"

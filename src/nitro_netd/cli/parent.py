@@ -269,6 +269,11 @@ def log_path(args: argparse.Namespace, config: DaemonConfig) -> Path:
 
 
 def _setup_logging(args: argparse.Namespace, daemonized: bool) -> None:
+    """Log to stderr, or to --log-file in the foreground.
+
+    Raises:
+        OSError: the log file cannot be opened.
+    """
     setup_logging(PROG, args.log_level)
     if args.log_file is not None and not daemonized:  # daemonized: stderr is the file
         handler = logging.FileHandler(args.log_file)
@@ -289,7 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(outcome, int):
             return outcome
         readiness = outcome
-    _setup_logging(args, readiness is not None)
+    try:
+        _setup_logging(args, readiness is not None)
+    except OSError as exc:
+        return fail(PROG, f"cannot open --log-file {args.log_file}: {exc.strerror or exc}", 2)
     return _run(config, readiness)
 
 
@@ -319,12 +327,22 @@ def _run(config: DaemonConfig, readiness: Readiness | None) -> int:
     try:
         return run(config, readiness)
     except (LifecycleError, OSError) as exc:
-        message = str(exc) if isinstance(exc, LifecycleError) else f"{exc.strerror or exc}"
+        message = str(exc) if isinstance(exc, LifecycleError) else _describe_os_error(exc)
         if readiness is not None:
             readiness.failed(message)
         return fail(PROG, message)
     except KeyboardInterrupt:
         return 130
+
+
+def _describe_os_error(exc: OSError) -> str:
+    """An OSError for an operator: what failed, on which file, and what to try."""
+    if exc.filename is None:
+        return str(exc.strerror or exc)
+    message = f"{exc.filename}: {exc.strerror or exc}"
+    if isinstance(exc, PermissionError):
+        message += " (run as root, or pass --state-dir DIR to a directory you may write)"
+    return message
 
 
 def entry() -> None:

@@ -236,6 +236,7 @@ async def serve(
         if on_stopping is not None:
             on_stopping()
         loop.remove_signal_handler(signal.SIGUSR1)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # not the default: that terminates
         await daemon.close()
         logger.info("counters: %s", daemon.bridge.stack.stats.snapshot())
 
@@ -263,6 +264,9 @@ def run(config: DaemonConfig, readiness: Readiness | None = None) -> int:
         AlreadyRunning: another daemon holds this name's pidfile.
         OSError: something could not be opened; nothing is left behind.
     """
+    # SIGUSR1 logs the flows once serving; before (a slow nitro-cli at start) and after, its
+    # default action would kill the daemon without cleaning up.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     lock = PidLock.acquire(config.state.pidfile, config.state.name) if config.state else None
     raise_file_limit(config.stack.max_tcp_flows + config.stack.max_udp_flows + 256)
     keep_large_buffers_on_heap()
