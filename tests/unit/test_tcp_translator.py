@@ -750,3 +750,39 @@ def test_tcp_ipv4_drain_ends_the_batch_once_and_empties_both_queues() -> None:
     [(ack, data)] = peer.parse([bytes(f) for f in frames])
     assert (ack.flags, ack.ack, data) == (TcpFlags.ACK, peer.snd_nxt, b"")
     assert stack.drain() == ([], [])
+
+
+@pytest.mark.parametrize("host_eof", [True, False])
+def test_bytes_read_before_the_host_failed_reach_the_enclave_before_the_reset(
+    host_eof: bool,
+) -> None:
+    """The world sent its response (and FIN), then our write of more enclave bytes failed
+    (its kernel answered with RST). A direct path would deliver the response first."""
+    stack = NetStack(StackConfig())
+    peer, host = TcpPeer(stack), FakeHost()
+    peer.window_scale, peer.window = None, 2000
+    flow = peer.establish(host)
+    response = os.urandom(10240)  # five windows' worth
+    stack.handle_host_event(TcpData(flow, response), now=1.0)
+    if host_eof:
+        stack.handle_host_event(TcpEof(flow), now=1.0)
+    peer.accept(peer.receive())
+    peer.send(TcpFlags.ACK | TcpFlags.PSH, b"more request", now=1.0)
+    host.take(stack)
+    stack.handle_host_event(TcpFailed(flow, errno.EPIPE), now=1.0)
+    late = peer.snd_nxt
+    peer.send(TcpFlags.ACK | TcpFlags.PSH, b"even more", now=1.0)  # nowhere to go now
+    reset = False
+    for _ in range(20):
+        segments = peer.receive()
+        reset = any(header.flags & TcpFlags.RST for header, _ in segments)
+        peer.accept([s for s in segments if not s[0].flags & TcpFlags.RST])
+        assert all(seq_le(header.ack, late) for header, _ in segments if header.flags & ACK)
+        if reset:
+            break
+        peer.send(ACK, now=1.0)
+    assert reset, "the flow never ended"
+    assert bytes(peer.received) == response
+    assert peer.fin_received is host_eof
+    assert flow not in stack.tcp.flows
+    assert stack.stats.drops[DropReason.HOST_FAILED] == 1

@@ -40,6 +40,9 @@ class DropReason(enum.Enum):
     """Handling the frame raised: a bug, logged with its traceback; the link lives on."""
     LIMIT = "limit"
     """A resource bound (flows, pending connects, buffered bytes) was hit."""
+    HOST_FAILED = "host_failed"
+    """TCP data for a host socket that failed while the flow still delivers what it read
+    before (not acknowledged: the RST that ends the flow tells the enclave)."""
 
 
 class FrameError(ValueError):

@@ -26,7 +26,11 @@ its TAP queue overflows). Per flow we track:
 * closing: an enclave FIN becomes `TcpShutdown` (SHUT_WR after queued bytes); a host EOF
   becomes our FIN once everything before it was sent. When both FINs are acknowledged the
   host socket is closed and the flow forgotten (no TIME-WAIT on our side). RST maps to RST
-  both ways; a failed connect becomes RST (refused) or ICMP unreachable (no route, timeout).
+  both ways, but a host socket that fails while bytes it gave us are still queued first
+  delivers them (and its FIN, if it had sent one), as a direct path would, and resets the
+  enclave once they are acknowledged (`host_failed`; the enclave's bytes after the failure
+  are dropped unacknowledged). A failed connect becomes RST (refused) or ICMP unreachable
+  (no route, timeout).
 
 Everything is driven by method calls with `now`; output goes to the shared `StackOutput`.
 """
@@ -162,6 +166,9 @@ class TcpConnection:
         self.send_buffer = SendQueue()
         self.host_eof = False
         self.fin_acked = False
+        self.host_failed = False
+        """The host socket failed while bytes it gave us were still queued: they (and the
+        FIN, after a host EOF) are delivered first, then RST ends the flow."""
         self.reading_paused = False
         self.dupacks = 0
         self.rto = INITIAL_RTO
@@ -231,7 +238,16 @@ class TcpConnection:
             self.log.info("connect failed: %s", errnos.errorcode.get(error, error))
             self._refuse(error)
         elif self.state in (TcpState.ESTABLISHED, TcpState.SYN_SENT):
-            self.log.info("host reset: %s", errnos.errorcode.get(error, error))
+            name = errnos.errorcode.get(error, error)
+            if self.state is TcpState.ESTABLISHED and self.send_buffer.size and self.syn_acked:
+                # The world sent these bytes before it failed: deliver them, as a direct
+                # path would, and reset once they are acknowledged (_end_after_host_failure).
+                self.log.info(
+                    "host reset: %s; delivering %d bytes first", name, self.send_buffer.size
+                )
+                self.host_failed = True
+                return
+            self.log.info("host reset: %s", name)
             self._send(self.snd_nxt, _RST | _ACK)
         self._finish(reset=False)
 
@@ -279,11 +295,22 @@ class TcpConnection:
             return
         if not self._on_ack(ack, window, flags, payload, now) or self.closed:
             return
-        if payload or flags & _FIN:
+        if self.host_failed:
+            self._end_after_host_failure(payload, flags)
+        elif payload or flags & _FIN:
             self._on_data(seq, payload, bool(flags & _FIN))
         elif seq != self.rcv_nxt:
             self._owe_ack(now_please=True)  # e.g. a zero-window probe (RFC 9293 §3.10.7.4)
         self._maybe_done()
+
+    def _end_after_host_failure(self, payload: memoryview, flags: int) -> None:
+        """The host is gone: the enclave's new bytes have nowhere to go (dropped, never
+        acknowledged); once ours are acknowledged, RST ends the flow."""
+        if payload or flags & _FIN:
+            self.output.stats.count_drop(DropReason.HOST_FAILED)
+        if not self.send_buffer.size and (self.fin_acked or not self.host_eof):
+            self._send(self.snd_nxt, _RST | _ACK)
+            self._finish(reset=False)
 
     def _on_repeated_syn(self, header: TcpHeader) -> None:
         """A SYN on a known flow: a retransmit (answer it again) or a new connection."""
