@@ -786,3 +786,32 @@ def test_bytes_read_before_the_host_failed_reach_the_enclave_before_the_reset(
     assert peer.fin_received is host_eof
     assert flow not in stack.tcp.flows
     assert stack.stats.drops[DropReason.HOST_FAILED] == 1
+
+
+def test_a_fin_waits_out_a_zero_window_with_probes_not_retransmissions() -> None:
+    """The host closed while the enclave's application was not reading (window 0). A FIN
+    sent into the zero window is dropped by the receiver; counted as a retransmission, it
+    reset the live flow after MAX_RETRIES (about 84 s)."""
+    stack = NetStack(StackConfig())
+    peer, host = TcpPeer(stack), FakeHost()
+    flow = peer.establish(host)
+    stack.handle_host_event(TcpData(flow, b"x" * 1000), now=1.0)
+    peer.accept(peer.receive())
+    peer.send(ACK, window=0, now=1.0)  # all read by the kernel; the application is slow
+    stack.handle_host_event(TcpEof(flow), now=1.0)
+    now = 1.0
+    for _ in range(40):  # ten minutes of timers, the enclave answering each probe
+        for header, _ in peer.receive():
+            assert not header.flags & TcpFlags.FIN, "FIN sent into a zero window"
+            peer.send(ACK, window=0, now=now)
+        timer = stack.get_timer()
+        assert timer is not None, "nothing probes the zero window"
+        now = max(now, timer)
+        stack.handle_timer(now=now)
+        assert not [c for c in host.take(stack) if isinstance(c, TcpClose)], f"reset at {now}"
+    peer.send(ACK, window=65535, now=now)  # the application reads: the window opens
+    segments = peer.receive()
+    assert [bool(header.flags & TcpFlags.FIN) for header, _ in segments][-1:] == [True]
+    peer.accept(segments)
+    peer.send(ACK | TcpFlags.FIN, now=now)
+    assert flow not in stack.tcp.flows

@@ -484,7 +484,9 @@ class TcpConnection:
                 self._send(self.snd_nxt, flags, queue.slice(offset, n))
                 self._sent(seq_add(self.snd_nxt, n_seq))
                 offset += n_seq
-        if self.host_eof and offset == buffered and not self.fin_acked:
+        if self.host_eof and offset == buffered and not self.fin_acked and offset < self.snd_wnd:
+            # Never into a zero window (as Linux): a receiver drops it, and each resend
+            # would count as a retransmission of a live peer. `_window_blocked` probes.
             self._send(self.snd_nxt, _FIN | _ACK)
             self._sent(seq_add(self.snd_nxt, 1))
         self._arm(now, restart=restart)
@@ -526,9 +528,12 @@ class TcpConnection:
         self._set_deadline()
 
     def _window_blocked(self) -> bool:
-        """Bytes wait unsent and nothing is in flight: only the enclave's window holds them."""
+        """Bytes (or our FIN) wait unsent and nothing is in flight: only the enclave's
+        window holds them."""
+        if not self.syn_acked or self.snd_una != self.snd_max:
+            return False
         unsent = self.send_buffer.size - seq_diff(self.snd_nxt, self.snd_una)
-        return self.syn_acked and self.snd_una == self.snd_max and unsent > 0
+        return unsent > 0 or (self.host_eof and not self.fin_acked)
 
     def _set_deadline(self) -> None:
         rto, ack = self.rto_deadline, self.ack_deadline
