@@ -81,3 +81,27 @@ async def test_host_tcp_connect_refused_becomes_tcp_failed_econnrefused() -> Non
     failed = await events.wait_for(TcpFailed)
     assert failed == TcpFailed(7, errno.ECONNREFUSED)
     assert side.flows == {}
+
+
+async def test_host_sockets_probe_a_silent_peer_with_keepalives() -> None:
+    """Without keepalive a world peer that vanished held its flow, socket and the
+    enclave's connection for ever; each host socket now fails about two minutes after
+    its peer went quiet (TcpFailed: ETIMEDOUT, a RST to the enclave)."""
+    loop = asyncio.get_running_loop()
+    server = socket.create_server(("127.0.0.1", 0))
+    server.setblocking(False)
+    events = Events()
+    side = HostTcp(loop, events.post)
+    side.execute(TcpConnect(1, LOOPBACK, server.getsockname()[1], 5.0))
+    peer, _ = await loop.sock_accept(server)
+    await events.wait_for(TcpConnected)
+    sock = side.flows[1].sock
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    idle = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)
+    interval = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL)
+    count = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)
+    assert idle + interval * count <= 300
+    side.adopt(2, peer)  # an exposed port's client gets the same
+    assert peer.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    side.close_all()
+    server.close()

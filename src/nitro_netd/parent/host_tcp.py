@@ -66,6 +66,11 @@ far below the kernel's limit of 1024 buffers per ``sendmsg``."""
 LINGER_TIMEOUT: Final = 60.0
 """How long a gracefully closed socket may take to write its last bytes."""
 _LINGER_ABORT: Final = struct.pack("ii", 1, 0)
+KEEPALIVE_IDLE: Final = 60
+"""Seconds of silence on a host socket before the kernel probes its peer..."""
+KEEPALIVE_INTERVAL: Final = 15
+KEEPALIVE_COUNT: Final = 4
+"""...every 15 s, 4 times: a dead peer fails its flow two minutes after it went quiet."""
 
 
 class HostTcpFlow:
@@ -318,16 +323,14 @@ class HostTcp:
             logger.warning("flow %d: cannot open a socket: %s", command.flow, exc)
             self.post_soon(TcpFailed(command.flow, exc.errno or errno.EMFILE))
             return
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tune_host_socket(sock)
         flow = HostTcpFlow(self, command.flow, sock)
         self.flows[command.flow] = flow
         flow.start_connect(str(command.address), command.port, command.timeout)
 
     def adopt(self, flow_id: FlowId, sock: socket.socket) -> None:
         """Take an accepted client socket as a flow; it is read once the stack resumes it."""
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tune_host_socket(sock)
         flow = HostTcpFlow(self, flow_id, sock)
         flow.connected = True
         flow.paused = True
@@ -350,6 +353,20 @@ class HostTcp:
         """Abort every socket."""
         for flow in list(self.flows.values()):
             flow.abort()
+
+
+def tune_host_socket(sock: socket.socket) -> None:
+    """Non-blocking, no Nagle (the enclave's kernel already coalesces), and keepalive: a
+    world peer that vanished (host down, NAT entry gone) fails the flow after
+    `KEEPALIVE_IDLE` + `KEEPALIVE_COUNT` x `KEEPALIVE_INTERVAL` seconds of silence
+    instead of holding it, its socket and the enclave's connection for ever. (The
+    enclave's own keepalives are answered by the stack, which is its peer.)"""
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
 
 
 def read_size_for(mtu: int, segmentation_offload: bool) -> int:
