@@ -815,3 +815,30 @@ def test_a_fin_waits_out_a_zero_window_with_probes_not_retransmissions() -> None
     peer.accept(segments)
     peer.send(ACK | TcpFlags.FIN, now=now)
     assert flow not in stack.tcp.flows
+
+
+def test_flows_a_lost_link_took_are_reset_in_the_enclave_once_a_link_is_back() -> None:
+    """The agent reconnects while the enclave's kernel keeps its sockets: a connection
+    waiting for the world (a half-closed request, a long poll) must end, not wait for ever."""
+    stack = NetStack(StackConfig())
+    peer, host = TcpPeer(stack), FakeHost()
+    flow = peer.establish(host)
+    stack.handle_host_event(TcpData(flow, b"partial"), now=1.0)
+    peer.accept(peer.receive())
+    peer.send(ACK | TcpFlags.FIN, now=1.0)  # request sent, waiting for the rest
+    peer.receive()
+    connecting = TcpPeer(stack, port=40001)
+    connecting.syn()  # still connecting: its SYN is retransmitted, no RST owed
+    stack.handle_link_reset()  # the link is gone
+    assert flow not in stack.tcp.flows
+    assert stack.frames_to_send() == []
+    assert TcpClose(flow, reset=True) in host.take(stack)
+    stack.handle_link_reset()  # a new link replaces nothing more
+    stack.handle_link_up()
+    segments = peer.receive()
+    assert [(h.flags, h.seq, h.ack) for h, _ in segments] == [
+        (TcpFlags.RST | TcpFlags.ACK, peer.rcv_nxt, peer.snd_nxt)
+    ]
+    assert connecting.receive() == []
+    stack.handle_link_up()  # owed once
+    assert peer.receive() == []

@@ -174,6 +174,12 @@ class NetStack:
             self._touch(layer)
             layer.reset()
 
+    def handle_link_up(self) -> None:
+        """A link is up (its offloads set): tell the enclave which of its connections the
+        previous link took (`TcpLayer.announce_resets`)."""
+        self._touch(self.tcp)
+        self.tcp.announce_resets()
+
     # --- output ------------------------------------------------------------------
 
     def frames_to_send(self) -> list[bytes | bytearray]:

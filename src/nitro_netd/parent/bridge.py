@@ -121,6 +121,7 @@ class Bridge:
         self.stack.handle_link_reset()
         self.stack.set_checksum_offload(session.checksum_offload)
         self.stack.set_segmentation_offload(session.segmentation_offload)
+        self.stack.handle_link_up()
         for observer in self.link_observers:
             observer(session)
         self.flush()

@@ -8,6 +8,12 @@ the enclave opens a flow and asks the shell to connect (`TcpConnect`); everythin
 that is the connection's business. Segments matching no flow are answered with RST
 (RFC 9293 §3.10.7.1) and counted as `no_flow`.
 
+When the link to the enclave is lost or replaced (`reset`) every flow is forgotten and its
+host socket aborted; the enclave's kernel may keep its end (the agent reconnects, tap0
+stays). So the layer remembers where each established flow stood and, once a link is up
+again (`announce_resets`), sends the enclave one RST per flow: a connection waiting for
+data (a long poll, a pooled idle one) ends at once instead of never.
+
 Every segment or event that touches a flow marks it; `before_flush()` lets each marked
 flow send the one ACK it owes for the whole batch. Retransmission deadlines live in a
 heap with lazy invalidation: at most one live entry per flow, checked against the flow's
@@ -102,6 +108,8 @@ class TcpLayer:
         self._heap_at: dict[FlowId, float] = {}
         self._next_flow = 1
         self._isn_seed = isn_seed & 0xFFFFFFFF
+        self._orphans: list[tuple[FlowKey, int, int]] = []
+        """(key, seq, ack) of the established flows a lost link took: RSTs owed."""
 
     # --- enclave input --------------------------------------------------------------
 
@@ -237,6 +245,15 @@ class TcpLayer:
             )
             frame = builder.build(0, seq_add(tcp.seq, length), TcpFlags.RST | TcpFlags.ACK, 0)
         self.output.send_frame(frame)
+
+    def announce_resets(self) -> None:
+        """A link is up: reset the enclave's ends of the flows the last link took."""
+        orphans, self._orphans = self._orphans, []
+        for (enclave_port, remote, remote_port), seq, ack in orphans:
+            builder = self._builder(remote, remote_port, enclave_port)
+            self.output.send_frame(builder.build(seq, ack, TcpFlags.RST | TcpFlags.ACK, 0))
+        if orphans:
+            logger.info("reset %d connections the enclave had through the lost link", len(orphans))
 
     def _builder(self, remote: IPv4Address, remote_port: int, enclave_port: int) -> SegmentBuilder:
         """A frame builder for segments from `remote:remote_port` to the enclave's port."""
@@ -376,8 +393,13 @@ class TcpLayer:
             self._after(conn)
 
     def reset(self) -> None:
-        """The link was replaced: abort every host socket and forget every flow."""
-        for conn in list(self.flows.values()):
+        """The link was replaced: abort every host socket and forget every flow (owing
+        the enclave a RST for each established one, `announce_resets`)."""
+        for flow, conn in list(self.flows.items()):
+            key = self._keys.get(flow)
+            live = conn.state is TcpState.ESTABLISHED and conn.syn_acked
+            if key is not None and live and len(self._orphans) < self.config.max_tcp_flows:
+                self._orphans.append((key, conn.snd_nxt, conn.rcv_nxt))
             conn.reset()
         self.flows.clear()
         self.by_key.clear()
