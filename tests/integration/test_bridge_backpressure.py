@@ -94,3 +94,15 @@ async def test_a_backed_up_link_stops_busy_polling_until_it_drains() -> None:
     bridge.on_link_down(session, "gone")  # a dead link is not a backed-up one
     assert backlog[-1] is False
     bridge.close()
+
+
+async def test_frames_made_while_no_link_is_up_are_counted_as_dropped() -> None:
+    from nitro_netd.frames.errors import DropReason
+    from tests.support.fake_enclave import FakeEnclave
+
+    bridge = Bridge(StackConfig(), asyncio.get_running_loop())
+    request = FakeEnclave().arp_request(StackConfig().gateway_ip)
+    bridge.stack.receive_frame(request, now=bridge.loop.time())  # e.g. a frame in flight
+    bridge.flush()  # its reply has no link to go to
+    assert bridge.stack.stats.drops[DropReason.NO_LINK] == 1
+    bridge.close()

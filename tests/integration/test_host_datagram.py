@@ -8,6 +8,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from ipaddress import IPv4Address
+from typing import Any
 
 import pytest
 
@@ -146,3 +147,22 @@ async def test_host_ping_loopback_reply_or_one_clear_warning(
     side.execute(PingClose(1))
     side.close_all()
     assert side.sockets == {}
+
+
+async def test_a_datagram_dropped_on_a_full_send_buffer_is_counted() -> None:
+    from nitro_netd.frames.errors import DropReason
+    from nitro_netd.netstack.events import UdpSend
+    from nitro_netd.netstack.stats import StackStats
+    from nitro_netd.parent.host_udp import HostUdp
+
+    class FullSocket(socket.socket):
+        def send(self, data: Any, flags: int = 0) -> int:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    stats = StackStats()
+    side = HostUdp(asyncio.get_running_loop(), lambda event: None, stats.count_drop)
+    full = FullSocket(socket.AF_INET, socket.SOCK_DGRAM)
+    side.add(5, full)
+    side.execute(UdpSend(5, IPv4Address("127.0.0.1"), 9, b"x"))
+    assert stats.drops[DropReason.HOST_SEND_FULL] == 1
+    side.close_all()

@@ -6,7 +6,8 @@ import enum
 
 
 class DropReason(enum.Enum):
-    """Why a frame from the enclave was not acted on. Every drop is counted by reason."""
+    """Why a frame from (or for) the enclave was not acted on. Every drop is counted by
+    reason."""
 
     TRUNCATED = "truncated"
     """Shorter than its headers or its own length fields say."""
@@ -40,6 +41,10 @@ class DropReason(enum.Enum):
     """Handling the frame raised: a bug, logged with its traceback; the link lives on."""
     LIMIT = "limit"
     """A resource bound (flows, pending connects, buffered bytes) was hit."""
+    HOST_SEND_FULL = "host_send_full"
+    """A datagram (UDP, ping) for the world while its host socket's send buffer was full."""
+    NO_LINK = "no_link"
+    """A frame for the enclave made while no link was up (counted in frames_out too)."""
     HOST_FAILED = "host_failed"
     """TCP data for a host socket that failed while the flow still delivers what it read
     before (not acknowledged: the RST that ends the flow tells the enclave)."""

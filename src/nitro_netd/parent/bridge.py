@@ -188,6 +188,8 @@ class Bridge:
                 for frame in frames:
                     self.frame_tap(bytes(frame) if isinstance(frame, SplitFrame) else frame)
             self.session.send_frames(frames)
+        elif frames:
+            self.stack.stats.drops[DropReason.NO_LINK] += len(frames)
         self._arm_timer(self.stack.get_timer())
         if self.busy_poll is not None:
             stats = self.stack.stats

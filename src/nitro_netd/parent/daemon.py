@@ -95,8 +95,9 @@ class Daemon:
         self.host_tcp = HostTcp(self.loop, self.bridge.post_event)
         self.bridge.add_host_side(self.host_tcp)
         self.bridge.link_observers.append(self._on_new_link)
-        self.bridge.add_host_side(HostUdp(self.loop, self.bridge.post_event))
-        self.bridge.add_host_side(HostPing(self.loop, self.bridge.post_event))
+        count_drop = self.bridge.stack.stats.count_drop
+        self.bridge.add_host_side(HostUdp(self.loop, self.bridge.post_event, count_drop))
+        self.bridge.add_host_side(HostPing(self.loop, self.bridge.post_event, count_drop))
         self.bridge.admit_link = self.admit
         self.exposer = TcpExposer(
             self.loop,

@@ -18,8 +18,10 @@ import contextlib
 import errno
 import logging
 import socket
+from collections.abc import Callable
 from typing import Final
 
+from nitro_netd.frames.errors import DropReason
 from nitro_netd.netstack.events import FlowId, HostEvent
 from nitro_netd.parent.host import PostEvent
 
@@ -34,9 +36,16 @@ RECEIVE_SIZE: Final = 65536
 class DatagramSockets:
     """The sockets of one datagram protocol's flows. Subclasses read them (`on_readable`)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, post_event: PostEvent) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        post_event: PostEvent,
+        count_drop: Callable[[DropReason], None] = lambda reason: None,
+    ) -> None:
         self.loop = loop
         self.post_event = post_event
+        self.count_drop = count_drop
+        """Counts a datagram dropped on the host side (the stack's counters)."""
         self.sockets: dict[FlowId, socket.socket] = {}
         self.paused = False
         self.buffer = bytearray(RECEIVE_SIZE)

@@ -17,8 +17,10 @@ import errno
 import logging
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any, Final
 
+from nitro_netd.frames.errors import DropReason
 from nitro_netd.frames.icmp import IcmpMessage, IcmpType, build_icmp
 from nitro_netd.netstack.events import FlowId, HostEvent, PingClose, PingFailed, PingReply, PingSend
 from nitro_netd.parent.host import PostEvent
@@ -40,8 +42,13 @@ class HostPing(DatagramSockets):
 
     command_types: tuple[type, ...] = (PingSend, PingClose)
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, post_event: PostEvent) -> None:
-        super().__init__(loop, post_event)
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        post_event: PostEvent,
+        count_drop: Callable[[DropReason], None] = lambda reason: None,
+    ) -> None:
+        super().__init__(loop, post_event, count_drop)
         self.warned = False
 
     def execute(self, command: Any) -> None:
@@ -59,6 +66,7 @@ class HostPing(DatagramSockets):
         try:
             sock.sendto(build_icmp(request), (str(command.address), 0))
         except (BlockingIOError, InterruptedError):
+            self.count_drop(DropReason.HOST_SEND_FULL)
             logger.debug("ping flow %d: send buffer full, request dropped", command.flow)
         except OSError as exc:
             self.post_soon(PingFailed(command.flow, error_number(exc)))

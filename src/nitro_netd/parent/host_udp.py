@@ -11,14 +11,13 @@ now (full send buffer) is dropped, as a router would; UDP senders expect that.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 from ipaddress import IPv4Address
 from typing import Any
 
+from nitro_netd.frames.errors import DropReason
 from nitro_netd.netstack.events import FlowId, HostEvent, UdpClose, UdpDatagram, UdpFailed, UdpSend
-from nitro_netd.parent.host import PostEvent
 from nitro_netd.parent.host_datagram import DatagramSockets, close_quietly, error_number
 
 logger = logging.getLogger(__name__)
@@ -28,11 +27,6 @@ class HostUdp(DatagramSockets):
     """Executes `UdpSend` and `UdpClose` on connected host UDP sockets."""
 
     command_types: tuple[type, ...] = (UdpSend, UdpClose)
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, post_event: PostEvent) -> None:
-        super().__init__(loop, post_event)
-        self.send_drops = 0
-        """Datagrams dropped because the socket's send buffer was full."""
 
     def execute(self, command: Any) -> None:
         """Carry out one UDP command; host errors become `UdpFailed` events."""
@@ -48,7 +42,7 @@ class HostUdp(DatagramSockets):
         try:
             sock.send(command.data)
         except (BlockingIOError, InterruptedError):
-            self.send_drops += 1
+            self.count_drop(DropReason.HOST_SEND_FULL)
             logger.debug("udp flow %d: send buffer full, datagram dropped", command.flow)
         except OSError as exc:
             self.post_soon(UdpFailed(command.flow, error_number(exc)))
