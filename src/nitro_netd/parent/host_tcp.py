@@ -50,7 +50,7 @@ from nitro_netd.netstack.events import (
     TcpWriteBlocked,
     TcpWriteUnblocked,
 )
-from nitro_netd.parent.host import PostEvent
+from nitro_netd.parent.host import PostEvent, ThrottledWarning, descriptor_hint
 
 logger = logging.getLogger(__name__)
 
@@ -293,6 +293,7 @@ class HostTcp:
         self.link_paused = False
         self.read_size = READ_SIZE_SMALL
         """Bytes per host socket read; set per link with `read_size_for`."""
+        self._socket_warning = ThrottledWarning(logger)
 
     def post_soon(self, event: HostEvent) -> None:
         """Post an event after the current drain of the stack (never re-entrantly)."""
@@ -320,7 +321,9 @@ class HostTcp:
         try:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         except OSError as exc:
-            logger.warning("flow %d: cannot open a socket: %s", command.flow, exc)
+            self._socket_warning.warn(
+                "flow %d: cannot open a socket: %s%s", command.flow, exc, descriptor_hint(exc)
+            )
             self.post_soon(TcpFailed(command.flow, exc.errno or errno.EMFILE))
             return
         tune_host_socket(sock)
