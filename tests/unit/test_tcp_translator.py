@@ -842,3 +842,24 @@ def test_flows_a_lost_link_took_are_reset_in_the_enclave_once_a_link_is_back() -
     assert connecting.receive() == []
     stack.handle_link_up()  # owed once
     assert peer.receive() == []
+
+
+def test_a_reopened_window_does_not_inherit_the_probes_backed_off_timer() -> None:
+    stack = NetStack(StackConfig())
+    peer, host = TcpPeer(stack), FakeHost()
+    flow = peer.establish(host)
+    peer.send(ACK, window=0, now=1.0)
+    stack.handle_host_event(TcpData(flow, b"x" * 1000), now=1.0)
+    now = 1.0
+    for _ in range(5):  # probes back off: 0.2, 0.4, ... seconds
+        timer = stack.get_timer()
+        assert timer is not None
+        now = timer
+        stack.handle_timer(now=now)
+        peer.receive()
+        peer.send(ACK, window=0, now=now)
+    peer.send(ACK, window=65535, now=now)  # the window opens; the data goes out...
+    assert sum(len(data) for _, data in peer.receive()) == 1000
+    timer = stack.get_timer()  # ...and is lost: its retransmission is not 10 s away
+    assert timer is not None
+    assert timer - now <= 1.0

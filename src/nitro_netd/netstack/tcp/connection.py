@@ -353,9 +353,14 @@ class TcpConnection:
             and not flags & _FIN
         ):
             self._on_dupack(now)
+        reopened = False
         if acked >= 0:  # an older ACK carries an older window: ignore it
+            reopened = window > 0 and not self.snd_wnd
+            if reopened:
+                self.rto = INITIAL_RTO  # probing is over: what it held back gets a fresh timer
             self.snd_wnd = window
-        self._try_send(now, restart=acked > 0)  # new data acknowledged: restart the timer
+        # New data acknowledged, or a zero window reopened: restart the timer.
+        self._try_send(now, restart=acked > 0 or reopened)
         return True
 
     def _advance(self, ack: int, acked: int, now: float) -> None:
