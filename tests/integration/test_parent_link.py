@@ -404,3 +404,15 @@ async def test_a_handshake_never_completed_is_closed_after_the_timeout(
         # The good link's timer, armed first, would have fired before this one closed.
         await ping_roundtrip(good, sequence=2)
         good.close()
+
+
+def test_a_link_socket_in_use_is_refused_saying_what_to_do(tmp_path: Path) -> None:
+    from nitro_netd.transport import Endpoint, Scheme, open_listener
+
+    path = tmp_path / "link.sock"
+    first = open_listener(Endpoint(Scheme.UNIX, path=str(path)))
+    try:
+        with pytest.raises(OSError, match=r"in use by another listener .*--listen"):
+            open_listener(Endpoint(Scheme.UNIX, path=str(path)))
+    finally:
+        first.close()

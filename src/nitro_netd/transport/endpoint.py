@@ -127,8 +127,8 @@ def open_listener(endpoint: Endpoint, backlog: int = 8) -> socket.socket:
         OSError: with a message naming the endpoint.
     """
     if endpoint.scheme is Scheme.UNIX:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         _remove_stale_unix_socket(endpoint.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         address: str | tuple[int, int] = endpoint.path
     else:
         sock = socket.socket(AF_VSOCK, socket.SOCK_STREAM)
@@ -159,7 +159,11 @@ def _remove_stale_unix_socket(path: str) -> None:
         return
     finally:
         probe.close()
-    raise OSError(98, f"{path} is in use by another listener")
+    raise OSError(
+        98,
+        f"{path} is in use by another listener (another nitro-netd-parent? stop it, or"
+        " pass another --listen)",
+    )
 
 
 def connect(endpoint: Endpoint, timeout: float | None = None) -> socket.socket:
