@@ -227,6 +227,8 @@ def test_daemonize_port_in_use_fails_with_one_line_and_leaves_nothing(
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines() == [
         "nitro-netd-parent: error: cannot expose tcp port 8091: Address already in use"
+        " (something else listens there: see ss -lnp 'sport = :8091'; stop it or expose"
+        " another parent port)"
     ]
     assert not (daemons.state_dir / NAME).exists(), "state left behind by the failed start"
     assert not (sim.workdir / "b.sock").exists()

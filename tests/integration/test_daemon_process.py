@@ -156,6 +156,8 @@ def test_daemonize_failure_prints_the_error_and_leaves_nothing(work: Workdir) ->
     assert result.returncode == 1
     assert result.stderr.strip() == (
         f"nitro-netd-parent: error: cannot expose tcp port {port}: Address already in use"
+        f" (something else listens there: see ss -lnp 'sport = :{port}'; stop it or expose"
+        " another parent port)"
     )
     assert not (work.state / NAME).exists()
     assert not work.link.exists()

@@ -127,9 +127,22 @@ def bind_exposed(item: ExposeSpec) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise OSError(
-            exc.errno, f"cannot expose {item.protocol} port {item.parent_port}: {exc.strerror}"
+            exc.errno,
+            f"cannot expose {item.protocol} port {item.parent_port}: {exc.strerror}"
+            f"{_bind_hint(exc, item)}",
         ) from exc
     return sock
+
+
+def _bind_hint(exc: OSError, item: ExposeSpec) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f" (something else listens there: see ss -lnp 'sport = :{item.parent_port}';"
+            " stop it or expose another parent port)"
+        )
+    if exc.errno == errno.EACCES and item.parent_port < 1024:
+        return " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+    return ""
 
 
 def bind_all(items: Sequence[ExposeSpec], protocol: str) -> list[tuple[socket.socket, ExposeSpec]]:
