@@ -10,7 +10,7 @@ import pytest
 
 from nitro_netd.sim import GATEWAY_ADDRESS, Simulator
 
-from .helpers import LINK_TIMEOUT, assert_exit, wait_for_log, wait_for_ping
+from .helpers import LINK_TIMEOUT, assert_exit, wait_for_log, wait_for_ping, wait_until
 
 pytestmark = [pytest.mark.netns("ping"), pytest.mark.timeout(90)]
 
@@ -90,3 +90,17 @@ def test_agent_writes_enclave_resolv_conf_not_the_machines(sim: Simulator) -> No
     assert MACHINE_RESOLV_CONF.read_bytes() == machine_before
     leftovers = [p.name for p in Path("/etc").glob(".resolv.conf*")]
     assert not leftovers, f"temporary files left in the machine's /etc: {leftovers}"
+
+
+def test_agent_exits_with_a_reason_when_its_tap_is_deleted(sim: Simulator) -> None:
+    """No session can work without the TAP: instead of links that come up and fail every
+    2 s for ever, the agent says what happened and exits for its supervisor to restart."""
+    sim.start_parent()
+    agent = sim.start_agent()
+    wait_for_log(sim, agent, "link up", LINK_TIMEOUT)
+
+    assert_exit(sim, sim.run("enclave", ["ip", "link", "del", "tap0"]), 0, "ip link del tap0")
+
+    wait_until(sim, lambda: not agent.is_alive(), LINK_TIMEOUT, "the agent's exit")
+    assert agent.returncode == 1, sim.logs_tail()
+    assert "the TAP device is gone" in agent.log_text()

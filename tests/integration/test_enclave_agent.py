@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -684,3 +685,52 @@ def test_agent_segmentation_offload_failing_to_turn_on_reconnects_with_checksum_
     assert tunsetoffload.calls == [*PROBE, TUN_F_CSUM | TUN_F_TSO4, TUN_F_CSUM]
     assert [(r.offload, r.tso) for r in rig.link_ups] == [(True, False)]
     assert has_message(caplog, "cannot turn the TAP's segmentation offload on (TUNSETOFFLOAD: ")()
+
+
+def test_agent_a_reply_after_the_wait_ends_the_session_instead_of_corrupting_frames(
+    parent: FakeParent, make_agent: Callable[..., AgentRig], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A daemon slow to answer (paused, swapping) sends its reply after the agent took it
+    for a stock gvproxy: "HT" would read as a valid length and every later frame be cut
+    in the wrong place, silently. The session ends and the next one starts clean."""
+    rig = make_agent(reply_wait=0.2)
+    with parent.accept() as conn:
+        read_request(conn)
+        wait_for(lambda: rig.link_ups, "link up after the reply wait")
+        conn.sendall(build_connect_reply() + encode_frame(LinkProtocol.GVPROXY, FRAME_A))
+        with parent.accept() as second:
+            read_request(second)
+            second.sendall(build_connect_reply() + encode_frame(LinkProtocol.GVPROXY, FRAME_B))
+            assert rig.tap.recv(70000) == FRAME_B  # nothing of the late session came first
+    assert [result.peer for result in rig.link_ups] == [PeerKind.GVPROXY, PeerKind.NITRO_NETD]
+    wait_for(has_message(caplog, "link lost: bad frame from the parent"), "link lost log")
+    assert any("reply came after the agent stopped waiting" in m for m in messages(caplog))
+
+
+def test_agent_a_failed_fork_is_a_failed_session_and_retries(
+    parent: FakeParent,
+    make_agent: Callable[..., AgentRig],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """fork can fail for a moment (EAGAIN, ENOMEM in a small enclave): the agent must keep
+    its promise to reconnect for ever, leaking nothing."""
+    real_fork, failures = os.fork, [0]
+
+    def flaky_fork() -> int:
+        if failures[0] < 2:
+            failures[0] += 1
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", flaky_fork)  # _process forks with os.fork
+    rig = make_agent()
+    for session in range(3):  # two sessions cannot start their pump, the third one works
+        with parent.accept() as conn:
+            read_request(conn)
+            conn.sendall(build_connect_reply())
+            wait_for(partial(lambda n: len(rig.link_ups) > n, session), "link up")
+            if session == 2:
+                conn.sendall(encode_frame(LinkProtocol.GVPROXY, FRAME_A))
+                assert rig.tap.recv(70000) == FRAME_A
+    assert sum("cannot start the frame pump" in m for m in messages(caplog)) == 2

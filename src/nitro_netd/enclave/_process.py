@@ -82,6 +82,10 @@ def spawn(name: str, target: Callable[[], str], keep_fds: Iterable[int]) -> Chil
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, which leaves with os._exit
             _child_main(target, write_fd, {write_fd, *keep}, parent)
+    except OSError:  # EAGAIN, ENOMEM: no child, no pipe left behind
+        os.close(read_fd)
+        os.close(write_fd)
+        raise
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     os.close(write_fd)

@@ -53,7 +53,7 @@ from typing import Final
 from nitro_netd.enclave.backoff import Backoff
 from nitro_netd.enclave.handshake import Handshake, HandshakeResult, PeerKind
 from nitro_netd.enclave.pump import run_pump
-from nitro_netd.enclave.tap import TUN_F_CSUM, TUN_F_TSO4
+from nitro_netd.enclave.tap import TUN_F_CSUM, TUN_F_TSO4, tap_name
 from nitro_netd.enclave.tap import set_offload as tap_set_offload
 from nitro_netd.link import DEFAULT_MTU, LinkError, LinkProtocol
 from nitro_netd.transport import Endpoint, connect
@@ -65,6 +65,8 @@ TCP_IPV4_HEADERS: Final = 40
 """IPv4 and TCP headers without options: an MTU-sized segment carries MTU - 40 bytes."""
 _FATAL_CONNECT_ERRNOS: Final = frozenset({errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT})
 """Connect errors no retry can fix (no vsock in this kernel)."""
+_TAP_GONE_ERRNOS: Final = frozenset({errno.EBADFD, errno.ENODEV})
+"""What asking a TAP descriptor its name gives once the device was deleted."""
 
 
 class AgentError(Exception):
@@ -243,24 +245,48 @@ class Agent:
             return SessionOutcome(problem)
         self._announce_link_up(result)
         up_at = time.monotonic()
-        pumped = run_pump(
-            self.tap_fd,
-            sock,
-            self.config.protocol,
-            initial=result.initial,
-            stop_fd=self._stop_r,
-            max_frame=self.config.mtu + ETHERNET_HEADER,
-            vnet_hdr=self.vnet_hdr,
-            csum_offload=result.offload,
-            gso_size=self.config.mtu - TCP_IPV4_HEADERS if result.tso else 0,
-        )
+        try:
+            pumped = run_pump(
+                self.tap_fd,
+                sock,
+                self.config.protocol,
+                initial=result.initial,
+                stop_fd=self._stop_r,
+                max_frame=self.config.mtu + ETHERNET_HEADER,
+                vnet_hdr=self.vnet_hdr,
+                csum_offload=result.offload,
+                gso_size=self.config.mtu - TCP_IPV4_HEADERS if result.tso else 0,
+                reply_overdue=result.reply_overdue,
+            )
+        except OSError as exc:  # fork or pipe failed (EAGAIN, ENOMEM): retry later
+            reason = f"cannot start the frame pump: {exc.strerror or exc}"
+            self._log_failure(reason)
+            return SessionOutcome(reason)
         up_seconds = time.monotonic() - up_at
         if self.stopping:
             logger.info("link closed: agent stopping")
         else:
             logger.warning("link lost: %s", pumped.reason)
         logger.debug("tap→link %s; link→tap %s", pumped.tap_to_link.stats, pumped.link_to_tap.stats)
+        self._check_tap()
         return SessionOutcome(pumped.reason, up_seconds)
+
+    def _check_tap(self) -> None:
+        """Raise `AgentError` if the TAP is gone (``ip link del tap0``): no session could
+        ever work again, and each would look like a link that came up and failed.
+
+        Raises:
+            AgentError: the TAP no longer works.
+        """
+        try:
+            tap_name(self.tap_fd)
+        except OSError as exc:
+            if exc.errno not in _TAP_GONE_ERRNOS:
+                return  # not a TAP at all (a socket standing in for one in tests)
+            raise AgentError(
+                f"the TAP device is gone ({exc.strerror or exc}): was it deleted? restart"
+                " the agent to create it again"
+            ) from exc
 
     def _handshake(self, sock: socket.socket) -> HandshakeResult:
         """Send the request and decide the peer's kind (see `Handshake`).

@@ -96,6 +96,9 @@ class HandshakeResult:
     """Checksum offload is on for this link: the agent asked and the daemon agreed."""
     tso: bool = False
     """TCP segmentation offload is on too (never without `offload`)."""
+    reply_overdue: bool = False
+    """A reply was asked for and the wait for it ran out: the peer was taken for a stock
+    gvproxy, but a slow daemon's reply may still come (`pump.refuse_late_reply`)."""
 
     def describe(self) -> str:
         """Return the peer's kind for the operator's log."""
@@ -160,7 +163,7 @@ class Handshake:
         Returns None while part of a reply is buffered: keep reading, within a deadline.
         """
         if self.result is None and not self._prefix and self._reader is None:
-            self.result = HandshakeResult(PeerKind.GVPROXY)
+            self.result = HandshakeResult(PeerKind.GVPROXY, reply_overdue=True)
         return self.result
 
     def _receive_reply(self, data: bytes) -> HandshakeResult | None:

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from nitro_netd.enclave import _process
+from nitro_netd.enclave.handshake import REPLY_PREFIX
 from nitro_netd.enclave.tap import VNET_HDR_SIZE
 from nitro_netd.enclave.vnet import (
     CSUM_HEADERS,
@@ -349,6 +350,29 @@ def run_tap_to_link(
     return PumpReport(reason, stats)
 
 
+def refuse_late_reply(sock: socket.socket, initial: bytes) -> bytes:
+    """Return the stream's first bytes, unless they are a handshake reply that came late.
+
+    The agent stops waiting for a reply after a moment (a stock gvproxy never sends one)
+    and pumps. A daemon that was slow to answer (paused, swapping, its loop stalled) then
+    sends ``HTTP/1.1 200`` into the frame stream, where "HT" reads as a valid length:
+    every frame after it would be cut in the wrong place, silently. No frame starts with
+    those bytes (a frame's length is followed by the enclave's MAC address).
+
+    Raises:
+        LinkError: the stream starts with a reply: the session must start again.
+    """
+    head = bytes(initial)
+    while len(head) < len(REPLY_PREFIX) and REPLY_PREFIX.startswith(head):
+        data = sock.recv(len(REPLY_PREFIX) - len(head))
+        if not data:
+            break
+        head += data
+    if head.startswith(REPLY_PREFIX):
+        raise LinkError("the parent's handshake reply came after the agent stopped waiting")
+    return head
+
+
 def run_link_to_tap(
     sock: socket.socket,
     tap_fd: int,
@@ -358,12 +382,13 @@ def run_link_to_tap(
     vnet_hdr: bool = False,
     csum_offload: bool = False,
     gso_size: int = 0,
+    reply_overdue: bool = False,
 ) -> PumpReport:
     """Run the link → tap direction to its end and say why it ended."""
     stats = DirectionStats()
     decoder = FrameDecoder(protocol, capacity=RECEIVE_CAPACITY)
-    decoder.receive_data(initial)
     try:
+        decoder.receive_data(refuse_late_reply(sock, initial) if reply_overdue else initial)
         reason = pump_link_to_tap(
             sock,
             tap_fd,
@@ -393,6 +418,7 @@ def run_pump(
     vnet_hdr: bool = False,
     csum_offload: bool = False,
     gso_size: int = 0,
+    reply_overdue: bool = False,
 ) -> PumpResult:
     """Pump frames both ways in two child processes until either direction ends.
 
@@ -409,6 +435,8 @@ def run_pump(
         gso_size: with `csum_offload`, segmentation offload is on: TCP/IPv4 super-segments
             pass both ways (up to the framing's limit, whatever `max_frame`), and an
             enclave-bound one is cut by the enclave's kernel into pieces of this size.
+        reply_overdue: the handshake stopped waiting for a reply: a late one ends the
+            session (`refuse_late_reply`) instead of corrupting the frame stream.
 
     Returns:
         The reason of the direction that ended first, and both directions' reports.
@@ -430,19 +458,24 @@ def run_pump(
         lambda: run_tap_to_link(tap_fd, sock, protocol, max_frame, vnet_hdr=vnet_hdr, tso=tso),
         keep,
     )
-    back = _spawn_direction(
-        "link→tap",
-        lambda: run_link_to_tap(
-            sock,
-            tap_fd,
-            protocol,
-            initial,
-            vnet_hdr=vnet_hdr,
-            csum_offload=csum_offload,
-            gso_size=gso_size,
-        ),
-        keep,
-    )
+    try:
+        back = _spawn_direction(
+            "link→tap",
+            lambda: run_link_to_tap(
+                sock,
+                tap_fd,
+                protocol,
+                initial,
+                vnet_hdr=vnet_hdr,
+                csum_offload=csum_offload,
+                gso_size=gso_size,
+                reply_overdue=reply_overdue,
+            ),
+            keep,
+        )
+    except OSError:  # the first child must not outlive a failed second spawn
+        _process.finish(out, STOP_GRACE)
+        raise
     first, reason = _wait_first([out, back], stop_fd)
     reports = {first.name: PumpReport.decode(reason)} if first is not None else {}
     for child in (out, back):

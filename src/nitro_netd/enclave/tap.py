@@ -84,6 +84,16 @@ def open_tap(name: str = DEFAULT_TAP_NAME, tun_path: str = TUN_PATH) -> int:
     return fd
 
 
+def tap_name(fd: int) -> str:
+    """The name of the TUN/TAP device behind `fd`.
+
+    Raises:
+        OSError: `fd` is not (or no longer: the device was deleted, EBADFD) a TUN/TAP.
+    """
+    ifreq = fcntl.ioctl(fd, TUNGETIFF, bytes(40))
+    return ifreq[:IFNAMSIZ].rstrip(b"\0").decode()
+
+
 def has_vnet_hdr(fd: int) -> bool:
     """Return True if `fd` is a TUN/TAP descriptor whose frames carry virtio-net headers.
 
