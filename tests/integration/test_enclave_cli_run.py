@@ -160,3 +160,55 @@ def test_cli_plain_agent_exits_0_on_sigterm(parent_path: Path) -> None:
         assert proc.wait(TIMEOUT) == 0
     assert "Traceback" not in rest
     assert "stopped" in rest
+
+
+def test_cli_run_a_file_the_kernel_cannot_execute_is_126(
+    fake_tap: socket.socket, parent_path: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    garbage = tmp_path / "not-a-program"
+    garbage.write_bytes(b"\x00\x01\x02 garbage")
+    garbage.chmod(0o755)
+    argv = ["run", "--parent", f"unix://{parent_path}", "--", str(garbage)]
+    assert cli.main(argv) == 126
+    err = capfd.readouterr().err
+    assert "Exec format error" in err
+    assert "Traceback" not in err
+
+
+def test_cli_run_writes_the_users_link_up_fd_too(
+    fake_tap: socket.socket, parent_path: Path
+) -> None:
+    read_fd, write_fd = os.pipe()
+    try:
+        argv = ["run", "--parent", f"unix://{parent_path}", "--link-up-fd", str(write_fd)]
+        assert cli.main([*argv, "--", "true"]) == 0
+        os.set_blocking(read_fd, False)
+        assert os.read(read_fd, 16) == b"U"
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def test_cli_run_ctrl_c_while_waiting_for_the_link_is_130_without_a_traceback(
+    fake_tap: socket.socket,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    waiting = threading.Event()
+    real_wait = cli._wait_link_up
+
+    def wait_link_up(*args: object) -> str | None:
+        waiting.set()
+        return real_wait(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cli, "_wait_link_up", wait_link_up)
+
+    def interrupt() -> None:
+        if waiting.wait(TIMEOUT):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C reaches the foreground process
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    argv = ["run", "--parent", f"unix://{tmp_path}/none.sock", "--link-timeout", "30"]
+    assert cli.main([*argv, "--", "true"]) == 130
+    assert "Traceback" not in capfd.readouterr().err

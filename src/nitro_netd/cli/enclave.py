@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import select
 import signal
@@ -37,6 +38,7 @@ from nitro_netd.link import DEFAULT_MTU, MAX_MTU, LinkProtocol
 from nitro_netd.transport import Endpoint, EndpointError, Scheme, parse_endpoint
 
 PROG: Final = "nitro-netd-enclave"
+logger = logging.getLogger("nitro_netd.enclave")
 DEFAULT_PARENT: Final = "vsock://3:1024"
 MIN_MTU: Final = 68
 DEFAULT_LINK_TIMEOUT: Final = 30.0
@@ -82,10 +84,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         tap_fd = bring_up_network(options.plan, options.resolv_conf, tap_opener=open_tap)
     except (TapError, NetConfigError, ResolvConfError) as exc:
         return fail(PROG, str(exc))
+    except KeyboardInterrupt:  # Ctrl-C while setting up: a word, not a traceback
+        logger.info("interrupted")
+        return 130
     try:
         if options.command is None:
             return run_agent(options, tap_fd)
         return run_command(options, tap_fd)
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers were in place
+        logger.info("interrupted")
+        return 130
     finally:
         os.close(tap_fd)
 
@@ -292,9 +300,8 @@ def _link_up_fd(text: str) -> int:
 
 def run_agent(options: EnclaveOptions, tap_fd: int) -> int:
     """Run the agent in this process until SIGTERM or SIGINT; return the exit status."""
-    agent = Agent(
-        options.agent, tap_fd, link_up_fd=options.link_up_fd, vnet_hdr=has_vnet_hdr(tap_fd)
-    )
+    link_up_fds = _link_up_fds(options)
+    agent = Agent(options.agent, tap_fd, link_up_fds=link_up_fds, vnet_hdr=has_vnet_hdr(tap_fd))
     stop: Callable[[int, object], None] = lambda signum, frame: agent.stop()  # noqa: E731
     try:
         with _signal_handlers((signal.SIGTERM, signal.SIGINT), stop):
@@ -310,8 +317,11 @@ def run_command(options: EnclaveOptions, tap_fd: int) -> int:
     """Start the agent in a child, wait for the link, run the command; return its status."""
     assert options.command is not None
     read_fd, write_fd = os.pipe()
+    user_fds = _link_up_fds(options)
     agent = _process.spawn(
-        "agent", lambda: _agent_child(options, tap_fd, write_fd), (tap_fd, write_fd)
+        "agent",
+        lambda: _agent_child(options, tap_fd, (write_fd, *user_fds)),
+        (tap_fd, write_fd, *user_fds),
     )
     os.close(write_fd)
     try:
@@ -324,11 +334,21 @@ def run_command(options: EnclaveOptions, tap_fd: int) -> int:
         os.close(read_fd)
 
 
-def _agent_child(options: EnclaveOptions, tap_fd: int, link_up_fd: int) -> str:
-    """The agent process of ``run``: runs until SIGTERM, reports how it ended."""
-    os.set_blocking(link_up_fd, False)
+def _link_up_fds(options: EnclaveOptions) -> tuple[int, ...]:
+    """The user's --link-up-fd, if any, made non-blocking (a stalled reader never stalls
+    the agent)."""
+    if options.link_up_fd is None:
+        return ()
+    os.set_blocking(options.link_up_fd, False)
+    return (options.link_up_fd,)
+
+
+def _agent_child(options: EnclaveOptions, tap_fd: int, link_up_fds: tuple[int, ...]) -> str:
+    """The agent process of ``run``: runs until SIGTERM, reports how it ended (its first
+    link-up descriptor tells ``run`` the link is up; the others are the user's)."""
+    os.set_blocking(link_up_fds[0], False)
     agent = Agent(
-        replace(options.agent), tap_fd, link_up_fd=link_up_fd, vnet_hdr=has_vnet_hdr(tap_fd)
+        replace(options.agent), tap_fd, link_up_fds=link_up_fds, vnet_hdr=has_vnet_hdr(tap_fd)
     )
     signal.signal(signal.SIGTERM, lambda signum, frame: agent.stop())
     try:
@@ -363,6 +383,8 @@ def _run_child_command(command: Sequence[str]) -> int:
         return fail(PROG, f"{command[0]}: command not found", 127)
     except PermissionError:
         return fail(PROG, f"{command[0]}: permission denied", 126)
+    except OSError as exc:  # e.g. ENOEXEC: not a program this kernel can run
+        return fail(PROG, f"{command[0]}: {exc.strerror or exc}", 126)
     forward: Callable[[int, object], None] = lambda signum, frame: child.send_signal(signum)  # noqa: E731
     with _signal_handlers(FORWARDED_SIGNALS, forward):
         status = child.wait()

@@ -46,7 +46,7 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -122,7 +122,7 @@ class Agent:
         tap_fd: int,
         *,
         on_link_up: Callable[[HandshakeResult], None] | None = None,
-        link_up_fd: int | None = None,
+        link_up_fds: Sequence[int] = (),
         vnet_hdr: bool = False,
         set_offload: Callable[[int, int], None] = tap_set_offload,
     ) -> None:
@@ -130,8 +130,9 @@ class Agent:
         config: where and how to connect.
         tap_fd: the TAP (or, in tests, any boundary-keeping descriptor); not closed here.
         on_link_up: called in the agent's process each time the link comes up.
-        link_up_fd: a descriptor (e.g. a pipe) that gets one byte each time the link comes
-            up, for a parent process; written without blocking.
+        link_up_fds: descriptors (e.g. pipes) that each get one byte each time the link
+            comes up, for a parent process or a supervisor; written without blocking (a
+            reader that does not keep up misses bytes, never stalls the agent).
         vnet_hdr: the TAP's frames carry virtio-net headers (opened with ``IFF_VNET_HDR``);
             checksum offload needs them.
         set_offload: sets the TAP's offloads (``TUNSETOFFLOAD``; replaceable in tests).
@@ -139,7 +140,7 @@ class Agent:
         self.config = config
         self.tap_fd = tap_fd
         self.on_link_up = on_link_up
-        self.link_up_fd = link_up_fd
+        self.link_up_fds = tuple(link_up_fds)
         self.vnet_hdr = vnet_hdr
         self.sessions = 0
         """Sessions whose link came up."""
@@ -430,9 +431,9 @@ class Agent:
             logger.debug("parent's reply headers: %s", dict(result.reply.headers))
         if self.on_link_up is not None:
             self.on_link_up(result)
-        if self.link_up_fd is not None:
+        for fd in self.link_up_fds:
             with contextlib.suppress(BlockingIOError, BrokenPipeError):
-                os.write(self.link_up_fd, b"U")
+                os.write(fd, b"U")
 
     def _log_failure(self, message: str) -> None:
         """Log a failure: a warning, or debug when it repeats the previous failure."""
