@@ -78,6 +78,7 @@ def test_agent_started_before_parent(sim: Simulator) -> None:
 
 def test_agent_writes_enclave_resolv_conf_not_the_machines(sim: Simulator) -> None:
     machine_before = MACHINE_RESOLV_CONF.read_bytes()
+    enclave_before = sim.etc_path("enclave", "resolv.conf").read_bytes()
     sim.start_parent()
     agent = sim.start_agent()
     wait_for_log(sim, agent, "link up", LINK_TIMEOUT)
@@ -88,6 +89,10 @@ def test_agent_writes_enclave_resolv_conf_not_the_machines(sim: Simulator) -> No
     assert sim.etc_path("enclave", "resolv.conf").read_text() == seen_inside
     agent.stop()
     assert MACHINE_RESOLV_CONF.read_bytes() == machine_before
+    assert sim.etc_path("enclave", "resolv.conf").read_bytes() == enclave_before, (
+        "the enclave's own resolv.conf was not put back"
+    )
+    assert "restored /etc/resolv.conf" in agent.log_text()
     leftovers = [p.name for p in Path("/etc").glob(".resolv.conf*")]
     assert not leftovers, f"temporary files left in the machine's /etc: {leftovers}"
 

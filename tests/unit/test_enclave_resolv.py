@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from nitro_netd.enclave.resolv import ResolvConfError, render_resolv_conf, write_resolv_conf
+from nitro_netd.enclave.resolv import (
+    ResolvConfError,
+    read_resolv_conf,
+    render_resolv_conf,
+    restore_resolv_conf,
+    write_resolv_conf,
+)
 
 EXPECTED = "# written by nitro-netd-enclave\nnameserver 192.168.127.1\n"
 
@@ -77,3 +83,44 @@ def test_resolv_conf_unwritable_gives_one_line_advice(tmp_path: Path) -> None:
     with pytest.raises(ResolvConfError, match="--no-resolv-conf") as info:
         write_resolv_conf(str(blocker / "sub" / "resolv.conf"))
     assert "\n" not in str(info.value)
+
+
+def test_the_users_resolv_conf_is_put_back_after_the_agent(tmp_path: Path) -> None:
+    path = tmp_path / "resolv.conf"
+    path.write_text("nameserver 10.0.0.2\nsearch corp.example\n")
+    original = read_resolv_conf(str(path))
+    write_resolv_conf(str(path))
+    assert restore_resolv_conf(str(path), original) == f"restored {path}"
+    assert path.read_text() == "nameserver 10.0.0.2\nsearch corp.example\n"
+
+
+def test_a_resolv_conf_the_agent_created_is_removed_after_it(tmp_path: Path) -> None:
+    path = tmp_path / "resolv.conf"
+    original = read_resolv_conf(str(path))
+    assert original is None
+    write_resolv_conf(str(path))
+    assert restore_resolv_conf(str(path), original) == f"removed {path} (there was none before)"
+    assert not path.exists()
+
+
+def test_a_resolv_conf_changed_since_the_agent_wrote_it_is_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "resolv.conf"
+    path.write_text("nameserver 10.0.0.2\n")
+    original = read_resolv_conf(str(path))
+    write_resolv_conf(str(path))
+    path.write_text("nameserver 10.9.9.9\n")  # the user's own change meanwhile
+    assert "changed since" in restore_resolv_conf(str(path), original)
+    assert path.read_text() == "nameserver 10.9.9.9\n"
+
+
+def test_restoring_follows_the_symlink_like_writing(tmp_path: Path) -> None:
+    target = tmp_path / "run" / "resolv.conf"
+    target.parent.mkdir()
+    target.write_text("nameserver 10.0.0.2\n")
+    link = tmp_path / "resolv.conf"
+    link.symlink_to(target)
+    original = read_resolv_conf(str(link))
+    write_resolv_conf(str(link))
+    restore_resolv_conf(str(link), original)
+    assert link.is_symlink()
+    assert target.read_text() == "nameserver 10.0.0.2\n"

@@ -25,7 +25,12 @@ from nitro_netd.cli.common import LOG_LEVELS, fail, setup_logging
 from nitro_netd.enclave import _process
 from nitro_netd.enclave.agent import Agent, AgentConfig, AgentError
 from nitro_netd.enclave.netconfig import InterfacePlan, NetConfigError
-from nitro_netd.enclave.resolv import DEFAULT_RESOLV_CONF, ResolvConfError
+from nitro_netd.enclave.resolv import (
+    DEFAULT_RESOLV_CONF,
+    ResolvConfError,
+    read_resolv_conf,
+    restore_resolv_conf,
+)
 from nitro_netd.enclave.setup import bring_up_network
 from nitro_netd.enclave.tap import (
     DEFAULT_TAP_NAME,
@@ -80,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse has printed usage and a one-line error, or --help
         return exc.code if isinstance(exc.code, int) else 2
     setup_logging(PROG, options.log_level)
+    original_resolv_conf = read_resolv_conf(options.resolv_conf) if options.resolv_conf else None
     try:
         tap_fd = bring_up_network(options.plan, options.resolv_conf, tap_opener=open_tap)
     except (TapError, NetConfigError, ResolvConfError) as exc:
@@ -96,6 +102,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         os.close(tap_fd)
+        if options.resolv_conf is not None:
+            _restore_resolv_conf(options, original_resolv_conf)
+
+
+def _restore_resolv_conf(options: EnclaveOptions, original: bytes | None) -> None:
+    assert options.resolv_conf is not None
+    try:
+        logger.info(
+            "%s",
+            restore_resolv_conf(options.resolv_conf, original, str(options.plan.gateway)),
+        )
+    except ResolvConfError as exc:
+        logger.warning("%s", exc)
 
 
 def entry() -> None:

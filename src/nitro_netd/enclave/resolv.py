@@ -5,6 +5,10 @@ Nitro enclave images often ship ``/etc/resolv.conf`` as a symlink to
 creates the missing directory and writes the target. It writes a temporary file and renames
 it over the target; where renaming is impossible (a bind-mounted file, as ``ip netns exec``
 makes of ``/etc/netns/NAME/resolv.conf``) it rewrites the file in place.
+
+The file's previous content is read first (`read_resolv_conf`) and put back when the agent
+exits (`restore_resolv_conf`), unless someone changed the file meanwhile: after the agent
+the gateway's address no longer exists, and the user's resolver must not be lost.
 """
 
 from __future__ import annotations
@@ -44,6 +48,39 @@ def write_resolv_conf(path: str = DEFAULT_RESOLV_CONF, nameserver: str = DEFAULT
             "pass --resolv-conf PATH or --no-resolv-conf"
         ) from exc
     return target
+
+
+def read_resolv_conf(path: str = DEFAULT_RESOLV_CONF) -> bytes | None:
+    """The content of resolv.conf at `path` (following symlinks); None if there is none
+    (or it cannot be read: then nothing will be put back)."""
+    try:
+        with open(os.path.realpath(path), "rb") as handle:
+            return handle.read()
+    except OSError:
+        return None
+
+
+def restore_resolv_conf(
+    path: str, original: bytes | None, nameserver: str = DEFAULT_NAMESERVER
+) -> str:
+    """Put back the resolv.conf the agent replaced, if the file still holds what the agent
+    wrote (someone else's change is left alone); remove it if there was none before.
+    Return what was done, for the log.
+
+    Raises:
+        ResolvConfError: the file cannot be written or removed.
+    """
+    target = os.path.realpath(path)
+    if read_resolv_conf(target) != render_resolv_conf(nameserver).encode("ascii"):
+        return f"left {target} as it is: it changed since the agent wrote it"
+    try:
+        if original is None:
+            os.unlink(target)
+            return f"removed {target} (there was none before)"
+        _write_atomically(target, original)
+    except OSError as exc:
+        raise ResolvConfError(f"cannot restore {target}: {exc.strerror or exc}") from exc
+    return f"restored {target}"
 
 
 _NO_RENAME: Final = frozenset({errno.EBUSY, errno.EXDEV, errno.EPERM, errno.EACCES, errno.EROFS})
