@@ -212,3 +212,41 @@ def test_cli_run_ctrl_c_while_waiting_for_the_link_is_130_without_a_traceback(
     argv = ["run", "--parent", f"unix://{tmp_path}/none.sock", "--link-timeout", "30"]
     assert cli.main([*argv, "--", "true"]) == 130
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_cli_run_a_signal_to_the_whole_group_leaves_the_link_up_while_the_command_ends(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C or ``kill -- -PGID`` reaches every process of the group: the command must
+    keep its network while it shuts down (drains, flushes), and only then lose it."""
+    path = tmp_path / "parent.sock"
+    parent = ReplyingParent(path)
+    started, got_term, release = tmp_path / "started", tmp_path / "got-term", tmp_path / "go"
+    script = (
+        f"trap 'touch {got_term}; while [ ! -e {release} ]; do sleep 0.01; done; exit 0' TERM;"
+        f" touch {started}; while :; do sleep 0.01; done"
+    )
+    argv = [sys.executable, "-c", AGENT_SCRIPT, "run", "--parent", f"unix://{path}"]
+    process = subprocess.Popen([*argv, "--", "sh", "-c", script], start_new_session=True)
+    try:
+        wait_for_file(started)
+        assert len(parent.links) == 1
+        os.killpg(process.pid, signal.SIGTERM)
+        wait_for_file(got_term)
+        link = parent.links[0]
+        with pytest.raises(BlockingIOError):  # open and quiet: no EOF from the agent
+            link.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        assert len(parent.links) == 1, "the agent reconnected: its pump was stopped"
+        release.touch()
+        assert process.wait(TIMEOUT) == 0
+    finally:
+        process.kill()
+        process.wait()
+        parent.close()
+
+
+def wait_for_file(path: Path) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.01)

@@ -49,6 +49,10 @@ MIN_MTU: Final = 68
 DEFAULT_LINK_TIMEOUT: Final = 30.0
 AGENT_STOP_GRACE: Final = 5.0
 FORWARDED_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+AGENT_STOP_SIGNAL: Final = signal.SIGUSR1
+"""How ``run`` stops its agent child, which ignores the signals a whole process group gets
+(Ctrl-C, ``kill -- -PGID``, systemd's stop): those are for the command, which keeps its
+network while it shuts down."""
 
 EPILOG: Final = """\
 examples:
@@ -349,7 +353,7 @@ def run_command(options: EnclaveOptions, tap_fd: int) -> int:
             return fail(PROG, problem)
         return _run_child_command(options.command)
     finally:
-        _process.finish(agent, AGENT_STOP_GRACE)
+        _process.finish(agent, AGENT_STOP_GRACE, stop_signal=AGENT_STOP_SIGNAL)
         os.close(read_fd)
 
 
@@ -369,7 +373,13 @@ def _agent_child(options: EnclaveOptions, tap_fd: int, link_up_fds: tuple[int, .
     agent = Agent(
         replace(options.agent), tap_fd, link_up_fds=link_up_fds, vnet_hdr=has_vnet_hdr(tap_fd)
     )
-    signal.signal(signal.SIGTERM, lambda signum, frame: agent.stop())
+    # Signals for the whole group (Ctrl-C, kill -- -PGID) are for the command: run stops
+    # the agent after it. Its own group keeps them from its pump children too.
+    os.setpgid(0, 0)
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(AGENT_STOP_SIGNAL, lambda signum, frame: agent.stop())
+    _process.die_with_parent(AGENT_STOP_SIGNAL)
     try:
         agent.run_forever()
     except AgentError as exc:

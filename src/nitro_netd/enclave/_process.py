@@ -152,11 +152,12 @@ def read_report(child: Child, timeout: float) -> str | None:
         chunks.append(chunk)
 
 
-def finish(child: Child, grace: float) -> str:
-    """Stop `child` (SIGTERM, then SIGKILL after `grace` s), reap it, return its report."""
+def finish(child: Child, grace: float, stop_signal: int = signal.SIGTERM) -> str:
+    """Stop `child` (`stop_signal`, then SIGKILL after `grace` s), reap it, return its
+    report."""
     if not child.poll_exit():
         with contextlib.suppress(ProcessLookupError):
-            os.kill(child.pid, signal.SIGTERM)
+            os.kill(child.pid, stop_signal)
     report = read_report(child, grace)
     if report is None:
         with contextlib.suppress(ProcessLookupError):
