@@ -4,6 +4,7 @@ new link sets the stack's offloads."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from typing import Any
 
@@ -105,4 +106,39 @@ async def test_frames_made_while_no_link_is_up_are_counted_as_dropped() -> None:
     bridge.stack.receive_frame(request, now=bridge.loop.time())  # e.g. a frame in flight
     bridge.flush()  # its reply has no link to go to
     assert bridge.stack.stats.drops[DropReason.NO_LINK] == 1
+    bridge.close()
+
+
+async def test_a_host_sides_bug_ends_the_commands_flow_instead_of_leaving_it_stuck() -> None:
+    """A connect that raised never started (the stack has no timer of its own for it);
+    a send that raised may be half written: either way the flow must end."""
+    from ipaddress import IPv4Address
+
+    from nitro_netd.frames.errors import DropReason
+    from nitro_netd.netstack.events import HostEvent, TcpConnect, TcpFailed, UdpClose, UdpFailed
+
+    class BuggySide(RecordingSide):
+        command_types = (TcpConnect, UdpClose)
+
+        def execute(self, command: Any) -> None:
+            raise RuntimeError("a bug")
+
+    bridge = Bridge(StackConfig(), asyncio.get_running_loop())
+    bridge.add_host_side(BuggySide())
+    posted: list[HostEvent] = []
+    arrived = asyncio.Event()
+
+    def record(event: HostEvent) -> None:
+        posted.append(event)
+        arrived.set()
+
+    bridge.post_event = record  # type: ignore[method-assign]
+    bridge.execute(TcpConnect(7, IPv4Address("198.18.0.2"), 80, 10.0))
+    bridge.execute(UdpClose(8))
+    async with asyncio.timeout(5):
+        while len(posted) < 2:
+            arrived.clear()
+            await arrived.wait()
+    assert posted == [TcpFailed(7, errno.EIO), UdpFailed(8, errno.EIO)]
+    assert bridge.stack.stats.drops[DropReason.INTERNAL_ERROR] == 2
     bridge.close()

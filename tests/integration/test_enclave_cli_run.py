@@ -189,12 +189,19 @@ def test_cli_run_writes_the_users_link_up_fd_too(
         os.close(write_fd)
 
 
-def test_cli_run_ctrl_c_while_waiting_for_the_link_is_130_without_a_traceback(
+@pytest.mark.parametrize(
+    ("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)]
+)
+def test_cli_run_a_signal_while_waiting_for_the_link_ends_it_cleanly(
     fake_tap: socket.socket,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
+    signum: int,
+    status: int,
 ) -> None:
+    """Ctrl-C, a stop (systemd, docker) or a hang-up before the command runs: no traceback,
+    the shell's status, and the clean-up (resolv.conf) done."""
     waiting = threading.Event()
     real_wait = cli._wait_link_up
 
@@ -204,14 +211,23 @@ def test_cli_run_ctrl_c_while_waiting_for_the_link_is_130_without_a_traceback(
 
     monkeypatch.setattr(cli, "_wait_link_up", wait_link_up)
 
-    def interrupt() -> None:
+    main_thread, done = threading.get_ident(), threading.Event()
+
+    def interrupt() -> None:  # again until it is seen: one may land just before a select
         if waiting.wait(TIMEOUT):
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C reaches the foreground process
+            while signal.getsignal(signum) is cli._interrupt and not done.is_set():
+                signal.pthread_kill(main_thread, signum)
+                done.wait(0.05)
 
     threading.Thread(target=interrupt, daemon=True).start()
     argv = ["run", "--parent", f"unix://{tmp_path}/none.sock", "--link-timeout", "30"]
-    assert cli.main([*argv, "--", "true"]) == 130
-    assert "Traceback" not in capfd.readouterr().err
+    try:
+        assert cli.main([*argv, "--", "true"]) == status
+    finally:
+        done.set()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    assert f"interrupted by {signal.Signals(signum).name}" in err
 
 
 def test_cli_run_a_signal_to_the_whole_group_leaves_the_link_up_while_the_command_ends(

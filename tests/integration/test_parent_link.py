@@ -387,7 +387,7 @@ async def test_a_peer_gone_before_its_handshake_reply_never_replaces_the_live_li
     assert "replaced by a new link" not in caplog.text
 
 
-@pytest.mark.parametrize("partial", [b"", b"POS", b"POST /connect HTTP/1.1\r\n", b"\x00\x00"])
+@pytest.mark.parametrize("partial", [b"POS", b"POST /connect HTTP/1.1\r\n", b"\x00\x00"])
 async def test_a_handshake_never_completed_is_closed_after_the_timeout(
     tmp_path: Path, partial: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -416,3 +416,21 @@ def test_a_link_socket_in_use_is_refused_saying_what_to_do(tmp_path: Path) -> No
             open_listener(Endpoint(Scheme.UNIX, path=str(path)))
     finally:
         first.close()
+
+
+async def test_a_quiet_qemu_agent_is_not_timed_out_before_its_first_frame(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The qemu framing has no request: an agent whose enclave sends nothing for a while
+    has sent nothing at all, and must not be cut off for it."""
+    import nitro_netd.parent.session as session_module
+
+    monkeypatch.setattr(session_module, "HANDSHAKE_TIMEOUT", 0.2)
+    path = tmp_path / "link.sock"
+    async with running_daemon(path):
+        quiet = await Agent.connect(path, LinkProtocol.QEMU)
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(b"POS")  # a handshake begun and never finished, on a later timer
+        assert await Agent(reader, writer, LinkProtocol.GVPROXY).closed_by_daemon()
+        await ping_roundtrip(quiet)  # the quiet agent's timer, armed first, has fired too
+        quiet.close()

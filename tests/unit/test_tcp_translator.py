@@ -863,3 +863,72 @@ def test_a_reopened_window_does_not_inherit_the_probes_backed_off_timer() -> Non
     timer = stack.get_timer()  # ...and is lost: its retransmission is not 10 s away
     assert timer is not None
     assert timer - now <= 1.0
+
+
+def test_a_fin_lost_as_the_window_closes_is_probed_for_and_sent_when_it_opens() -> None:
+    """Our FIN went out and was lost (the enclave's TAP queue was full); the enclave then
+    acknowledged the data with a zero window. Timeouts must probe, not count a live
+    receiver as dead, and the FIN must go again once the window opens."""
+    stack = NetStack(StackConfig())
+    peer, host = TcpPeer(stack), FakeHost()
+    flow = peer.establish(host)
+    stack.handle_host_event(TcpData(flow, b"x" * 1000), now=1.0)
+    peer.accept(peer.receive())
+    stack.handle_host_event(TcpEof(flow), now=1.0)
+    assert [h.flags & TcpFlags.FIN for h, _ in peer.receive()] == [TcpFlags.FIN]  # lost
+    peer.send(ACK, window=0, now=1.0)  # the data acknowledged, no room left
+    now = 1.0
+    for _ in range(40):  # ten minutes of timers, every probe answered
+        for _header, _data in peer.receive():
+            peer.send(ACK, window=0, now=now)
+        timer = stack.get_timer()
+        assert timer is not None
+        now = max(now, timer)
+        stack.handle_timer(now=now)
+        assert not [c for c in host.take(stack) if isinstance(c, TcpClose)], f"reset at {now}"
+    peer.send(ACK, window=65535, now=now)
+    segments = peer.receive()
+    assert any(header.flags & TcpFlags.FIN for header, _ in segments), "the FIN never came again"
+    peer.accept(segments)
+    assert peer.fin_received
+
+
+def test_an_orphans_window_probes_are_bounded_even_when_answered() -> None:
+    """The host failed with bytes queued and the enclave's application stopped reading:
+    with no host socket left, the flow must not probe the zero window for ever."""
+    stack = NetStack(StackConfig())
+    peer, host = TcpPeer(stack), FakeHost()
+    peer.window_scale, peer.window = None, 1000
+    flow = peer.establish(host)
+    stack.handle_host_event(TcpData(flow, b"x" * 5000), now=1.0)
+    peer.accept(peer.receive())
+    peer.send(ACK, window=0, now=1.0)
+    stack.handle_host_event(TcpFailed(flow, errno.ECONNRESET), now=1.0)
+    now = 1.0
+    for _ in range(100):
+        for _header, _data in peer.receive():
+            peer.send(ACK, window=0, now=now)
+        timer = stack.get_timer()
+        if timer is None:
+            break
+        now = max(now, timer)
+        stack.handle_timer(now=now)
+    assert flow not in stack.tcp.flows, "the orphan flow probes for ever"
+
+
+def test_a_flow_with_bytes_in_flight_when_the_link_went_gets_a_reset_the_enclave_takes() -> None:
+    """The enclave takes a RST only at exactly its rcv_nxt (RFC 5961), which is somewhere
+    between what it acknowledged and what we sent: both ends get one."""
+    stack = NetStack(StackConfig())
+    peer, host = TcpPeer(stack), FakeHost()
+    flow = peer.establish(host)
+    stack.handle_host_event(TcpData(flow, b"lost with the link"), now=1.0)
+    sent = peer.receive()  # never acknowledged: the link went
+    stack.handle_link_reset()
+    stack.handle_link_up()
+    resets = [(h.flags, h.seq) for h, _ in peer.receive()]
+    end = seq_add(peer.rcv_nxt, len(sent[0][1]))
+    assert resets == [
+        (TcpFlags.RST | TcpFlags.ACK, end),
+        (TcpFlags.RST | TcpFlags.ACK, peer.rcv_nxt),
+    ]

@@ -89,21 +89,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse has printed usage and a one-line error, or --help
         return exc.code if isinstance(exc.code, int) else 2
     setup_logging(PROG, options.log_level)
+    with _signal_handlers(FORWARDED_SIGNALS, _interrupt):  # until the phases' own handlers
+        return _main(options)
+
+
+def _main(options: EnclaveOptions) -> int:
     original_resolv_conf = read_resolv_conf(options.resolv_conf) if options.resolv_conf else None
     try:
         tap_fd = bring_up_network(options.plan, options.resolv_conf, tap_opener=open_tap)
     except (TapError, NetConfigError, ResolvConfError) as exc:
         return fail(PROG, str(exc))
-    except KeyboardInterrupt:  # Ctrl-C while setting up: a word, not a traceback
-        logger.info("interrupted")
-        return 130
+    except Interrupted as exc:  # a signal while setting up: a word, not a traceback
+        logger.info("%s", exc)
+        return exc.status
     try:
         if options.command is None:
             return run_agent(options, tap_fd)
         return run_command(options, tap_fd)
-    except KeyboardInterrupt:  # Ctrl-C before the signal handlers were in place
-        logger.info("interrupted")
-        return 130
+    except Interrupted as exc:  # a signal before the command ran (waiting for the link)
+        logger.info("%s", exc)
+        return exc.status
     finally:
         os.close(tap_fd)
         if options.resolv_conf is not None:
@@ -119,6 +124,21 @@ def _restore_resolv_conf(options: EnclaveOptions, original: bytes | None) -> Non
         )
     except ResolvConfError as exc:
         logger.warning("%s", exc)
+
+
+class Interrupted(Exception):
+    """A signal (SIGTERM, SIGINT, SIGHUP) ended set-up or the wait for the link: clean up
+    (resolv.conf) and exit 128 + its number, as a shell reports it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.status = 128 + signum
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    for other in FORWARDED_SIGNALS:  # a second Ctrl-C must not break the clean-up
+        signal.signal(other, signal.SIG_IGN)
+    raise Interrupted(signum)
 
 
 def entry() -> None:
@@ -327,7 +347,7 @@ def run_agent(options: EnclaveOptions, tap_fd: int) -> int:
     agent = Agent(options.agent, tap_fd, link_up_fds=link_up_fds, vnet_hdr=has_vnet_hdr(tap_fd))
     stop: Callable[[int, object], None] = lambda signum, frame: agent.stop()  # noqa: E731
     try:
-        with _signal_handlers((signal.SIGTERM, signal.SIGINT), stop):
+        with _signal_handlers(FORWARDED_SIGNALS, stop):
             agent.run_forever()
     except AgentError as exc:
         return fail(PROG, str(exc))
@@ -341,9 +361,10 @@ def run_command(options: EnclaveOptions, tap_fd: int) -> int:
     assert options.command is not None
     read_fd, write_fd = os.pipe()
     user_fds = _link_up_fds(options)
+    run_pid = os.getpid()
     agent = _process.spawn(
         "agent",
-        lambda: _agent_child(options, tap_fd, (write_fd, *user_fds)),
+        lambda: _agent_child(options, tap_fd, (write_fd, *user_fds), run_pid),
         (tap_fd, write_fd, *user_fds),
     )
     os.close(write_fd)
@@ -366,7 +387,9 @@ def _link_up_fds(options: EnclaveOptions) -> tuple[int, ...]:
     return (options.link_up_fd,)
 
 
-def _agent_child(options: EnclaveOptions, tap_fd: int, link_up_fds: tuple[int, ...]) -> str:
+def _agent_child(
+    options: EnclaveOptions, tap_fd: int, link_up_fds: tuple[int, ...], run_pid: int
+) -> str:
     """The agent process of ``run``: runs until SIGTERM, reports how it ended (its first
     link-up descriptor tells ``run`` the link is up; the others are the user's)."""
     os.set_blocking(link_up_fds[0], False)
@@ -375,11 +398,13 @@ def _agent_child(options: EnclaveOptions, tap_fd: int, link_up_fds: tuple[int, .
     )
     # Signals for the whole group (Ctrl-C, kill -- -PGID) are for the command: run stops
     # the agent after it. Its own group keeps them from its pump children too.
+    signal.signal(AGENT_STOP_SIGNAL, lambda signum, frame: agent.stop())
+    _process.die_with_parent(AGENT_STOP_SIGNAL)  # before SIGTERM (the default) is ignored
     os.setpgid(0, 0)
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
-    signal.signal(AGENT_STOP_SIGNAL, lambda signum, frame: agent.stop())
-    _process.die_with_parent(AGENT_STOP_SIGNAL)
+    if os.getppid() != run_pid:  # run died before the request took effect
+        return "stopped"
     try:
         agent.run_forever()
     except AgentError as exc:

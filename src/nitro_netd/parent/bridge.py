@@ -20,6 +20,7 @@ disturbs the live one. `link` records what `nitro-netd status` shows, and `frame
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import math
 import secrets
@@ -30,7 +31,14 @@ from typing import Any, Final
 
 from nitro_netd.frames.errors import DropReason
 from nitro_netd.netstack import NetStack, StackConfig
-from nitro_netd.netstack.events import HostCommand, HostEvent, TcpData
+from nitro_netd.netstack.events import (
+    HostCommand,
+    HostEvent,
+    PingFailed,
+    TcpData,
+    TcpFailed,
+    UdpFailed,
+)
 from nitro_netd.netstack.output import SplitFrame
 from nitro_netd.parent.busy_poll import BusyPoll
 from nitro_netd.parent.host import HostSide
@@ -237,6 +245,9 @@ class Bridge:
         except Exception:  # a bug in a host side: log it, keep the link and other flows
             self.stack.stats.count_drop(DropReason.INTERNAL_ERROR)
             logger.exception("internal error while carrying out %r", command)
+            failed = _failure_for(command)
+            if failed is not None:  # the flow ends (RST/ICMP), never half-done or stuck
+                self.loop.call_soon(self.post_event, failed)
 
     def _arm_timer(self, when: float | None) -> None:
         if when == self._timer_at:
@@ -269,6 +280,22 @@ class Bridge:
         for side in self.host_sides:
             side.close_all()
         self._arm_timer(None)
+
+
+def _failure_for(command: HostCommand) -> HostEvent | None:
+    """The event that ends the flow of a command a host side failed to carry out (its
+    bytes may be half written, or its connect never started): EIO, as for a broken socket."""
+    flow = getattr(command, "flow", None)
+    if flow is None:
+        return None
+    name = type(command).__name__
+    if name.startswith("Tcp"):
+        return TcpFailed(flow, errno.EIO)
+    if name.startswith("Udp"):
+        return UdpFailed(flow, errno.EIO)
+    if name.startswith("Ping"):
+        return PingFailed(flow, errno.EIO)
+    return None
 
 
 def _session_cid(session: LinkSession) -> int | None:

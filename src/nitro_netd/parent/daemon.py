@@ -237,9 +237,13 @@ async def serve(
         if on_stopping is not None:
             on_stopping()
         loop.remove_signal_handler(signal.SIGUSR1)
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # not the default: that terminates
+        signal.signal(signal.SIGUSR1, _ignore_signal)  # not the default: that terminates
         await daemon.close()
         logger.info("counters: %s", daemon.bridge.stack.stats.snapshot())
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    """A signal that is not acted on now (reset to the default in programs we run)."""
 
 
 def _log_flows(daemon: Daemon) -> None:
@@ -266,8 +270,9 @@ def run(config: DaemonConfig, readiness: Readiness | None = None) -> int:
         OSError: something could not be opened; nothing is left behind.
     """
     # SIGUSR1 logs the flows once serving; before (a slow nitro-cli at start) and after, its
-    # default action would kill the daemon without cleaning up.
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # default action would kill the daemon without cleaning up. A handler that does nothing,
+    # not SIG_IGN: programs the daemon runs (nitro-cli) must not inherit an ignored signal.
+    signal.signal(signal.SIGUSR1, _ignore_signal)
     lock = PidLock.acquire(config.state.pidfile, config.state.name) if config.state else None
     raise_file_limit(config.stack.max_tcp_flows + config.stack.max_udp_flows + 256)
     keep_large_buffers_on_heap()

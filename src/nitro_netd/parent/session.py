@@ -12,8 +12,8 @@ so replies to a burst of frames leave in one write.
 
 A protocol violation (first bytes of neither framing, a bad handshake, a frame length out
 of bounds) closes this session with a logged reason; nothing else is affected. So does a
-handshake not complete within `HANDSHAKE_TIMEOUT`: a peer that connects and says nothing
-must not hold a socket for ever. A session goes live (`on_link_up`, replacing any other)
+handshake begun and not completed within `HANDSHAKE_TIMEOUT` (a peer that has sent
+nothing yet may be a quiet qemu-framed agent, which sends no request). A session goes live (`on_link_up`, replacing any other)
 only once its handshake is complete and its reply, if any, written.
 """
 
@@ -114,9 +114,11 @@ class LinkSession(asyncio.BufferedProtocol):
         )
 
     def _handshake_timed_out(self) -> None:
-        """A peer that never finishes its handshake must not hold a socket for ever."""
+        """A peer that started a handshake and never finished it must not hold a socket
+        for ever. A peer that sent nothing yet may be a qemu-framed agent whose enclave is
+        quiet (that framing has no request: its first bytes are its first frame)."""
         self._handshake_timer = None
-        if not self._up:
+        if not self._up and (self._prefix or self.protocol is not None):
             self.close(f"no complete handshake within {HANDSHAKE_TIMEOUT:.0f} s")
 
     def get_buffer(self, sizehint: int) -> memoryview:

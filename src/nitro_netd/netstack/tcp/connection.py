@@ -20,11 +20,16 @@ its TAP queue overflows). Per flow we track:
 * our sending side: the bytes the host gave us (`TcpData`) wait in `send_buffer`, which
   starts at `snd_una`, until the enclave acknowledges them. Segments of at most the
   enclave's MSS are sent within its (scaled) window. Loss is repaired by go-back-N on a
-  retransmission timeout and by a fast retransmit after three duplicate ACKs. When the
+  retransmission timeout and by a fast retransmit after three duplicate ACKs. While the
+  enclave's window is zero the timer probes it instead (never counted as a retransmission:
+  a slow reader is not a dead one; `probes` bounds a silent or orphaned flow), and a
+  reopening window restarts the timer and sends again what the zero window may have
+  dropped. When the
   buffer holds more than `tcp_buffer` bytes the shell is told to stop reading the host
   socket (`TcpPauseReading`) until the enclave catches up.
 * closing: an enclave FIN becomes `TcpShutdown` (SHUT_WR after queued bytes); a host EOF
-  becomes our FIN once everything before it was sent. When both FINs are acknowledged the
+  becomes our FIN once everything before it was sent and the window has room for it. When
+  both FINs are acknowledged the
   host socket is closed and the flow forgotten (no TIME-WAIT on our side). RST maps to RST
   both ways, but a host socket that fails while bytes it gave us are still queued first
   delivers them (and its FIN, if it had sent one), as a direct path would, and resets the
@@ -167,6 +172,8 @@ class TcpConnection:
         self.host_eof = False
         self.fin_acked = False
         self.host_failed = False
+        self.probes = 0
+        """Zero-window probes without an ACK since (and, once `host_failed`, at all)."""
         """The host socket failed while bytes it gave us were still queued: they (and the
         FIN, after a host EOF) are delivered first, then RST ends the flow."""
         self.reading_paused = False
@@ -354,10 +361,13 @@ class TcpConnection:
         ):
             self._on_dupack(now)
         reopened = False
+        if not self.host_failed:
+            self.probes = 0  # an answer: the enclave is alive (an orphan's probes still count)
         if acked >= 0:  # an older ACK carries an older window: ignore it
             reopened = window > 0 and not self.snd_wnd
             if reopened:
                 self.rto = INITIAL_RTO  # probing is over: what it held back gets a fresh timer
+                self.snd_nxt = self.snd_una  # and what the zero window dropped goes again
             self.snd_wnd = window
         # New data acknowledged, or a zero window reopened: restart the timer.
         self._try_send(now, restart=acked > 0 or reopened)
@@ -559,11 +569,8 @@ class TcpConnection:
         if rto is None or now < rto or self.state is not TcpState.ESTABLISHED:
             return
         self.rto_deadline = None
-        if self._window_blocked():
-            self.log.debug("zero window: probing")
-            self._send(seq_add(self.snd_una, -1), _ACK)  # the enclave answers with its window
-            self.rto = min(self.rto * 2, MAX_RTO)
-            self._arm(now)
+        if self._window_blocked() or (self.snd_wnd == 0 and self.syn_acked):
+            self._probe_zero_window(now)
             return
         self.retries += 1
         if self.retries > MAX_RETRIES:
@@ -578,6 +585,21 @@ class TcpConnection:
         else:
             self.snd_nxt = self.snd_una
             self._try_send(now)
+        self._arm(now)
+
+    def _probe_zero_window(self, now: float) -> None:
+        """The enclave's window is zero: ask for it again (RFC 9293 §3.8.6.1) instead of
+        retransmitting, which would count a live but slow receiver as dead. Bounded only
+        while no ACK answers (`probes`, reset by every ACK) or once the host is gone."""
+        self.probes += 1
+        if self.probes > MAX_RETRIES:
+            self.log.warning("enclave stopped answering window probes: resetting flow")
+            self._send(self.snd_nxt, _RST | _ACK)
+            self._finish(reset=True)
+            return
+        self.log.debug("zero window: probing")
+        self._send(seq_add(self.snd_una, -1), _ACK)  # the enclave answers with its window
+        self.rto = min(self.rto * 2, MAX_RTO)
         self._arm(now)
 
     # --- ends --------------------------------------------------------------------------

@@ -109,7 +109,8 @@ class TcpLayer:
         self._next_flow = 1
         self._isn_seed = isn_seed & 0xFFFFFFFF
         self._orphans: list[tuple[FlowKey, int, int]] = []
-        """(key, seq, ack) of the established flows a lost link took: RSTs owed."""
+        """(key, seq, ack) of the established flows a lost link took: RSTs owed (two for a
+        flow with bytes in flight: the enclave takes a RST only at exactly its rcv_nxt)."""
 
     # --- enclave input --------------------------------------------------------------
 
@@ -400,6 +401,8 @@ class TcpLayer:
             live = conn.state is TcpState.ESTABLISHED and conn.syn_acked
             if key is not None and live and len(self._orphans) < self.config.max_tcp_flows:
                 self._orphans.append((key, conn.snd_nxt, conn.rcv_nxt))
+                if conn.snd_una != conn.snd_nxt:  # the enclave may not have them all
+                    self._orphans.append((key, conn.snd_una, conn.rcv_nxt))
             conn.reset()
         self.flows.clear()
         self.by_key.clear()
