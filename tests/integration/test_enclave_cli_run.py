@@ -3,6 +3,7 @@ SOCK_SEQPACKET socketpair and the parent by a fake one on a unix socket."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -238,9 +239,10 @@ def test_cli_run_a_signal_to_the_whole_group_leaves_the_link_up_while_the_comman
     path = tmp_path / "parent.sock"
     parent = ReplyingParent(path)
     started, got_term, release = tmp_path / "started", tmp_path / "got-term", tmp_path / "go"
-    script = (
-        f"trap 'touch {got_term}; while [ ! -e {release} ]; do sleep 0.01; done; exit 0' TERM;"
-        f" touch {started}; while :; do sleep 0.01; done"
+    script = (  # bounded loops: nothing outlives the test even if it fails
+        f"trap 'touch {got_term}; for i in $(seq 2000); do [ -e {release} ] && exit 0;"
+        f" sleep 0.01; done; exit 3' TERM; touch {started};"
+        " for i in $(seq 2000); do sleep 0.01; done; exit 4"
     )
     argv = [sys.executable, "-c", AGENT_SCRIPT, "run", "--parent", f"unix://{path}"]
     process = subprocess.Popen([*argv, "--", "sh", "-c", script], start_new_session=True)
@@ -256,7 +258,8 @@ def test_cli_run_a_signal_to_the_whole_group_leaves_the_link_up_while_the_comman
         release.touch()
         assert process.wait(TIMEOUT) == 0
     finally:
-        process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # run and its command (its group)
         process.wait()
         parent.close()
 
