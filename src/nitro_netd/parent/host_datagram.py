@@ -23,7 +23,7 @@ from typing import Final
 
 from nitro_netd.frames.errors import DropReason
 from nitro_netd.netstack.events import FlowId, HostEvent
-from nitro_netd.parent.host import PostEvent
+from nitro_netd.parent.host import PostEvent, ThrottledWarning
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ class DatagramSockets:
         self.post_event = post_event
         self.count_drop = count_drop
         """Counts a datagram dropped on the host side (the stack's counters)."""
+        self.socket_warning = ThrottledWarning(logging.getLogger(type(self).__module__))
+        """'Cannot open a socket' (every new flow, when out of descriptors), throttled."""
         self.sockets: dict[FlowId, socket.socket] = {}
         self.paused = False
         self.buffer = bytearray(RECEIVE_SIZE)

@@ -12,18 +12,15 @@ the operator one warning saying which sysctl to set.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import socket
 import struct
-from collections.abc import Callable
 from typing import Any, Final
 
 from nitro_netd.frames.errors import DropReason
 from nitro_netd.frames.icmp import IcmpMessage, IcmpType, build_icmp
 from nitro_netd.netstack.events import FlowId, HostEvent, PingClose, PingFailed, PingReply, PingSend
-from nitro_netd.parent.host import PostEvent
 from nitro_netd.parent.host_datagram import DatagramSockets, close_quietly, error_number
 
 logger = logging.getLogger(__name__)
@@ -41,15 +38,8 @@ class HostPing(DatagramSockets):
     """Executes `PingSend` and `PingClose` on unprivileged ping sockets."""
 
     command_types: tuple[type, ...] = (PingSend, PingClose)
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        post_event: PostEvent,
-        count_drop: Callable[[DropReason], None] = lambda reason: None,
-    ) -> None:
-        super().__init__(loop, post_event, count_drop)
-        self.warned = False
+    warned = False
+    """Set once the warning that ping sockets are not permitted was logged."""
 
     def execute(self, command: Any) -> None:
         """Carry out one ping command; host errors become `PingFailed` events."""

@@ -11,16 +11,14 @@ now (full send buffer) is dropped, as a router would; UDP senders expect that.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
-from collections.abc import Callable
 from ipaddress import IPv4Address
 from typing import Any
 
 from nitro_netd.frames.errors import DropReason
 from nitro_netd.netstack.events import FlowId, HostEvent, UdpClose, UdpDatagram, UdpFailed, UdpSend
-from nitro_netd.parent.host import PostEvent, ThrottledWarning, descriptor_hint
+from nitro_netd.parent.host import descriptor_hint
 from nitro_netd.parent.host_datagram import DatagramSockets, close_quietly, error_number
 
 logger = logging.getLogger(__name__)
@@ -30,15 +28,6 @@ class HostUdp(DatagramSockets):
     """Executes `UdpSend` and `UdpClose` on connected host UDP sockets."""
 
     command_types: tuple[type, ...] = (UdpSend, UdpClose)
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        post_event: PostEvent,
-        count_drop: Callable[[DropReason], None] = lambda reason: None,
-    ) -> None:
-        super().__init__(loop, post_event, count_drop)
-        self._socket_warning = ThrottledWarning(logger)
 
     def execute(self, command: Any) -> None:
         """Carry out one UDP command; host errors become `UdpFailed` events."""
@@ -63,7 +52,7 @@ class HostUdp(DatagramSockets):
         try:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: this flow fails, nothing else
-            self._socket_warning.warn(
+            self.socket_warning.warn(
                 "udp flow %d: cannot open a socket: %s%s", command.flow, exc, descriptor_hint(exc)
             )
             self.post_soon(UdpFailed(command.flow, error_number(exc)))
