@@ -434,3 +434,20 @@ async def test_a_quiet_qemu_agent_is_not_timed_out_before_its_first_frame(
         assert await Agent(reader, writer, LinkProtocol.GVPROXY).closed_by_daemon()
         await ping_roundtrip(quiet)  # the quiet agent's timer, armed first, has fired too
         quiet.close()
+
+
+async def test_a_handshake_begun_after_a_silence_is_timed_out_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nitro_netd.parent.session as session_module
+
+    monkeypatch.setattr(session_module, "HANDSHAKE_TIMEOUT", 0.2)
+    path = tmp_path / "link.sock"
+    async with running_daemon(path):
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        silent = Agent(reader, writer, LinkProtocol.GVPROXY)
+        other_reader, other_writer = await asyncio.open_unix_connection(str(path))
+        other_writer.write(b"POS")
+        assert await Agent(other_reader, other_writer, LinkProtocol.GVPROXY).closed_by_daemon()
+        writer.write(b"POS")  # the silent peer's first check has passed: it begins now
+        assert await silent.closed_by_daemon()

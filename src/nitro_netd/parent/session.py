@@ -13,8 +13,9 @@ so replies to a burst of frames leave in one write.
 A protocol violation (first bytes of neither framing, a bad handshake, a frame length out
 of bounds) closes this session with a logged reason; nothing else is affected. So does a
 handshake begun and not completed within `HANDSHAKE_TIMEOUT` (a peer that has sent
-nothing yet may be a quiet qemu-framed agent, which sends no request). A session goes live (`on_link_up`, replacing any other)
-only once its handshake is complete and its reply, if any, written.
+nothing yet may be a quiet qemu-framed agent, which sends no request: it is checked
+again one timeout later). A session goes live (`on_link_up`, replacing any other) only
+once its handshake is complete and its reply, if any, written.
 """
 
 from __future__ import annotations
@@ -118,8 +119,14 @@ class LinkSession(asyncio.BufferedProtocol):
         for ever. A peer that sent nothing yet may be a qemu-framed agent whose enclave is
         quiet (that framing has no request: its first bytes are its first frame)."""
         self._handshake_timer = None
-        if not self._up and (self._prefix or self.protocol is not None):
+        if self._up or self.closed:
+            return
+        if self._prefix or self.protocol is not None:
             self.close(f"no complete handshake within {HANDSHAKE_TIMEOUT:.0f} s")
+        else:  # silent so far: look again later (a handshake begun then must end too)
+            self._handshake_timer = asyncio.get_running_loop().call_later(
+                HANDSHAKE_TIMEOUT, self._handshake_timed_out
+            )
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._decoder is not None:

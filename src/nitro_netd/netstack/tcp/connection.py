@@ -172,10 +172,10 @@ class TcpConnection:
         self.host_eof = False
         self.fin_acked = False
         self.host_failed = False
-        self.probes = 0
-        """Zero-window probes without an ACK since (and, once `host_failed`, at all)."""
         """The host socket failed while bytes it gave us were still queued: they (and the
         FIN, after a host EOF) are delivered first, then RST ends the flow."""
+        self.probes = 0
+        """Zero-window probes without an ACK since (and, once `host_failed`, at all)."""
         self.reading_paused = False
         self.dupacks = 0
         self.rto = INITIAL_RTO
