@@ -109,7 +109,7 @@ def test_a_resolv_conf_changed_since_the_agent_wrote_it_is_left_alone(tmp_path: 
     original = read_resolv_conf(str(path))
     write_resolv_conf(str(path))
     path.write_text("nameserver 10.9.9.9\n")  # the user's own change meanwhile
-    assert "changed since" in restore_resolv_conf(str(path), original)
+    assert "does not hold what the agent wrote" in restore_resolv_conf(str(path), original)
     assert path.read_text() == "nameserver 10.9.9.9\n"
 
 

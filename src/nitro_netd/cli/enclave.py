@@ -95,23 +95,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(options: EnclaveOptions) -> int:
     original_resolv_conf = read_resolv_conf(options.resolv_conf) if options.resolv_conf else None
+    tap_fd: int | None = None
+    restore = options.resolv_conf is not None
     try:
-        tap_fd = bring_up_network(options.plan, options.resolv_conf, tap_opener=open_tap)
-    except (TapError, NetConfigError, ResolvConfError) as exc:
-        return fail(PROG, str(exc))
-    except Interrupted as exc:  # a signal while setting up: a word, not a traceback
-        logger.info("%s", exc)
-        return exc.status
-    try:
+        try:
+            tap_fd = bring_up_network(options.plan, options.resolv_conf, tap_opener=open_tap)
+        except (TapError, NetConfigError, ResolvConfError) as exc:
+            restore = False  # resolv.conf is written last: this failure left it alone
+            return fail(PROG, str(exc))
         if options.command is None:
             return run_agent(options, tap_fd)
         return run_command(options, tap_fd)
-    except Interrupted as exc:  # a signal before the command ran (waiting for the link)
+    except Interrupted as exc:  # a signal during set-up or the wait for the link
         logger.info("%s", exc)
         return exc.status
     finally:
-        os.close(tap_fd)
-        if options.resolv_conf is not None:
+        if tap_fd is not None:
+            os.close(tap_fd)
+        if restore:  # also after an interrupted set-up
             _restore_resolv_conf(options, original_resolv_conf)
 
 
@@ -390,8 +391,9 @@ def _link_up_fds(options: EnclaveOptions) -> tuple[int, ...]:
 def _agent_child(
     options: EnclaveOptions, tap_fd: int, link_up_fds: tuple[int, ...], run_pid: int
 ) -> str:
-    """The agent process of ``run``: runs until SIGTERM, reports how it ended (its first
-    link-up descriptor tells ``run`` the link is up; the others are the user's)."""
+    """The agent process of ``run``: runs until `AGENT_STOP_SIGNAL` (or ``run``'s end),
+    reports how it ended (its first link-up descriptor tells ``run`` the link is up; the
+    others are the user's)."""
     os.set_blocking(link_up_fds[0], False)
     agent = Agent(
         replace(options.agent), tap_fd, link_up_fds=link_up_fds, vnet_hdr=has_vnet_hdr(tap_fd)

@@ -72,7 +72,7 @@ def restore_resolv_conf(
     """
     target = os.path.realpath(path)
     if read_resolv_conf(target) != render_resolv_conf(nameserver).encode("ascii"):
-        return f"left {target} as it is: it changed since the agent wrote it"
+        return f"left {target} as it is: it does not hold what the agent wrote"
     try:
         if original is None:
             os.unlink(target)
