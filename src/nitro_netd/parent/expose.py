@@ -27,6 +27,7 @@ from itertools import count
 from typing import Final
 
 from nitro_netd.netstack.events import SHELL_FLOW_BASE, HostEvent, TcpAccepted, UdpInbound, UdpReply
+from nitro_netd.parent.host import descriptor_hint
 
 logger = logging.getLogger(__name__)
 
@@ -216,11 +217,11 @@ class TcpExposer:
         fd = listener.fileno()
         self.loop.remove_reader(fd)
         logger.warning(
-            "accept on port %d failed: %s; not accepting for %.0f s (raise the open-files"
-            " limit, ulimit -n / LimitNOFILE=, if this recurs)",
+            "accept on port %d failed: %s; not accepting for %.0f s%s",
             item.parent_port,
             exc,
             ACCEPT_BACKOFF,
+            descriptor_hint(exc),
         )
         self._backoffs[fd] = self.loop.call_later(ACCEPT_BACKOFF, self._resume, listener, item)
 
