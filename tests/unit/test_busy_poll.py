@@ -4,6 +4,7 @@ while a window is open the loop must poll (timeout 0), and it must sleep again a
 from __future__ import annotations
 
 import asyncio
+import os
 import selectors
 import time
 from typing import Any
@@ -73,12 +74,15 @@ def test_a_kick_keeps_the_loop_polling_for_the_window_then_lets_it_sleep() -> No
     assert WINDOW <= busy.spun < 1.0
 
 
-def test_kicks_inside_the_window_extend_it_without_starting_another() -> None:
+def test_kicks_inside_the_window_extend_it_without_starting_another(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     poller: list[BusyPoll] = []
-
-    # The longest window: a loop turn on a loaded 2-vCPU machine can take a few ms, and
-    # a gap longer than the window between two kicks would close it (a flaky failure).
+    # A gap longer than the window between two kicks closes it: take the longest window,
+    # and keep each polling turn from handing the CPU to another process (sched_yield),
+    # which on a loaded 2-vCPU machine could keep it for longer than that (a flaky test).
     window = MAX_WINDOW
+    monkeypatch.setattr(os, "sched_yield", lambda: None)
 
     async def body(loop: asyncio.AbstractEventLoop) -> None:
         busy = BusyPoll(loop, window)
