@@ -304,14 +304,15 @@ def detect_protocol(first_bytes: bytes) -> LinkProtocol | None:
     probe = first_bytes[:4]
     if b"POST".startswith(probe):
         return LinkProtocol.GVPROXY if len(probe) == 4 else None
-    if not any(probe[:2]) and len(probe) < 4:
-        return None
-    if any(probe[:2]) or not MIN_FRAME <= int.from_bytes(probe) <= LinkProtocol.QEMU.max_frame:
-        raise LinkError(
-            f"not an enclave link: it starts with {bytes(probe)!r}, neither POST (gvproxy"
-            " framing) nor a frame length (qemu framing)"
-        )
-    return LinkProtocol.QEMU
+    if not any(probe[:2]):  # may be a 32-bit big-endian length below 64 KiB
+        if len(probe) < 4:
+            return None
+        if MIN_FRAME <= int.from_bytes(probe) <= LinkProtocol.QEMU.max_frame:
+            return LinkProtocol.QEMU
+    raise LinkError(
+        f"not an enclave link: it starts with {bytes(probe)!r}, neither POST (gvproxy"
+        " framing) nor a frame length (qemu framing)"
+    )
 
 
 def parse_offloads(value: str | None) -> frozenset[str]:

@@ -574,9 +574,7 @@ class TcpConnection:
             return
         self.retries += 1
         if self.retries > MAX_RETRIES:
-            self.log.warning("enclave stopped acknowledging: resetting flow")
-            self._send(self.snd_nxt, _RST | _ACK)
-            self._finish(reset=True)
+            self._give_up("enclave stopped acknowledging")
             return
         self.log.debug("retransmission timeout %d: resending from %d", self.retries, self.snd_una)
         self.rto = min(self.rto * 2, MAX_RTO)
@@ -593,9 +591,7 @@ class TcpConnection:
         while no ACK answers (`probes`, reset by every ACK) or once the host is gone."""
         self.probes += 1
         if self.probes > MAX_RETRIES:
-            self.log.warning("enclave stopped answering window probes: resetting flow")
-            self._send(self.snd_nxt, _RST | _ACK)
-            self._finish(reset=True)
+            self._give_up("enclave stopped answering window probes")
             return
         self.log.debug("zero window: probing")
         self._send(seq_add(self.snd_una, -1), _ACK)  # the enclave answers with its window
@@ -603,6 +599,12 @@ class TcpConnection:
         self._arm(now)
 
     # --- ends --------------------------------------------------------------------------
+
+    def _give_up(self, why: str) -> None:
+        """The enclave stopped answering: reset both ends of the flow."""
+        self.log.warning("%s: resetting flow", why)
+        self._send(self.snd_nxt, _RST | _ACK)
+        self._finish(reset=True)
 
     def _refuse(self, error: int) -> None:
         code = _UNREACHABLE_CODES.get(error)
