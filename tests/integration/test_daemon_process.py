@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from nitro_netd.parent.lifecycle import read_pid
+from tests.support.ports import free_port
 
 TIMEOUT = 15.0
 NAME = "app"
@@ -36,13 +37,6 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Workdir:

@@ -4,7 +4,6 @@ metrics, the pcap file, and CID pinning of links."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import struct
 from pathlib import Path
 from typing import Any, cast
@@ -22,15 +21,9 @@ from nitro_netd.parent.session import LinkSession
 from nitro_netd.transport import parse_endpoint
 from tests.integration.test_parent_link import Agent, ping_roundtrip
 from tests.support.link_agent import running
+from tests.support.ports import free_port
 
 TIMEOUT = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def make_config(tmp_path: Path, **extra: Any) -> DaemonConfig:

@@ -16,15 +16,9 @@ import pytest
 import nitro_netd.parent.expose as expose_module
 from nitro_netd.netstack.events import HostEvent, TcpAccepted
 from nitro_netd.parent.expose import TcpExposer, parse_exposes
+from tests.support.ports import free_port
 
 DEADLINE = 5.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 async def test_out_of_descriptors_backs_off_once_then_accepts(

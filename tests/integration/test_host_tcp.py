@@ -43,18 +43,26 @@ class Events:
                 await self._arrived.wait()
 
 
-async def test_host_tcp_write_blocked_then_unblocked_arrive_in_order() -> None:
-    """The stack must end up "unblocked" when the shell does: both events go through the
-    loop in the order they happened (an earlier mix of call_soon and direct posting could
-    deliver them reversed and freeze the flow's window forever)."""
+async def connected_flow(flow: int) -> tuple[socket.socket, HostTcp, Events, socket.socket]:
+    """A host side whose `flow` connected to a loopback server: the server, the side, its
+    events and the server's end of the connection."""
     loop = asyncio.get_running_loop()
     server = socket.create_server(("127.0.0.1", 0))
     server.setblocking(False)
     events = Events()
     side = HostTcp(loop, events.post)
-    side.execute(TcpConnect(1, LOOPBACK, server.getsockname()[1], 5.0))
+    side.execute(TcpConnect(flow, LOOPBACK, server.getsockname()[1], 5.0))
     peer, _ = await loop.sock_accept(server)
     await events.wait_for(TcpConnected)
+    return server, side, events, peer
+
+
+async def test_host_tcp_write_blocked_then_unblocked_arrive_in_order() -> None:
+    """The stack must end up "unblocked" when the shell does: both events go through the
+    loop in the order they happened (an earlier mix of call_soon and direct posting could
+    deliver them reversed and freeze the flow's window forever)."""
+    loop = asyncio.get_running_loop()
+    server, side, events, peer = await connected_flow(1)
     side.execute(TcpSend(1, (bytes(HIGH_WATER + (8 << 20)),)))
     await events.wait_for(TcpWriteBlocked)
     received = 0
@@ -87,14 +95,7 @@ async def test_host_sockets_probe_a_silent_peer_with_keepalives() -> None:
     """Without keepalive a world peer that vanished held its flow, socket and the
     enclave's connection for ever; each host socket now fails about two minutes after
     its peer went quiet (TcpFailed: ETIMEDOUT, a RST to the enclave)."""
-    loop = asyncio.get_running_loop()
-    server = socket.create_server(("127.0.0.1", 0))
-    server.setblocking(False)
-    events = Events()
-    side = HostTcp(loop, events.post)
-    side.execute(TcpConnect(1, LOOPBACK, server.getsockname()[1], 5.0))
-    peer, _ = await loop.sock_accept(server)
-    await events.wait_for(TcpConnected)
+    server, side, _, peer = await connected_flow(1)
     sock = side.flows[1].sock
     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
     idle = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)

@@ -387,13 +387,18 @@ async def test_a_peer_gone_before_its_handshake_reply_never_replaces_the_live_li
     assert "replaced by a new link" not in caplog.text
 
 
-@pytest.mark.parametrize("partial", [b"POS", b"POST /connect HTTP/1.1\r\n", b"\x00\x00"])
-async def test_a_handshake_never_completed_is_closed_after_the_timeout(
-    tmp_path: Path, partial: bytes, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def short_handshake_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon's handshake timeout at 0.2 s instead of 10."""
     import nitro_netd.parent.session as session_module
 
     monkeypatch.setattr(session_module, "HANDSHAKE_TIMEOUT", 0.2)
+
+
+@pytest.mark.parametrize("partial", [b"POS", b"POST /connect HTTP/1.1\r\n", b"\x00\x00"])
+async def test_a_handshake_never_completed_is_closed_after_the_timeout(
+    tmp_path: Path, partial: bytes, short_handshake_timeout: None
+) -> None:
     path = tmp_path / "link.sock"
     async with running_daemon(path):
         good = await Agent.connect(path, LinkProtocol.GVPROXY)
@@ -419,13 +424,10 @@ def test_a_link_socket_in_use_is_refused_saying_what_to_do(tmp_path: Path) -> No
 
 
 async def test_a_quiet_qemu_agent_is_not_timed_out_before_its_first_frame(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, short_handshake_timeout: None
 ) -> None:
     """The qemu framing has no request: an agent whose enclave sends nothing for a while
     has sent nothing at all, and must not be cut off for it."""
-    import nitro_netd.parent.session as session_module
-
-    monkeypatch.setattr(session_module, "HANDSHAKE_TIMEOUT", 0.2)
     path = tmp_path / "link.sock"
     async with running_daemon(path):
         quiet = await Agent.connect(path, LinkProtocol.QEMU)
@@ -437,11 +439,8 @@ async def test_a_quiet_qemu_agent_is_not_timed_out_before_its_first_frame(
 
 
 async def test_a_handshake_begun_after_a_silence_is_timed_out_too(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, short_handshake_timeout: None
 ) -> None:
-    import nitro_netd.parent.session as session_module
-
-    monkeypatch.setattr(session_module, "HANDSHAKE_TIMEOUT", 0.2)
     path = tmp_path / "link.sock"
     async with running_daemon(path):
         reader, writer = await asyncio.open_unix_connection(str(path))
