@@ -7,10 +7,12 @@ import asyncio
 import os
 import selectors
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+import nitro_netd.parent.busy_poll as busy_poll_module
 from nitro_netd.parent.busy_poll import BULK_BYTES, BULK_HOLD, MAX_WINDOW, RATE_PERIOD, BusyPoll
 
 WINDOW = 0.002
@@ -78,28 +80,30 @@ def test_kicks_inside_the_window_extend_it_without_starting_another(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     poller: list[BusyPoll] = []
-    # A gap longer than the window between two kicks closes it: take the longest window,
-    # and keep each polling turn from handing the CPU to another process (sched_yield),
-    # which on a loaded 2-vCPU machine could keep it for longer than that (a flaky test).
-    window = MAX_WINDOW
+    # The poller's clock is the test's: a pause of the test process longer than the window
+    # (a garbage collection, another process on the CPU) would close it for real.
+    clock = [1000.0]
+    monkeypatch.setattr(busy_poll_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     monkeypatch.setattr(os, "sched_yield", lambda: None)
 
     async def body(loop: asyncio.AbstractEventLoop) -> None:
-        busy = BusyPoll(loop, window)
+        busy = BusyPoll(loop, WINDOW)
         poller.append(busy)
-        started = time.monotonic()
         busy.kick(0)
-        while time.monotonic() - started < 3 * window:
-            busy.kick(0)  # more work keeps arriving
+        for _ in range(6):  # more work keeps arriving, every half window
+            clock[0] += WINDOW / 2
+            busy.kick(0)
             await asyncio.sleep(0)
-        assert busy.active
+            assert busy.active
+        clock[0] += 2 * WINDOW  # then nothing for longer than the window
         await until(lambda: not busy.active)
         busy.kick(0)  # a new burst after the window closed
+        clock[0] += 2 * WINDOW
         await until(lambda: not busy.active)
 
     run_on_recording_loop(body)
     assert poller[0].windows == 2
-    assert poller[0].spun >= 4 * window
+    assert poller[0].spun >= 4 * WINDOW
 
 
 def test_many_small_flushes_at_a_bulk_rate_hold_polling_off_too() -> None:
