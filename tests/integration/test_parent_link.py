@@ -301,6 +301,13 @@ async def test_segmentation_offload_not_agreed_keeps_the_mtu_limit(
 # --- bad peers and exhausted resources -----------------------------------------------------
 
 
+async def connection_sending(path: Path, first_bytes: bytes) -> Agent:
+    """A connection to the daemon that has sent `first_bytes` and nothing else."""
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    writer.write(first_bytes)
+    return Agent(reader, writer, LinkProtocol.GVPROXY)
+
+
 @pytest.mark.parametrize(
     "first_bytes",
     [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x16\x03\x01\x02\x00", b"\x00\x00\x00\x05"],
@@ -315,9 +322,7 @@ async def test_a_stray_connection_never_replaces_the_live_link(
     async with running_daemon(path):
         good = await Agent.connect(path, LinkProtocol.GVPROXY)
         await ping_roundtrip(good)
-        reader, writer = await asyncio.open_unix_connection(str(path))
-        writer.write(first_bytes)
-        assert await Agent(reader, writer, LinkProtocol.QEMU).closed_by_daemon()
+        assert await (await connection_sending(path, first_bytes)).closed_by_daemon()
         assert "not an enclave link" in caplog.text
         assert "replaced by a new link" not in caplog.text
         await ping_roundtrip(good, sequence=2)
@@ -403,9 +408,7 @@ async def test_a_handshake_never_completed_is_closed_after_the_timeout(
     async with running_daemon(path):
         good = await Agent.connect(path, LinkProtocol.GVPROXY)
         await ping_roundtrip(good)
-        reader, writer = await asyncio.open_unix_connection(str(path))
-        writer.write(partial)
-        assert await Agent(reader, writer, LinkProtocol.GVPROXY).closed_by_daemon()
+        assert await (await connection_sending(path, partial)).closed_by_daemon()
         # The good link's timer, armed first, would have fired before this one closed.
         await ping_roundtrip(good, sequence=2)
         good.close()
@@ -431,9 +434,8 @@ async def test_a_quiet_qemu_agent_is_not_timed_out_before_its_first_frame(
     path = tmp_path / "link.sock"
     async with running_daemon(path):
         quiet = await Agent.connect(path, LinkProtocol.QEMU)
-        reader, writer = await asyncio.open_unix_connection(str(path))
-        writer.write(b"POS")  # a handshake begun and never finished, on a later timer
-        assert await Agent(reader, writer, LinkProtocol.GVPROXY).closed_by_daemon()
+        begun = await connection_sending(path, b"POS")  # never finished, on a later timer
+        assert await begun.closed_by_daemon()
         await ping_roundtrip(quiet)  # the quiet agent's timer, armed first, has fired too
         quiet.close()
 
@@ -445,8 +447,6 @@ async def test_a_handshake_begun_after_a_silence_is_timed_out_too(
     async with running_daemon(path):
         reader, writer = await asyncio.open_unix_connection(str(path))
         silent = Agent(reader, writer, LinkProtocol.GVPROXY)
-        other_reader, other_writer = await asyncio.open_unix_connection(str(path))
-        other_writer.write(b"POS")
-        assert await Agent(other_reader, other_writer, LinkProtocol.GVPROXY).closed_by_daemon()
+        assert await (await connection_sending(path, b"POS")).closed_by_daemon()
         writer.write(b"POS")  # the silent peer's first check has passed: it begins now
         assert await silent.closed_by_daemon()
