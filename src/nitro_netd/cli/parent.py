@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"burst; 0: off, at most {round(MAX_BUSY_POLL * 1e6)} (default: %(default)s)",
     )
     parser.add_argument(
+        "--no-splice",
+        dest="splice",
+        action="store_false",
+        help="copy every byte from the world through the daemon instead of splicing bulk "
+        "flows' bytes into the link (splicing needs the agent's checksum offload)",
+    )
+    parser.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info", help="default: %(default)s"
     )
     _add_lifecycle_arguments(parser)
@@ -228,6 +235,7 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         pcap_max_bytes=(args.pcap_max_mb << 20) or None,
         metrics_listen=parse_metrics_listen(args.metrics_listen) if args.metrics_listen else None,
         busy_poll=args.busy_poll_us / 1e6,
+        splice=args.splice,
     )
 
 

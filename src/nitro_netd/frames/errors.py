@@ -48,6 +48,9 @@ class DropReason(enum.Enum):
     HOST_FAILED = "host_failed"
     """TCP data for a host socket that failed while the flow still delivers what it read
     before (not acknowledged: the RST that ends the flow tells the enclave)."""
+    FLOW_ENDED = "flow_ended"
+    """A TCP segment for the enclave whose bytes the daemon held in a pipe for a flow
+    that ended before the link writer reached it (dropped before any of it was written)."""
 
 
 class FrameError(ValueError):

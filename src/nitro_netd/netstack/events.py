@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
+from nitro_netd.netstack.spans import HostSpan
+
 FlowId = int
 SHELL_FLOW_BASE = 1 << 48
 """Flows the shell opens (accepted clients) take ids from here up; the stack's start at 1."""
@@ -150,10 +152,10 @@ class TcpConnected:
 
 @dataclass(frozen=True, slots=True)
 class TcpData:
-    """Bytes arrived on the flow's host socket."""
+    """Bytes arrived on the flow's host socket (or a span of them the shell keeps)."""
 
     flow: FlowId
-    data: bytes
+    data: bytes | HostSpan
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +171,9 @@ class TcpFailed:
 
     flow: FlowId
     errno: int
+    data_lost: bool = False
+    """The shell lost bytes it kept for the stack (`HostSpan`): reset at once, since they
+    cannot be delivered."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from nitro_netd.frames.ethernet import EtherType, MacAddress, build_ethernet
 from nitro_netd.frames.ipv4 import build_ipv4_header
 from nitro_netd.netstack.config import StackConfig
 from nitro_netd.netstack.events import HostCommand
+from nitro_netd.netstack.spans import HostSlice
 from nitro_netd.netstack.stats import StackStats
 
 _MIN_FRAME: Final = 60
@@ -24,11 +25,14 @@ length, less the Ethernet, IPv4 and TCP headers of a data segment, which has no 
 
 class SplitFrame:
     """A frame kept as its headers and a view of its payload, so the payload is never copied
-    on its way from a flow's send queue to the link (the shell writes both with writev)."""
+    on its way from a flow's send queue to the link (the shell writes both with writev), or
+    a `HostSlice` of bytes the shell holds (it splices them)."""
 
     __slots__ = ("head", "length", "payload")
 
-    def __init__(self, head: bytes | bytearray, payload: bytes | bytearray | memoryview) -> None:
+    def __init__(
+        self, head: bytes | bytearray, payload: bytes | bytearray | memoryview | HostSlice
+    ) -> None:
         self.head = head
         self.payload = payload
         self.length = len(head) + len(payload)

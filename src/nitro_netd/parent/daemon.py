@@ -47,6 +47,7 @@ from nitro_netd.parent.pcap import DEFAULT_MAX_BYTES as DEFAULT_PCAP_MAX_BYTES
 from nitro_netd.parent.pcap import PcapWriter
 from nitro_netd.parent.resolvconf import with_parent_resolvers
 from nitro_netd.parent.session import LinkSession
+from nitro_netd.parent.splice import available as splice_available
 from nitro_netd.transport import Endpoint, open_listener, parse_endpoint
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class DaemonConfig:
     """Serve Prometheus metrics on this address (--metrics-listen)."""
     busy_poll: float = DEFAULT_WINDOW
     """Seconds the loop keeps polling after each burst of work (--busy-poll-us; 0: off)."""
+    splice: bool = True
+    """Bulk flows to the enclave splice their bytes instead of copying (--no-splice)."""
 
 
 class Daemon:
@@ -92,10 +95,10 @@ class Daemon:
         self.bridge = Bridge(with_parent_resolvers(config.stack), self.loop)
         if config.busy_poll:
             self.bridge.busy_poll = BusyPoll(self.loop, config.busy_poll)
-        self.host_tcp = HostTcp(self.loop, self.bridge.post_event)
+        count_drop = self.bridge.stack.stats.count_drop
+        self.host_tcp = HostTcp(self.loop, self.bridge.post_event, count_drop)
         self.bridge.add_host_side(self.host_tcp)
         self.bridge.link_observers.append(self._on_new_link)
-        count_drop = self.bridge.stack.stats.count_drop
         self.bridge.add_host_side(HostUdp(self.loop, self.bridge.post_event, count_drop))
         self.bridge.add_host_side(HostPing(self.loop, self.bridge.post_event, count_drop))
         self.bridge.admit_link = self.admit
@@ -120,6 +123,12 @@ class Daemon:
 
     def _on_new_link(self, session: LinkSession) -> None:
         self.host_tcp.read_size = read_size_for(self.config.stack.mtu, session.segmentation_offload)
+        self.host_tcp.splice_enabled = (
+            self.config.splice
+            and splice_available()
+            and session.checksum_offload  # the stack cannot sum bytes it does not hold
+            and self.bridge.frame_tap is None  # nor can a capture see them
+        )
 
     def _make_watcher(self) -> EnclaveWatcher | None:
         c = self.config

@@ -19,6 +19,12 @@ One non-blocking socket per flow, driven by `loop.add_reader` / `add_writer` cal
   bigger batch of small segments only makes the link burstier). Reading stops while the
   stack asks (`TcpPauseReading`, the enclave is slow) or while the link to the enclave is
   backed up (`set_link_paused`).
+* splicing: once a read brings `SPLICE_AFTER` bytes or more (a bulk flow) on a link that
+  allows it (`splice_enabled`: checksum offload, no capture), the flow's later reads are
+  spliced into a `SpliceBuffer` (splice.py) and posted as `HostSpan`s: the bytes go to
+  the link without a copy through Python. The buffer outlives the socket until the
+  stack closes the flow (`TcpClose`): a failed host socket's last bytes still go out.
+  Where no pipes can be had (descriptors, pipe quota) the flow keeps copying.
 
 Events caused by a command are posted with `call_soon`, never from inside `execute()`,
 so the stack is never re-entered while the bridge is draining it.
@@ -32,8 +38,10 @@ import errno
 import logging
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any, Final
 
+from nitro_netd.frames.errors import DropReason
 from nitro_netd.netstack.events import (
     FlowId,
     HostEvent,
@@ -50,7 +58,9 @@ from nitro_netd.netstack.events import (
     TcpWriteBlocked,
     TcpWriteUnblocked,
 )
+from nitro_netd.netstack.spans import HostSpan
 from nitro_netd.parent.host import PostEvent, ThrottledWarning, descriptor_hint
+from nitro_netd.parent.splice import SpliceBuffer
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +81,8 @@ KEEPALIVE_IDLE: Final = 60
 KEEPALIVE_INTERVAL: Final = 15
 KEEPALIVE_COUNT: Final = 4
 """...every 15 s, 4 times: a dead peer fails its flow two minutes after it went quiet."""
+SPLICE_AFTER: Final = 128 << 10
+"""A read this large marks a bulk flow: its later reads are spliced (where allowed)."""
 
 
 class HostTcpFlow:
@@ -92,6 +104,10 @@ class HostTcpFlow:
         self.close_wanted = False
         self.closed = False
         self.timer: asyncio.TimerHandle | None = None
+        self.received = 0
+        """Bytes read from the socket so far (the stream position of the next one)."""
+        self.splice: SpliceBuffer | None = None
+        self.splice_tried = False
 
     # --- connect ----------------------------------------------------------------------
 
@@ -134,6 +150,7 @@ class HostTcpFlow:
             and not self.eof_seen
             and not self.paused
             and not self.owner.link_paused
+            and not (self.splice is not None and self.splice.waiting_for_room)
         )
         if want and not self.reading:
             self.owner.loop.add_reader(self.fd, self._on_readable)
@@ -142,6 +159,9 @@ class HostTcpFlow:
         self.reading = want
 
     def _on_readable(self) -> None:
+        if self.splice is not None:
+            self._splice_in(self.splice)
+            return
         try:
             data = self.sock.recv(self.owner.read_size)
         except (BlockingIOError, InterruptedError):
@@ -150,11 +170,58 @@ class HostTcpFlow:
             self._fail(exc)
             return
         if not data:
-            self.eof_seen = True
-            self.update_reading()
-            self.owner.post(TcpEof(self.flow))
-        else:
-            self.owner.post(TcpData(self.flow, data))
+            self._on_eof()
+            return
+        self.received += len(data)
+        self.owner.post(TcpData(self.flow, data))
+        if len(data) >= SPLICE_AFTER and self.owner.splice_enabled and not self.splice_tried:
+            self._start_splicing()
+
+    def _on_eof(self) -> None:
+        self.eof_seen = True
+        self.update_reading()
+        self.owner.post(TcpEof(self.flow))
+
+    def _splice_in(self, buffer: SpliceBuffer) -> None:
+        try:
+            n = buffer.fill(self.fd, self.owner.read_size)
+        except (BlockingIOError, InterruptedError):
+            if buffer.waiting_for_room:  # until the link writer takes some out
+                self.update_reading()
+            return
+        except OSError as exc:
+            self._fail(exc)
+            return
+        if not n:
+            self._on_eof()
+            return
+        self.received += n
+        self.owner.post(TcpData(self.flow, HostSpan(buffer, n)))
+
+    def _start_splicing(self) -> None:
+        self.splice_tried = True
+        if self.closed:
+            return
+        try:
+            buffer = SpliceBuffer(self.received)
+        except OSError as exc:
+            self.owner.splice_warning.warn(
+                "flow %d: cannot splice (copying instead): %s%s",
+                self.flow,
+                exc,
+                descriptor_hint(exc),
+            )
+            return
+        buffer.on_room = self.update_reading
+        buffer.on_broken = self._on_splice_broken
+        buffer.on_refused = self.owner.count_flow_ended
+        self.splice = buffer
+        self.owner.splice_buffers[self.flow] = buffer
+
+    def _on_splice_broken(self, exc: OSError) -> None:
+        """The pipes failed: the bytes they held are lost, so the flow is reset."""
+        self.abort()
+        self.owner.post_soon(TcpFailed(self.flow, exc.errno or errno.EIO, data_lost=True))
 
     # --- writing ----------------------------------------------------------------------
 
@@ -286,14 +353,25 @@ class HostTcp:
 
     command_types = (TcpConnect, TcpSend, TcpShutdown, TcpClose, TcpPauseReading, TcpResumeReading)
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, post_event: PostEvent) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        post_event: PostEvent,
+        count_drop: Callable[[DropReason], None] | None = None,
+    ) -> None:
         self.loop = loop
         self.post = post_event
+        self.count_drop = count_drop
         self.flows: dict[FlowId, HostTcpFlow] = {}
         self.link_paused = False
         self.read_size = READ_SIZE_SMALL
         """Bytes per host socket read; set per link with `read_size_for`."""
+        self.splice_enabled = False
+        """Bulk flows may splice (set per link: checksum offload and no capture)."""
+        self.splice_buffers: dict[FlowId, SpliceBuffer] = {}
+        """Every splicing flow's buffer, until the stack closes the flow."""
         self._socket_warning = ThrottledWarning(logger)
+        self.splice_warning = ThrottledWarning(logger)
 
     def post_soon(self, event: HostEvent) -> None:
         """Post an event after the current drain of the stack (never re-entrantly)."""
@@ -304,6 +382,10 @@ class HostTcp:
         if isinstance(command, TcpConnect):
             self._connect(command)
             return
+        if isinstance(command, TcpClose) and (
+            buffer := self.splice_buffers.pop(command.flow, None)
+        ):
+            buffer.close()
         flow = self.flows.get(command.flow)
         if flow is None:
             return
@@ -352,10 +434,18 @@ class HostTcp:
         for flow in list(self.flows.values()):
             flow.update_reading()
 
+    def count_flow_ended(self) -> None:
+        """A frame whose bytes a flow's `SpliceBuffer` held came after the flow ended."""
+        if self.count_drop is not None:
+            self.count_drop(DropReason.FLOW_ENDED)
+
     def close_all(self) -> None:
-        """Abort every socket."""
+        """Abort every socket, release every pipe."""
         for flow in list(self.flows.values()):
             flow.abort()
+        for buffer in self.splice_buffers.values():
+            buffer.close()
+        self.splice_buffers.clear()
 
 
 def tune_host_socket(sock: socket.socket) -> None:

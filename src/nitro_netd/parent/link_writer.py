@@ -11,23 +11,67 @@ transport that reads the link. Above `high_water` queued bytes the owner is told
 reading host sockets, and below `low_water` to start again. The queue holds views of the
 flows' send buffers (which bound it already), so the mark is generous: a low one paused
 every busy flow's reader over and over, for nothing but system calls.
+
+A frame whose payload the host side holds in a pipe (a `HostSlice`, see splice.py) waits
+in the queue as a `_SpliceFrame`. When it reaches the front, its `SpliceBuffer` prepares
+it (before any of it is written: a slice that cannot be served drops the frame whole).
+Its headers are then written, and its payload spliced, into the writer's own pipe, and
+runs of such frames leave that pipe for the link in one splice: one wake-up of the agent
+per run, as with writev, not one per frame (or per header). Plain buffers wait until the
+pipe is empty, so the link's byte order is the queue's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import itertools
 import os
 from collections import deque
 from collections.abc import Callable
-from typing import Final
+from typing import Final, cast
 
 from nitro_netd.link import LinkProtocol
 from nitro_netd.netstack.output import Frame, SplitFrame
+from nitro_netd.netstack.spans import HostSlice
+from nitro_netd.parent.splice import PIPE_SIZE, SPLICE_FLAGS, SpliceBuffer
 
 IOV_MAX: Final = 1024
 
 Buffer = bytes | bytearray | memoryview
+
+
+class _SpliceFrame:
+    """A queued frame whose payload a `SpliceBuffer` holds, not yet prepared."""
+
+    __slots__ = ("head", "length", "prefix", "slice")
+
+    def __init__(self, prefix: bytes, head: bytes | bytearray, piece: HostSlice) -> None:
+        self.prefix = prefix
+        self.head = head
+        self.slice = piece
+        self.length = len(prefix) + len(head) + piece.length
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class _PipedFrame:
+    """A prepared frame on its way into the writer's pipe: `header` (prefix, headers and
+    any bytes sent before), then `remaining` bytes from the front of `buffer`'s pipe."""
+
+    __slots__ = ("buffer", "header", "remaining")
+
+    def __init__(self, header: bytes | memoryview, buffer: SpliceBuffer, remaining: int) -> None:
+        self.header = header
+        self.buffer = buffer
+        self.remaining = remaining
+
+    def __len__(self) -> int:
+        return len(self.header) + self.remaining
+
+
+Item = Buffer | _SpliceFrame | _PipedFrame
 
 
 class LinkWriter:
@@ -49,8 +93,14 @@ class LinkWriter:
         self._on_writable = on_writable
         self.high_water = high_water
         self.low_water = high_water // 4
-        self._queue: deque[Buffer] = deque()
+        self._queue: deque[Item] = deque()
         self.queued = 0
+        self._spliced = 0
+        """`_SpliceFrame`s and `_PipedFrame`s in the queue (none: the plain writev path)."""
+        self._pipe_r = self._pipe_w = -1
+        """The writer's pipe (opened with the first spliced frame)."""
+        self._piped = 0
+        """Bytes in the pipe, not yet in the link (counted in `queued`)."""
         self._watching = False
         self._paused = False
         self.error: OSError | None = None
@@ -64,11 +114,17 @@ class LinkWriter:
         queue = self._queue
         header = self._header
         for frame in frames:
-            queue.append(pack(len(frame)))
             if isinstance(frame, SplitFrame):
-                queue.append(frame.head)
-                queue.append(frame.payload)
+                payload = frame.payload
+                if isinstance(payload, HostSlice):
+                    queue.append(_SpliceFrame(pack(len(frame)), frame.head, payload))
+                    self._spliced += 1
+                else:
+                    queue.append(pack(len(frame)))
+                    queue.append(frame.head)
+                    queue.append(payload)
             else:
+                queue.append(pack(len(frame)))
                 queue.append(frame)
             self.queued += len(frame) + header
         self._flush()
@@ -82,10 +138,25 @@ class LinkWriter:
     def _flush(self) -> None:
         queue = self._queue
         while queue and self.error is None:
-            if len(queue) <= IOV_MAX:
-                batch, size = list(queue), self.queued
+            if self._spliced:
+                front = queue[0]
+                if isinstance(front, _SpliceFrame):
+                    self._prepare(front)
+                    continue
+                if isinstance(front, _PipedFrame):
+                    if not self._pipe_frame(front):
+                        break
+                    continue
+                if self._piped and not self._drain_pipe():
+                    break
+                batch = self._buffers_before_splice()
+                size = sum(map(len, batch))
+            elif self._piped and not self._drain_pipe():
+                break
+            elif len(queue) <= IOV_MAX:
+                batch, size = list(queue), self.queued  # type: ignore[arg-type]
             else:
-                batch = list(itertools.islice(queue, IOV_MAX))
+                batch = list(itertools.islice(queue, IOV_MAX))  # type: ignore[arg-type]
                 size = sum(map(len, batch))
             try:
                 written = os.writev(self.fd, batch)
@@ -101,13 +172,92 @@ class LinkWriter:
             self._consume(written)
             if written < size:
                 break
+        if self._piped and self.error is None:
+            self._drain_pipe()
         self._update_watch()
+
+    def _buffers_before_splice(self) -> list[Buffer]:
+        batch: list[Buffer] = []
+        for item in itertools.islice(self._queue, IOV_MAX):
+            if isinstance(item, _SpliceFrame | _PipedFrame):
+                break
+            batch.append(item)
+        return batch
+
+    def _prepare(self, frame: _SpliceFrame) -> None:
+        """Turn the front `_SpliceFrame` into a `_PipedFrame` (or drop it whole)."""
+        queue = self._queue
+        buffer: SpliceBuffer = frame.slice.source
+        prepared = buffer.prepare(frame.slice)
+        if prepared is None:
+            queue.popleft()
+            self._spliced -= 1
+            self.queued -= frame.length
+            return
+        old, fresh = prepared
+        header = frame.prefix + frame.head + old if old else frame.prefix + frame.head
+        queue[0] = _PipedFrame(header, buffer, fresh)
+
+    def _pipe_frame(self, frame: _PipedFrame) -> bool:
+        """Move the front frame into the writer's pipe; False if the link is full."""
+        if self._pipe_w < 0 and not self._open_pipe():
+            return False
+        while True:
+            try:
+                if frame.header:
+                    went = os.write(self._pipe_w, frame.header)
+                    frame.header = memoryview(frame.header)[went:]
+                elif frame.remaining:
+                    went = frame.buffer.splice_out(self._pipe_w, frame.remaining)
+                    frame.remaining -= went
+                else:
+                    self._queue.popleft()
+                    self._spliced -= 1
+                    return True
+            except BlockingIOError:
+                went = 0
+            except OSError as exc:
+                self._fail(exc)
+                return False
+            self._piped += went
+            if not went and not self._drain_pipe():  # the pipe is full, and the link too
+                return False
+
+    def _drain_pipe(self) -> bool:
+        """Splice the pipe into the link; True once it is empty."""
+        while self._piped:
+            try:
+                went = os.splice(self._pipe_r, self.fd, self._piped, flags=SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError as exc:
+                self._fail(exc)
+                return False
+            self._piped -= went
+            self.queued -= went
+        return True
+
+    def _open_pipe(self) -> bool:
+        try:
+            self._pipe_r, self._pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            fcntl.fcntl(self._pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError as exc:
+            self._fail(exc)
+            return False
+        return True
+
+    def _close_pipe(self) -> None:
+        for fd in (self._pipe_r, self._pipe_w):
+            if fd >= 0:
+                os.close(fd)
+        self._pipe_r = self._pipe_w = -1
+        self._piped = 0
 
     def _consume(self, written: int) -> None:
         queue = self._queue
         self.queued -= written
         while written:
-            head = queue[0]
+            head = cast(Buffer, queue[0])  # a batch never holds splice items
             if written >= len(head):
                 written -= len(head)
                 queue.popleft()
@@ -116,7 +266,7 @@ class LinkWriter:
                 written = 0
 
     def _update_watch(self) -> None:
-        want = bool(self._queue) and self.error is None
+        want = bool(self._queue or self._piped) and self.error is None
         if want != self._watching:
             if want:
                 self.loop.add_writer(self.fd, self._flush)
@@ -134,6 +284,8 @@ class LinkWriter:
         self.error = exc
         self._queue.clear()
         self.queued = 0
+        self._spliced = 0
+        self._close_pipe()
         self._update_watch()
         if self.on_error is not None:
             self.on_error(exc)
@@ -142,6 +294,8 @@ class LinkWriter:
         """Drop what is queued and release the descriptor."""
         self._queue.clear()
         self.queued = 0
+        self._spliced = 0
+        self._close_pipe()
         if self._watching:
             self.loop.remove_writer(self.fd)
             self._watching = False

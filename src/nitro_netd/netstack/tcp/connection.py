@@ -63,8 +63,9 @@ from nitro_netd.netstack.events import (
     TcpShutdown,
 )
 from nitro_netd.netstack.output import StackOutput
+from nitro_netd.netstack.spans import HostSpan
 from nitro_netd.netstack.tcp.segments import SegmentBuilder
-from nitro_netd.netstack.tcp.sendqueue import SendQueue
+from nitro_netd.netstack.tcp.sendqueue import Payload, SendQueue
 from nitro_netd.netstack.tcp.seq import seq_add, seq_diff, seq_le, seq_lt
 
 logger = logging.getLogger("nitro_netd.netstack.tcp")
@@ -239,14 +240,16 @@ class TcpConnection:
         self.snd_nxt = self.snd_max = seq_add(self.iss, 1)
         self._arm(now)
 
-    def on_host_failed(self, error: int, now: float) -> None:
-        """The host socket failed: tell the enclave with RST or ICMP, and finish."""
+    def on_host_failed(self, error: int, now: float, *, data_lost: bool = False) -> None:
+        """The host socket failed: tell the enclave with RST or ICMP, and finish (once the
+        bytes the host gave are delivered, unless the shell lost them: `data_lost`)."""
         if self.state is TcpState.CONNECTING:
             self.log.info("connect failed: %s", errnos.errorcode.get(error, error))
             self._refuse(error)
         elif self.state in (TcpState.ESTABLISHED, TcpState.SYN_SENT):
             name = errnos.errorcode.get(error, error)
-            if self.state is TcpState.ESTABLISHED and self.send_buffer.size and self.syn_acked:
+            held = self.send_buffer.size and not data_lost
+            if self.state is TcpState.ESTABLISHED and held and self.syn_acked:
                 # The world sent these bytes before it failed: deliver them, as a direct
                 # path would, and reset once they are acknowledged (_end_after_host_failure).
                 self.log.info(
@@ -258,7 +261,7 @@ class TcpConnection:
             self._send(self.snd_nxt, _RST | _ACK)
         self._finish(reset=False)
 
-    def on_host_data(self, data: bytes, now: float) -> None:
+    def on_host_data(self, data: bytes | HostSpan, now: float) -> None:
         """Bytes from the host: queue them and send what the enclave's window allows."""
         if self.state is TcpState.CLOSED or self.host_eof:
             return
@@ -433,7 +436,7 @@ class TcpConnection:
         window = max(seq_diff(self._right_edge(), self.rcv_nxt), 0) >> self.our_ws
         return min(window, 0xFFFF)
 
-    def _send(self, seq: int, flags: int, payload: memoryview | bytes = b"") -> None:
+    def _send(self, seq: int, flags: int, payload: Payload = b"") -> None:
         frame = self.builder.build(seq, self.rcv_nxt, flags, self._window_field(), payload)
         self.output.send_frame(frame)
         if flags & _ACK:
@@ -489,6 +492,8 @@ class TcpConnection:
             segment = self.output.segment_size(self.enclave_mss)
             window = self.snd_wnd
             while (n := min(segment, buffered - offset, window - offset)) > 0:
+                payload = queue.slice(offset, n)
+                n = len(payload)  # shorter where bytes from the host meet spans
                 last = offset + n == buffered
                 flags = _ACK | _PSH if last else _ACK
                 if last and self.host_eof:
@@ -496,7 +501,7 @@ class TcpConnection:
                     n_seq = n + 1
                 else:
                     n_seq = n
-                self._send(self.snd_nxt, flags, queue.slice(offset, n))
+                self._send(self.snd_nxt, flags, payload)
                 self._sent(seq_add(self.snd_nxt, n_seq))
                 offset += n_seq
         if self.host_eof and offset == buffered and not self.fin_acked and offset < self.snd_wnd:
@@ -517,9 +522,11 @@ class TcpConnection:
         in_flight = max(seq_diff(self.snd_max, self.snd_una), 0)
         n = min(self.output.segment_size(self.enclave_mss), self.send_buffer.size, in_flight)
         if n:
+            payload = self.send_buffer.slice(0, n)
+            n = len(payload)
             last = n == self.send_buffer.size and self.host_eof and in_flight > n
             flags = _ACK | _PSH | (_FIN if last else 0)
-            self._send(self.snd_una, flags, self.send_buffer.slice(0, n))
+            self._send(self.snd_una, flags, payload)
         elif self.host_eof:
             self._send(self.snd_una, _FIN | _ACK)
 

@@ -292,7 +292,7 @@ class TcpLayer:
             conn.on_host_eof(now)
         elif isinstance(event, TcpFailed):
             self._pending_connects.discard(event.flow)
-            conn.on_host_failed(event.errno, now)
+            conn.on_host_failed(event.errno, now, data_lost=event.data_lost)
         elif isinstance(event, TcpWriteBlocked | TcpWriteUnblocked):
             conn.on_write_blocked(isinstance(event, TcpWriteBlocked))
         self._after(conn)

@@ -5,7 +5,8 @@ segment after the handshake) all three headers are one `struct` pack (the IPv4 c
 from a precomputed sum of the fixed words); a large payload is left where it is, in the
 flow's send buffer (`SplitFrame`), and a small one (or none: an ACK) is joined after them.
 Otherwise the headers are packed into a new frame, a small payload is copied after them,
-and the payload's checksum is summed once (numpy when present).
+and the payload's checksum is summed once (numpy when present). A payload the shell holds
+(`HostSlice`) is always left where it is: it needs checksum offload.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from nitro_netd.frames.ethernet import EtherType, MacAddress
 from nitro_netd.frames.ipv4 import DEFAULT_TTL, IpProto
 from nitro_netd.frames.tcp import TcpOptions, build_tcp_options
 from nitro_netd.netstack.output import SplitFrame
+from nitro_netd.netstack.spans import HostSlice
 
 _ETH: Final = struct.Struct("!6s6sH")
 _IP: Final = struct.Struct("!BBHHHBBH4s4s")
@@ -68,7 +70,7 @@ class SegmentBuilder:
         ack: int,
         flags: int,
         window: int,
-        payload: bytes | bytearray | memoryview = b"",
+        payload: bytes | bytearray | memoryview | HostSlice = b"",
         options: TcpOptions | None = None,
     ) -> bytes | bytearray | SplitFrame:
         """Return an Ethernet frame carrying one TCP segment.
@@ -79,9 +81,11 @@ class SegmentBuilder:
         """
         if options is None and self.partial_checksum:
             head = self._pack_headers(seq, ack, flags, window, len(payload))
-            if len(payload) >= SPLIT_MIN:
+            if isinstance(payload, HostSlice) or len(payload) >= SPLIT_MIN:
                 return SplitFrame(head, payload)
             return head + payload if payload else head
+        if isinstance(payload, HostSlice):
+            raise TypeError("a payload the shell holds needs checksum offload")
         opts = build_tcp_options(options) if options is not None else b""
         tcp_len = 20 + len(opts) + len(payload)
         split = len(payload) >= SPLIT_MIN

@@ -1,0 +1,352 @@
+"""A bulk flow's bytes from the world, moved to the link without entering Python.
+
+Theory of operation
+-------------------
+Copying is what a busy flow to the enclave costs: `recv` copies each byte from the host
+socket into Python and `writev` copies it again into the link. A `SpliceBuffer` moves them
+by page reference instead, with splice(2) and tee(2) through two pipes:
+
+* `fill` splices the host socket into the `fresh` pipe; the stack is told only how many
+  bytes came (a `HostSpan`), and builds its segments as `HostSlice`s of stream positions.
+* when the link writer reaches such a segment, `prepare` tees its bytes from `fresh` into
+  the `kept` pipes (a second reference to the same pages, held until the enclave
+  acknowledges them) and the writer splices them from `fresh` onwards (`splice_out`).
+  A pipe holds a number of page pieces, not of bytes: when the last kept pipe is full,
+  the tee goes into a new one (a pipe's tee cannot resume mid-way, so the new pipe
+  starts where the tee started, and its bytes overlap the full pipe's last few).
+  Acknowledged bytes (before each slice's `released` position) are let go, spliced into
+  /dev/null, in batches of `RELEASE_BATCH`; a pipe emptied so is closed.
+* a segment sent again (a retransmission: rare, the link is ordered) is served from
+  `store`: the kept pipes are read out into it (a copy, once) and the segment is written
+  from there. The same happens when no new pipe can be opened.
+
+Stream positions, counted from the flow's first host byte (bytes the stack got copied
+before splicing began included), describe where every byte is:
+
+    store  [store_pos, store_end)                  read out of kept, oldest first
+    kept   [kept[0].start, tee_pos), from store_end: tee'd, sent or being sent
+    fresh  [fresh_pos, read_pos)                   from the host socket, oldest first
+
+`fresh_pos < tee_pos` while the writer is splicing a segment out (and after the link
+dropped one half-written: `prepare` then discards the rest, which `kept` has). A slice
+that asks for bytes already let go, or not yet read, is refused (`prepare` returns None;
+the frame is dropped before any of it is written). A failed pipe operation breaks the
+buffer: its bytes are gone, `on_broken` is told (the flow must be reset).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import struct
+import termios
+from collections.abc import Callable
+from typing import Final
+
+from nitro_netd.netstack.spans import HostSlice
+
+logger = logging.getLogger(__name__)
+
+PIPE_SIZE: Final = 1 << 20
+"""Each pipe's capacity (the most an unprivileged process may set: fs.pipe-max-size)."""
+RELEASE_BATCH: Final = 256 << 10
+"""Acknowledged bytes are let go of in batches of at least this (one system call each)."""
+_F_SETPIPE_SZ: Final = 1031
+SPLICE_FLAGS: Final = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if hasattr(os, "splice") else 0
+_INT: Final = struct.Struct("i")
+
+
+def _load_tee() -> Callable[[int, int, int, int], int] | None:
+    try:
+        tee = ctypes.CDLL(None, use_errno=True).tee
+    except (OSError, AttributeError):
+        return None
+    tee.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint)
+    tee.restype = ctypes.c_ssize_t
+    return tee
+
+
+_tee = _load_tee() if hasattr(os, "splice") else None
+_devnull = -1
+
+
+def available() -> bool:
+    """True where splice and tee can be used (Linux with glibc or musl)."""
+    return _tee is not None
+
+
+def _discard_fd() -> int:
+    global _devnull
+    if _devnull < 0:
+        _devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    return _devnull
+
+
+class _Pipe:
+    """A pipe holding stream bytes [start, end)."""
+
+    __slots__ = ("end", "r", "start", "w")
+
+    def __init__(self, position: int, size: int) -> None:
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.w, _F_SETPIPE_SZ, size)
+        except OSError:
+            self.close()
+            raise
+        self.start = self.end = position
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
+
+
+class SpliceBuffer:
+    """One flow's bytes from the host, held in pipes. See the module docstring."""
+
+    def __init__(self, position: int, *, pipe_size: int = PIPE_SIZE) -> None:
+        """Open the pipes; the next byte read is stream byte `position`.
+
+        Raises:
+            OSError: no pipes (out of descriptors, or the user's pipe quota is used up).
+        """
+        self.pipe_size = pipe_size
+        self.fresh = _Pipe(position, pipe_size)
+        try:
+            self.kept = [_Pipe(position, pipe_size)]
+        except OSError:
+            self.fresh.close()
+            raise
+        self.store = bytearray()
+        self.store_pos = position
+        self.tee_pos = position
+        self.fresh_pos = position
+        self.read_pos = position
+        self.closed = False
+        self.leftover = bytearray()
+        """After `close`: the rest of the frame being spliced out, to write instead."""
+        self.waiting_for_room = False
+        """`fresh` was full when the host socket had bytes: `on_room` once some went."""
+        self.on_room: Callable[[], None] | None = None
+        self.on_broken: Callable[[OSError], None] | None = None
+        self.on_refused: Callable[[], None] | None = None
+        """A slice could not be served (the flow ended, or a bug): its frame is dropped."""
+
+    @property
+    def store_end(self) -> int:
+        return self.store_pos + len(self.store)
+
+    # --- the host side ---------------------------------------------------------------
+
+    def fill(self, sock_fd: int, n: int) -> int:
+        """Splice up to `n` bytes from the host socket into `fresh`; 0 at end of stream.
+
+        Raises:
+            BlockingIOError: nothing to read, or `fresh` is full (`waiting_for_room` set).
+            OSError: the socket failed.
+        """
+        try:
+            got = os.splice(sock_fd, self.fresh.w, n, flags=SPLICE_FLAGS)
+        except BlockingIOError:
+            if _readable_bytes(sock_fd) > 0:
+                self.waiting_for_room = True
+            raise
+        self.read_pos += got
+        return got
+
+    # --- the link side ---------------------------------------------------------------
+
+    def prepare(self, piece: HostSlice) -> tuple[bytes | None, int] | None:
+        """Make `piece` ready to write: return the bytes of its part sent before (None if
+        none) and how many of its bytes follow from `fresh` (`splice_out`); or None when
+        it cannot be served (the frame must be dropped whole)."""
+        if self.closed:
+            self._refuse()
+            return None
+        start, end = piece.position, piece.position + piece.length
+        try:
+            if self.fresh_pos < self.tee_pos:  # the rest of a segment the link dropped
+                self._discard(self.fresh.r, self.tee_pos - self.fresh_pos)
+                self.fresh_pos = self.tee_pos
+                self._fresh_drained()
+            self._release(piece.released)
+            if start < self.store_pos or end > self.read_pos:
+                logger.warning(
+                    "spliced flow: bytes [%d, %d) asked, [%d, %d) held: frame dropped",
+                    start, end, self.store_pos, self.read_pos,
+                )  # fmt: skip
+                self._refuse()
+                return None
+            old = self._old_bytes(start, end) if start < self.tee_pos else None
+            fresh = 0
+            if end > self.tee_pos:
+                if start > self.tee_pos:  # bytes the stack sent in frames the link dropped
+                    self._skip(start - self.tee_pos)
+                fresh = end - self.tee_pos
+                self._tee(fresh)
+        except OSError as exc:
+            self._break(exc)
+            return None
+        return old, fresh
+
+    def splice_out(self, fd: int, n: int) -> int:
+        """Splice up to `n` prepared bytes from `fresh` into `fd`; return how many went.
+
+        Raises:
+            OSError: `fd` failed, or the rest of the frame was lost.
+        """
+        try:
+            if self.closed:  # mid-frame: the rest was read out (`close`)
+                if not self.leftover:
+                    raise OSError(errno.EIO, "the rest of a spliced frame is lost")
+                went = os.write(fd, self.leftover[:n])
+                del self.leftover[:went]
+                return went
+            went = os.splice(self.fresh.r, fd, n, flags=SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        self.fresh_pos += went
+        if went:
+            self._fresh_drained()
+        return went
+
+    def _fresh_drained(self) -> None:
+        if self.waiting_for_room:
+            self.waiting_for_room = False
+            if self.on_room is not None:
+                self.on_room()
+
+    # --- inside -----------------------------------------------------------------------
+
+    def _release(self, upto: int) -> None:
+        """Let go of bytes before `upto` (acknowledged): from `store` at once, from the
+        kept pipes in batches (closing each emptied pipe but the last)."""
+        upto = min(upto, self.tee_pos)
+        drop = min(upto - self.store_pos, len(self.store))
+        if drop > 0:
+            del self.store[:drop]
+            self.store_pos += drop
+        kept = self.kept
+        if self.store or upto - kept[0].start < RELEASE_BATCH:
+            return
+        while kept[0].start < upto:
+            pipe = kept[0]
+            n = min(upto, pipe.end) - pipe.start
+            self._discard(pipe.r, n)
+            pipe.start += n
+            if pipe.start < pipe.end or len(kept) == 1:
+                break
+            kept.pop(0).close()  # the next one's overlap with it goes in the next round
+        self.store_pos = upto
+
+    def _old_bytes(self, start: int, end: int) -> bytes:
+        """Bytes [start, min(end, tee_pos)), sent before: read the kept pipes out."""
+        self._read_kept()
+        return bytes(self.store[start - self.store_pos : min(end, self.tee_pos) - self.store_pos])
+
+    def _read_kept(self) -> None:
+        """Read every kept pipe into `store`, closing all but an empty last one."""
+        kept = self.kept
+        for pipe in kept:
+            overlap = self.store_end - pipe.start
+            if overlap > 0:
+                self._discard(pipe.r, overlap)
+                pipe.start += overlap
+            while pipe.start < pipe.end:
+                chunk = os.read(pipe.r, pipe.end - pipe.start)
+                if not chunk:
+                    raise OSError(errno.EIO, "kept pipe ended early")
+                self.store += chunk
+                pipe.start += len(chunk)
+        for pipe in kept[:-1]:
+            pipe.close()
+        del kept[:-1]
+
+    def _tee(self, n: int) -> None:
+        """Add `fresh`'s first `n` bytes (from `tee_pos`) to the kept pipes."""
+        last = self.kept[-1]
+        got = self._tee_once(last, n)
+        if got < n:  # full: a new pipe (or the store) takes all n again
+            try:
+                pipe = _Pipe(self.tee_pos, self.pipe_size)
+            except OSError as exc:
+                logger.debug("spliced flow: no new pipe (%s): copying what is in flight", exc)
+                self._read_kept()  # `got` bytes past tee_pos included: they go again
+                if got:
+                    del self.store[len(self.store) - got :]
+                pipe = self.kept[-1]
+                pipe.start = pipe.end = self.tee_pos
+            else:
+                self.kept.append(pipe)
+            if self._tee_once(pipe, n) != n:
+                raise OSError(errno.EIO, "cannot tee into an empty pipe")
+        self.tee_pos += n
+
+    def _tee_once(self, pipe: _Pipe, n: int) -> int:
+        assert _tee is not None
+        got = _tee(self.fresh.r, pipe.w, n, os.SPLICE_F_NONBLOCK)
+        if got < 0:
+            code = ctypes.get_errno()
+            if code == errno.EAGAIN:
+                return 0
+            raise OSError(code, os.strerror(code))
+        pipe.end += got
+        return int(got)
+
+    def _skip(self, n: int) -> None:
+        """Move `n` bytes from `fresh` to `kept` (they count as sent)."""
+        self._tee(n)
+        self._discard(self.fresh.r, n)
+        self.fresh_pos += n
+        self._fresh_drained()
+
+    def _discard(self, fd: int, n: int) -> None:
+        """Drop the first `n` bytes of a pipe."""
+        sink = _discard_fd()
+        while n > 0:
+            went = os.splice(fd, sink, n, flags=SPLICE_FLAGS)
+            if not went:
+                raise OSError(errno.EIO, "pipe ended early")
+            n -= went
+
+    def _refuse(self) -> None:
+        if self.on_refused is not None:
+            self.on_refused()
+
+    def _break(self, exc: OSError) -> None:
+        logger.warning("spliced flow: pipe failed: %s (the flow is reset)", exc)
+        self.close()
+        if self.on_broken is not None:
+            self.on_broken(exc)
+
+    def close(self) -> None:
+        """Release the pipes (idempotent); later slices are refused. The rest of a frame
+        the link writer is splicing out is read out first (`leftover`): the link's
+        framing never breaks."""
+        if self.closed:
+            return
+        self.closed = True
+        self.store = bytearray()
+        try:
+            while len(self.leftover) < self.tee_pos - self.fresh_pos:
+                chunk = os.read(self.fresh.r, self.tee_pos - self.fresh_pos - len(self.leftover))
+                if not chunk:
+                    break
+                self.leftover += chunk
+        except OSError as exc:
+            logger.debug("spliced flow: cannot read the rest of a frame: %s", exc)
+        self.fresh.close()
+        for pipe in self.kept:
+            pipe.close()
+        self.kept = []
+
+
+def _readable_bytes(fd: int) -> int:
+    """Bytes waiting in a socket's receive queue (FIONREAD)."""
+    try:
+        return int(_INT.unpack(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
+    except OSError:
+        return 0
