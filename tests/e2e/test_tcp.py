@@ -65,9 +65,27 @@ def test_tcp_ipv4_enclave_uploads_256_mib_intact(bridge: Simulator) -> None:
     assert outcome["bytes"] == 256 * MiB
 
 
-def test_tcp_ipv4_enclave_downloads_256_mib_intact(bridge: Simulator) -> None:
-    outcome = client(bridge, "down", WORLD, PORT, 256 * MiB)
+@pytest.mark.parametrize("splice", [True, False], ids=["spliced", "copied"])
+def test_tcp_ipv4_enclave_downloads_256_mib_intact(
+    sim: Simulator, tmp_path: Path, splice: bool
+) -> None:
+    """By default the daemon splices a bulk download's bytes into the link (status counts
+    them); with --no-splice it copies them. Either way every byte arrives, once, in order."""
+    start_bridge(sim, ("--state-dir", str(tmp_path), *(() if splice else ("--no-splice",))))
+    outcome = client(sim, "down", WORLD, PORT, 256 * MiB)
     assert outcome["bytes"] == 256 * MiB
+    spliced = daemon_status(sim, tmp_path)["splice"]
+    assert spliced["enabled"] is splice
+    assert spliced["bytes"] > 200 * MiB if splice else spliced["bytes"] == 0
+
+
+def daemon_status(sim: Simulator, state_dir: Path) -> dict[str, Any]:
+    """The daemon's `status --json` (it was started with --state-dir `state_dir`)."""
+    argv = [sys.executable, "-m", "nitro_netd.cli.status", "--state-dir", str(state_dir), "--json"]
+    result = sim.run("parent", argv, timeout=30)
+    assert result.returncode == 0, f"status: {result.stderr}\n{sim.logs_tail()}"
+    status: dict[str, Any] = json.loads(result.stdout)
+    return status
 
 
 def test_tcp_ipv4_200_concurrent_connections_random_sizes_and_half_closes(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
+import random
 import socket
 from ipaddress import IPv4Address
 
@@ -12,12 +14,16 @@ from nitro_netd.netstack.events import (
     TcpClose,
     TcpConnect,
     TcpConnected,
+    TcpData,
+    TcpEof,
     TcpFailed,
     TcpSend,
     TcpWriteBlocked,
     TcpWriteUnblocked,
 )
+from nitro_netd.netstack.spans import HostSlice, HostSpan
 from nitro_netd.parent.host_tcp import HIGH_WATER, HostTcp
+from nitro_netd.parent.splice import SpliceBuffer
 
 LOOPBACK = IPv4Address("127.0.0.1")
 
@@ -32,6 +38,13 @@ class Events:
     def post(self, event: HostEvent) -> None:
         self.all.append(event)
         self._arrived.set()
+
+    async def next_event(self) -> None:
+        """Wait until another event is posted."""
+        count = len(self.all)
+        while len(self.all) == count:
+            self._arrived.clear()
+            await self._arrived.wait()
 
     async def wait_for(self, kind: type, limit: float = 10.0) -> HostEvent:
         async with asyncio.timeout(limit):
@@ -106,3 +119,50 @@ async def test_host_sockets_probe_a_silent_peer_with_keepalives() -> None:
     assert peer.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
     side.close_all()
     server.close()
+
+
+async def test_a_bulk_flow_splices_after_a_large_read_and_its_spans_hold_the_stream() -> None:
+    """With splicing allowed, the first large read (`SPLICE_AFTER`) comes as bytes and the
+    rest as `HostSpan`s of a `SpliceBuffer`; taken out in order they are the stream. A
+    full pipe stops reading until bytes are taken out (no spin, no stall)."""
+    loop = asyncio.get_running_loop()
+    server, side, events, peer = await connected_flow(1)
+    side.splice_enabled, side.read_size = True, 1 << 20
+    data = random.Random(1).randbytes(8 << 20)
+    sender = asyncio.create_task(loop.sock_sendall(peer, data))
+    sink_r, sink_w = os.pipe()
+    got, done, position = bytearray(), 0, 0
+    async with asyncio.timeout(30):
+        while not any(isinstance(e, TcpEof) for e in events.all[:done]):
+            if done == len(events.all):
+                await events.next_event()
+            for event in events.all[done:]:
+                if isinstance(event, TcpData) and isinstance(event.data, HostSpan):
+                    got += take_out(event.data.source, position, len(event.data), sink_r, sink_w)
+                elif isinstance(event, TcpData) and isinstance(event.data, bytes):
+                    got += event.data
+                position, done = len(got), done + 1
+            if sender.done() and peer.fileno() >= 0:
+                peer.close()
+    assert got == data
+    assert side.spliced_flows == 1
+    assert side.spliced_bytes > len(data) // 2
+    side.execute(TcpClose(1, reset=False))
+    assert side.splice_buffers == {}
+    server.close()
+    for fd in (sink_r, sink_w):
+        os.close(fd)
+
+
+def take_out(buffer: SpliceBuffer, position: int, n: int, sink_r: int, sink_w: int) -> bytes:
+    """What the link writer does with a span's bytes: prepare them and splice them out."""
+    old, fresh = buffer.prepare(HostSlice(buffer, position, n, position)) or (b"?", -1)
+    assert (old, fresh) == (None, n)
+    out = bytearray()
+    while len(out) < n:
+        went = buffer.splice_out(sink_w, min(n - len(out), 65536))
+        while went:
+            chunk = os.read(sink_r, went)
+            out += chunk
+            went -= len(chunk)
+    return bytes(out)

@@ -14,6 +14,7 @@ from nitro_netd.frames.ethernet import EtherType, build_ethernet, parse_ethernet
 from nitro_netd.frames.ipv4 import IpProto, build_ipv4_header, parse_ipv4
 from nitro_netd.frames.tcp import TcpFlags, TcpHeader, TcpOptions, build_tcp, parse_tcp
 from nitro_netd.netstack import HostCommand, NetStack, TcpConnect
+from nitro_netd.netstack.spans import HostSlice
 from nitro_netd.netstack.tcp.seq import seq_add
 
 Segment = tuple[TcpHeader, bytes]
@@ -37,6 +38,8 @@ class TcpPeer:
     other: list[bytes] = field(default_factory=list)
     fin_received: bool = False
     verify_checksums: bool = True
+    host_stream: bytearray | None = None
+    """The bytes the host gave, from the first: what the stack's `HostSlice`s refer to."""
 
     def frame(
         self,
@@ -104,7 +107,14 @@ class TcpPeer:
 
     def receive(self) -> list[Segment]:
         """Drain the stack's frames for us."""
-        return self.parse(self.stack.frames_to_send())
+        return self.parse(self.stack.frames_to_send(self.resolve))
+
+    def resolve(self, piece: HostSlice) -> bytes:
+        """The bytes of a payload the (test) shell holds, checked against its positions."""
+        assert self.host_stream is not None, "a HostSlice, but the test gave no spans"
+        assert piece.released <= piece.position
+        assert piece.position + piece.length <= len(self.host_stream)
+        return bytes(self.host_stream[piece.position : piece.position + piece.length])
 
     def accept(self, segments: list[Segment]) -> None:
         """Take in-order data (and FIN) into `received`, like a receiving kernel."""

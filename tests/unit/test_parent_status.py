@@ -33,6 +33,7 @@ def sample_status(**link: Any) -> dict[str, Any]:
                      "drops": {"bad_checksum": 2}},
         "pcap": None,
         "busy_poll": {"window_us": 50, "seconds": 1.25, "windows": 300},
+        "splice": {"enabled": True, "flows": 4, "bytes": 123456},
         "time": NOW,
     }  # fmt: skip
 
@@ -49,6 +50,7 @@ def test_render_status_table() -> None:
         "  to enclave    12 frames, 2000 bytes",
         "  drops         bad_checksum 2",
         "  busy poll     50 µs windows, 1.250 s awake in 300 windows",
+        "  splice        on, 4 flows, 123456 bytes",
     ]
 
 
@@ -58,6 +60,14 @@ def test_render_status_busy_poll_off_and_absent() -> None:
     assert "  busy poll     off" in render_status(status, now=NOW).splitlines()
     del status["busy_poll"]  # a daemon from before busy polling
     assert "busy poll" not in render_status(status, now=NOW)
+
+
+def test_render_status_splice_off_and_absent() -> None:
+    status = sample_status()
+    status["splice"] = {"enabled": False, "flows": 0, "bytes": 0}
+    assert "  splice        off, 0 flows, 0 bytes" in render_status(status, now=NOW).splitlines()
+    del status["splice"]  # a daemon from before splicing
+    assert "splice" not in render_status(status, now=NOW)
 
 
 def test_render_status_link_down_shows_last_peer() -> None:
@@ -83,6 +93,7 @@ def test_render_metrics_prometheus_text() -> None:
     assert "nitro_netd_link_up 1" in lines
     assert "nitro_netd_links_refused_total 1" in lines
     assert "nitro_netd_busy_poll_seconds_total 1.25" in lines
+    assert "nitro_netd_spliced_bytes_total 123456" in lines
 
 
 def test_render_metrics_keeps_every_digit_of_large_counters() -> None:

@@ -34,6 +34,7 @@ from nitro_netd.netstack import (
     TcpWriteUnblocked,
 )
 from nitro_netd.netstack.output import TSO_MAX_PAYLOAD
+from nitro_netd.netstack.spans import HostSpan
 from nitro_netd.netstack.tcp.connection import TcpConnection
 from nitro_netd.netstack.tcp.seq import seq_add, seq_diff, seq_le
 from tests.support.tcp_peer import FakeHost, Segment, TcpPeer
@@ -932,3 +933,67 @@ def test_a_flow_with_bytes_in_flight_when_the_link_went_gets_a_reset_the_enclave
         (TcpFlags.RST | TcpFlags.ACK, end),
         (TcpFlags.RST | TcpFlags.ACK, peer.rcv_nxt),
     ]
+
+
+# --- bytes the shell holds (HostSpan) ------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    chunks=st.lists(st.tuples(st.booleans(), st.binary(min_size=1, max_size=3000)), max_size=12),
+    losses=st.lists(st.booleans(), min_size=1, max_size=30),
+    segmentation=st.booleans(),
+)
+def test_a_stream_given_partly_as_spans_arrives_exactly_through_random_loss(
+    chunks: list[tuple[bool, bytes]], losses: list[bool], segmentation: bool
+) -> None:
+    """Bytes and spans mixed (a flow that began splicing): whatever frames the enclave's
+    TAP drops, each segment names the right stream bytes (the peer resolves them from
+    the host's stream and checks `released`), and the stream arrives once, in order."""
+    stack, peer, host = make_offloaded(segmentation)
+    peer.mss, peer.window, peer.window_scale = 1000, 6000, None
+    peer.host_stream = bytearray()
+    flow = peer.establish(host)
+    for as_span, data in chunks:
+        peer.host_stream += data
+        given_data = HostSpan(None, len(data)) if as_span else data
+        stack.handle_host_event(TcpData(flow, given_data), now=1.0)
+    stack.handle_host_event(TcpEof(flow), now=1.0)
+    now, pattern = 1.0, [*losses, False]
+    for round_ in range(1000):
+        segments = peer.receive()
+        peer.accept([s for i, s in enumerate(segments) if not pattern[(round_ + i) % len(pattern)]])
+        if peer.fin_received:
+            break
+        peer.send(ACK, now=now)
+        if not segments and not stack.output.frames:
+            timer = stack.get_timer()
+            assert timer is not None, "data outstanding but no retransmission timer"
+            now = timer
+            stack.handle_timer(now=now)
+    assert peer.fin_received
+    assert peer.received == peer.host_stream
+
+
+def test_spans_without_checksum_offload_are_refused_by_the_segment_builder() -> None:
+    """The stack cannot checksum bytes it does not hold: a shell that gave spans on a link
+    without offload has a bug, and the builder says so instead of sending a frame with a
+    wrong checksum (the shell's catch-all then counts and logs it)."""
+    stack, peer, host = make()
+    flow = peer.establish(host)
+    with pytest.raises(TypeError, match="checksum offload"):
+        stack.handle_host_event(TcpData(flow, HostSpan(None, 5000)), now=1.0)
+
+
+def test_a_host_failure_that_lost_the_held_bytes_resets_the_enclave_at_once() -> None:
+    """`data_lost`: the shell's pipes failed, so the bytes cannot be delivered first."""
+    stack, peer, host = make_offloaded(False)
+    peer.window_scale, peer.window = None, 1000
+    peer.host_stream = bytearray(os.urandom(5000))
+    flow = peer.establish(host)
+    stack.handle_host_event(TcpData(flow, HostSpan(None, 5000)), now=1.0)
+    peer.accept(peer.receive())
+    stack.handle_host_event(TcpFailed(flow, errno.EIO, data_lost=True), now=1.0)
+    segments = peer.receive()
+    assert [h.flags & TcpFlags.RST for h, _ in segments] == [TcpFlags.RST]
+    assert flow not in stack.tcp.flows

@@ -183,6 +183,11 @@ def _busy_poll_line(busy: dict[str, Any]) -> str:
     )
 
 
+def _splice_line(splice: dict[str, Any]) -> str:
+    state = "on" if splice["enabled"] else "off"
+    return f"{state}, {splice['flows']} flows, {splice['bytes']} bytes"
+
+
 def render_status(status: dict[str, Any], *, now: float) -> str:
     """The human-readable table for one status snapshot."""
     counters = status["counters"]
@@ -204,6 +209,8 @@ def render_status(status: dict[str, Any], *, now: float) -> str:
         rows.append(("pcap", status["pcap"]))
     if busy := status.get("busy_poll"):  # absent from older daemons' status
         rows.append(("busy poll", _busy_poll_line(busy)))
+    if splice := status.get("splice"):  # absent from older daemons' status
+        rows.append(("splice", _splice_line(splice)))
     width = max(len(label) for label, _ in rows)
     title = f"nitro-netd-parent {status['name'] or '(unnamed)'}"
     return "\n".join([title, *(f"  {label:<{width}}  {value}" for label, value in rows)])

@@ -86,7 +86,9 @@ class StackOutput:
     def send_frame(self, frame: Frame) -> None:
         """Queue a frame (already addressed) for the enclave."""
         size = len(frame)
-        if size < _MIN_FRAME:
+        if size < _MIN_FRAME and not isinstance(frame, SplitFrame):
+            # (A split frame this short has a payload the shell holds, which cannot be
+            # joined here: it goes out short, as a TAP and the agents take it.)
             frame = bytes(frame) + bytes(_MIN_FRAME - size)
             size = _MIN_FRAME
         self.stats.frames_out += 1

@@ -43,6 +43,7 @@ from nitro_netd.netstack.events import HostCommand, HostEvent
 from nitro_netd.netstack.icmp import PING_EVENTS, IcmpLayer
 from nitro_netd.netstack.layer import Layer
 from nitro_netd.netstack.output import Frame, SplitFrame, StackOutput
+from nitro_netd.netstack.spans import HostSlice
 from nitro_netd.netstack.stats import StackStats
 from nitro_netd.netstack.tcp import TCP_EVENTS, TcpLayer
 from nitro_netd.netstack.udp import UDP_EVENTS, UdpLayer
@@ -182,15 +183,18 @@ class NetStack:
 
     # --- output ------------------------------------------------------------------
 
-    def frames_to_send(self) -> list[bytes | bytearray]:
-        """Return and clear the frames queued for the enclave, oldest first, each whole.
+    def frames_to_send(
+        self, resolve: Callable[[HostSlice], bytes] | None = None
+    ) -> list[bytes | bytearray]:
+        """Return and clear the frames queued for the enclave, oldest first, each whole
+        (`resolve` gives the bytes of payloads the shell holds, `HostSlice`s).
 
         Ends the batch first: layers emit what they deferred (one ACK per flow, one
         coalesced `TcpSend` per flow), so drain this and `commands_to_send()` after each call.
         """
         self._end_batch()
         frames, self.output.frames = self.output.frames, []
-        return [bytes(f) if isinstance(f, SplitFrame) else f for f in frames]
+        return [_whole(f, resolve) if isinstance(f, SplitFrame) else f for f in frames]
 
     def commands_to_send(self) -> list[HostCommand]:
         """Return and clear the commands queued for the shell, oldest first (ends the batch)."""
@@ -247,3 +251,12 @@ _ETHER_HANDLERS: Final[dict[int, _Handler]] = {
     EtherType.ARP: NetStack._on_arp,
     EtherType.IPV4: NetStack._on_ipv4,
 }
+
+
+def _whole(frame: SplitFrame, resolve: Callable[[HostSlice], bytes] | None) -> bytes:
+    payload = frame.payload
+    if isinstance(payload, HostSlice):
+        if resolve is None:
+            raise TypeError("a frame's payload is held by the shell: pass `resolve`")
+        return bytes(frame.head) + resolve(payload)
+    return bytes(frame)

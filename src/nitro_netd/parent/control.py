@@ -33,6 +33,7 @@ from nitro_netd.parent.bridge import Bridge
 from nitro_netd.parent.busy_poll import BusyPoll
 from nitro_netd.parent.enclave_watch import EnclaveWatcher
 from nitro_netd.parent.expose import ExposeSpec
+from nitro_netd.parent.host_tcp import HostTcp
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class StatusInputs:
     started: float = 0.0
     """Wall-clock start time."""
     started_monotonic: float = 0.0
+    host_tcp: HostTcp | None = None
 
 
 def flow_count(layer: object) -> int:
@@ -107,6 +109,7 @@ def build_status(inputs: StatusInputs, *, now: float, monotonic: float) -> Statu
         "counters": inputs.bridge.stack.stats.snapshot(),
         "pcap": inputs.pcap,
         "busy_poll": _busy_poll_status(inputs.bridge.busy_poll),
+        "splice": _splice_status(inputs.host_tcp),
         "time": now,
     }
 
@@ -118,6 +121,16 @@ def _busy_poll_status(busy_poll: BusyPoll | None) -> dict[str, Any]:
         "window_us": round(busy_poll.window * 1e6),
         "seconds": round(busy_poll.spun, 6),
         "windows": busy_poll.windows,
+    }
+
+
+def _splice_status(host_tcp: HostTcp | None) -> dict[str, Any]:
+    if host_tcp is None:
+        return {"enabled": False, "flows": 0, "bytes": 0}
+    return {
+        "enabled": host_tcp.splice_enabled,
+        "flows": host_tcp.spliced_flows,
+        "bytes": host_tcp.spliced_bytes,
     }
 
 

@@ -114,6 +114,7 @@ class Daemon:
         self.inputs = StatusInputs(
             self.bridge, str(config.listen), config.name, config.exposes, self.watcher,
             str(config.pcap) if config.pcap else None, time.time(), time.monotonic(),
+            self.host_tcp,
         )  # fmt: skip
         self.status = status_getter(self.inputs)
         self.pcap: PcapWriter | None = None

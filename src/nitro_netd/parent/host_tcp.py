@@ -196,6 +196,7 @@ class HostTcpFlow:
             self._on_eof()
             return
         self.received += n
+        self.owner.spliced_bytes += n
         self.owner.post(TcpData(self.flow, HostSpan(buffer, n)))
 
     def _start_splicing(self) -> None:
@@ -217,6 +218,8 @@ class HostTcpFlow:
         buffer.on_refused = self.owner.count_flow_ended
         self.splice = buffer
         self.owner.splice_buffers[self.flow] = buffer
+        self.owner.spliced_flows += 1
+        logger.debug("flow %d: splicing from byte %d", self.flow, self.received)
 
     def _on_splice_broken(self, exc: OSError) -> None:
         """The pipes failed: the bytes they held are lost, so the flow is reset."""
@@ -370,6 +373,10 @@ class HostTcp:
         """Bulk flows may splice (set per link: checksum offload and no capture)."""
         self.splice_buffers: dict[FlowId, SpliceBuffer] = {}
         """Every splicing flow's buffer, until the stack closes the flow."""
+        self.spliced_flows = 0
+        """Flows that began splicing (a counter, for status)."""
+        self.spliced_bytes = 0
+        """Bytes read by splicing (a counter, for status)."""
         self._socket_warning = ThrottledWarning(logger)
         self.splice_warning = ThrottledWarning(logger)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import itertools
+import logging
 import os
 from collections import deque
 from collections.abc import Callable
@@ -34,7 +35,10 @@ from typing import Final, cast
 from nitro_netd.link import LinkProtocol
 from nitro_netd.netstack.output import Frame, SplitFrame
 from nitro_netd.netstack.spans import HostSlice
+from nitro_netd.parent.host import descriptor_hint
 from nitro_netd.parent.splice import PIPE_SIZE, SPLICE_FLAGS, SpliceBuffer
+
+logger = logging.getLogger(__name__)
 
 IOV_MAX: Final = 1024
 
@@ -85,6 +89,7 @@ class LinkWriter:
         on_writable: Callable[[bool], None],
         *,
         high_water: int = 16 << 20,
+        pipe_size: int = PIPE_SIZE,
     ) -> None:
         self.loop = loop
         self.fd = os.dup(fd)
@@ -101,6 +106,9 @@ class LinkWriter:
         """The writer's pipe (opened with the first spliced frame)."""
         self._piped = 0
         """Bytes in the pipe, not yet in the link (counted in `queued`)."""
+        self._pipe_size = pipe_size
+        self._pipe_failed = False
+        """The pipe could not be opened: spliced frames go straight into the link."""
         self._watching = False
         self._paused = False
         self.error: OSError | None = None
@@ -199,16 +207,19 @@ class LinkWriter:
         queue[0] = _PipedFrame(header, buffer, fresh)
 
     def _pipe_frame(self, frame: _PipedFrame) -> bool:
-        """Move the front frame into the writer's pipe; False if the link is full."""
-        if self._pipe_w < 0 and not self._open_pipe():
-            return False
+        """Move the front frame into the writer's pipe (or, without one, into the link
+        itself); False if the link is full."""
+        if self._pipe_w < 0 and not self._pipe_failed:
+            self._open_pipe()
+        direct = self._pipe_w < 0
+        target = self.fd if direct else self._pipe_w
         while True:
             try:
                 if frame.header:
-                    went = os.write(self._pipe_w, frame.header)
+                    went = os.write(target, frame.header)
                     frame.header = memoryview(frame.header)[went:]
                 elif frame.remaining:
-                    went = frame.buffer.splice_out(self._pipe_w, frame.remaining)
+                    went = frame.buffer.splice_out(target, frame.remaining)
                     frame.remaining -= went
                 else:
                     self._queue.popleft()
@@ -219,8 +230,11 @@ class LinkWriter:
             except OSError as exc:
                 self._fail(exc)
                 return False
-            self._piped += went
-            if not went and not self._drain_pipe():  # the pipe is full, and the link too
+            if direct:
+                self.queued -= went
+            else:
+                self._piped += went
+            if not went and (direct or not self._drain_pipe()):  # the link is full
                 return False
 
     def _drain_pipe(self) -> bool:
@@ -237,19 +251,21 @@ class LinkWriter:
             self.queued -= went
         return True
 
-    def _open_pipe(self) -> bool:
+    def _open_pipe(self) -> None:
         try:
             self._pipe_r, self._pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            fcntl.fcntl(self._pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            fcntl.fcntl(self._pipe_w, fcntl.F_SETPIPE_SZ, self._pipe_size)
         except OSError as exc:
-            self._fail(exc)
-            return False
-        return True
+            self._close_pipe()
+            self._pipe_failed = True
+            logger.warning(
+                "link: no pipe for spliced frames (%s): each goes to the link in two or more "
+                "writes%s", exc, descriptor_hint(exc),
+            )  # fmt: skip
 
     def _close_pipe(self) -> None:
-        for fd in (self._pipe_r, self._pipe_w):
-            if fd >= 0:
-                os.close(fd)
+        for fd in {self._pipe_r, self._pipe_w} - {-1}:
+            os.close(fd)
         self._pipe_r = self._pipe_w = -1
         self._piped = 0
 

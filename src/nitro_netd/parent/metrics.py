@@ -79,6 +79,9 @@ def render_metrics(status: dict[str, Any]) -> str:
         *_metric("busy_poll_seconds_total", "counter",
                  "Wall seconds the event loop was kept from sleeping, work included (--busy-poll-us).",
                  [("", status["busy_poll"]["seconds"])]),
+        *_metric("spliced_bytes_total", "counter",
+                 "Bytes from the world moved to the link without a copy (splicing).",
+                 [("", status["splice"]["bytes"])]),
     ]  # fmt: skip
     return "\n".join(lines) + "\n"
 

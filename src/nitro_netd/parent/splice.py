@@ -41,8 +41,7 @@ import errno
 import fcntl
 import logging
 import os
-import struct
-import termios
+import select
 from collections.abc import Callable
 from typing import Final
 
@@ -56,7 +55,6 @@ RELEASE_BATCH: Final = 256 << 10
 """Acknowledged bytes are let go of in batches of at least this (one system call each)."""
 _F_SETPIPE_SZ: Final = 1031
 SPLICE_FLAGS: Final = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if hasattr(os, "splice") else 0
-_INT: Final = struct.Struct("i")
 
 
 def _load_tee() -> Callable[[int, int, int, int], int] | None:
@@ -151,8 +149,9 @@ class SpliceBuffer:
         try:
             got = os.splice(sock_fd, self.fresh.w, n, flags=SPLICE_FLAGS)
         except BlockingIOError:
-            if _readable_bytes(sock_fd) > 0:
-                self.waiting_for_room = True
+            # The socket's bytes, end or error wait behind a full pipe (a level-triggered
+            # reader would spin): read again once the writer has taken some out.
+            self.waiting_for_room = _pipe_full(self.fresh.w)
             raise
         self.read_pos += got
         return got
@@ -214,7 +213,7 @@ class SpliceBuffer:
         return went
 
     def _fresh_drained(self) -> None:
-        if self.waiting_for_room:
+        if self.waiting_for_room and not _pipe_full(self.fresh.w):  # a slot is free
             self.waiting_for_room = False
             if self.on_room is not None:
                 self.on_room()
@@ -344,9 +343,8 @@ class SpliceBuffer:
         self.kept = []
 
 
-def _readable_bytes(fd: int) -> int:
-    """Bytes waiting in a socket's receive queue (FIONREAD)."""
-    try:
-        return int(_INT.unpack(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
-    except OSError:
-        return 0
+def _pipe_full(fd: int) -> bool:
+    """True when a pipe's write end has no free slot (it holds pieces, not bytes)."""
+    poller = select.poll()  # (not select(): descriptors past 1024 are common here)
+    poller.register(fd, select.POLLOUT)
+    return not poller.poll(0)

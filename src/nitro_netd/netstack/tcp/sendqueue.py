@@ -55,7 +55,9 @@ class SendQueue:
     def slice(self, offset: int, n: int) -> Payload:
         """Return bytes [offset, offset + n) (clipped to what is held, and to the chunks of
         one kind: the result may be shorter than `n`)."""
-        n = max(0, min(n, self.size - offset))
+        n = min(n, self.size - offset)
+        if n <= 0:
+            return b""
         position = offset + self._head
         for index, chunk in enumerate(self._chunks):
             size = len(chunk)
