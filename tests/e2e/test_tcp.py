@@ -70,8 +70,9 @@ def test_tcp_ipv4_enclave_downloads_256_mib_intact(
     sim: Simulator, tmp_path: Path, splice: bool
 ) -> None:
     """By default the daemon splices a bulk download's bytes into the link (status counts
-    them); with --no-splice it copies them. Either way every byte arrives, once, in order."""
-    start_bridge(sim, ("--state-dir", str(tmp_path), *(() if splice else ("--no-splice",))))
+    them); with --splice-flows 0 it copies them. Either way every byte arrives, once, in
+    order."""
+    start_bridge(sim, ("--state-dir", str(tmp_path), *(() if splice else ("--splice-flows", "0"))))
     outcome = client(sim, "down", WORLD, PORT, 256 * MiB)
     assert outcome["bytes"] == 256 * MiB
     spliced = daemon_status(sim, tmp_path)["splice"]

@@ -166,3 +166,45 @@ def take_out(buffer: SpliceBuffer, position: int, n: int, sink_r: int, sink_w: i
             out += chunk
             went -= len(chunk)
     return bytes(out)
+
+
+async def test_only_splice_limit_flows_splice_at_a_time() -> None:
+    """Of two bulk flows with a limit of one, one splices and the other copies; once the
+    stack closes the first, the other's next large read starts splicing."""
+    loop = asyncio.get_running_loop()
+    server, side, events, peer_a = await connected_flow(1)
+    side.execute(TcpConnect(2, LOOPBACK, server.getsockname()[1], 5.0))
+    peer_b, _ = await loop.sock_accept(server)
+    side.splice_enabled, side.read_size = True, 1 << 20
+
+    def spans_of(flow: int) -> int:
+        return sum(
+            isinstance(e, TcpData) and e.flow == flow and isinstance(e.data, HostSpan)
+            for e in events.all
+        )
+
+    for round_ in (1, 2):  # the first large reads mark both flows as bulk
+        for peer in (peer_a, peer_b):
+            await loop.sock_sendall(peer, bytes(600 << 10))
+        async with asyncio.timeout(10):
+            while (
+                sum(len(e.data) for e in events.all if isinstance(e, TcpData)) < round_ * 1200 << 10
+            ):
+                await events.next_event()
+    assert sorted([spans_of(1) > 0, spans_of(2) > 0]) == [False, True]
+    splicing, copying = (1, peer_b) if spans_of(1) else (2, peer_a)
+    side.execute(TcpClose(splicing, reset=True))
+    assert side.splice_buffers == {}
+    other = 3 - splicing
+    await loop.sock_sendall(copying, bytes(600 << 10))  # a large read: it may splice now
+    async with asyncio.timeout(10):
+        while other not in side.splice_buffers:
+            await events.next_event()
+    await loop.sock_sendall(copying, bytes(600 << 10))
+    async with asyncio.timeout(10):
+        while not spans_of(other):
+            await events.next_event()
+    assert list(side.splice_buffers) == [other]
+    side.close_all()
+    for sock in (server, peer_a, peer_b):
+        sock.close()

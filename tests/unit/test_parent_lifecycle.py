@@ -121,6 +121,21 @@ def test_bad_busy_poll_windows_are_rejected(value: str, capsys: pytest.CaptureFi
     assert "--busy-poll-us" in capsys.readouterr().err
 
 
+def test_one_bulk_flow_splices_by_default_and_zero_turns_splicing_off() -> None:
+    assert config().splice_flows == 1
+    assert config("--splice-flows", "4").splice_flows == 4
+    assert config("--splice-flows", "0").splice_flows == 0
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", "1025", "all"])
+def test_bad_splice_flow_limits_are_rejected(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--splice-flows", value])
+    assert "--splice-flows" in capsys.readouterr().err
+
+
 def test_check_name_accepts_ordinary_names() -> None:
     assert check_name("my-enclave_1.prod") == "my-enclave_1.prod"
 

@@ -33,7 +33,7 @@ def sample_status(**link: Any) -> dict[str, Any]:
                      "drops": {"bad_checksum": 2}},
         "pcap": None,
         "busy_poll": {"window_us": 50, "seconds": 1.25, "windows": 300},
-        "splice": {"enabled": True, "flows": 4, "bytes": 123456},
+        "splice": {"enabled": True, "limit": 1, "flows": 4, "bytes": 123456},
         "time": NOW,
     }  # fmt: skip
 
@@ -50,7 +50,7 @@ def test_render_status_table() -> None:
         "  to enclave    12 frames, 2000 bytes",
         "  drops         bad_checksum 2",
         "  busy poll     50 µs windows, 1.250 s awake in 300 windows",
-        "  splice        on, 4 flows, 123456 bytes",
+        "  splice        up to 1 at a time; 4 flows, 123456 bytes so far",
     ]
 
 
@@ -64,8 +64,11 @@ def test_render_status_busy_poll_off_and_absent() -> None:
 
 def test_render_status_splice_off_and_absent() -> None:
     status = sample_status()
-    status["splice"] = {"enabled": False, "flows": 0, "bytes": 0}
-    assert "  splice        off, 0 flows, 0 bytes" in render_status(status, now=NOW).splitlines()
+    status["splice"] = {"enabled": False, "limit": 0, "flows": 0, "bytes": 0}
+    assert (
+        "  splice        off; 0 flows, 0 bytes so far"
+        in render_status(status, now=NOW).splitlines()
+    )
     del status["splice"]  # a daemon from before splicing
     assert "splice" not in render_status(status, now=NOW)
 

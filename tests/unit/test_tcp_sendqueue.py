@@ -73,7 +73,7 @@ def _kinds(chunks: list[Chunk], start: int, n: int) -> set[bool]:
     """Whether the stream bytes [start, start + n) came as spans (True) or bytes."""
     kinds, position = set(), 0
     for as_span, data in chunks:
-        if data and position < start + n and start < position + len(data):
+        if n and data and position < start + n and start < position + len(data):
             kinds.add(as_span)
         position += len(data)
     return kinds

@@ -32,6 +32,7 @@ from nitro_netd.parent.pcap import DEFAULT_MAX_BYTES as DEFAULT_PCAP_MAX_BYTES
 from nitro_netd.transport import EndpointError, parse_endpoint
 
 PROG: Final = "nitro-netd-parent"
+MAX_SPLICE_FLOWS: Final = 1024
 
 EPILOG: Final = """\
 examples:
@@ -108,11 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"burst; 0: off, at most {round(MAX_BUSY_POLL * 1e6)} (default: %(default)s)",
     )
     parser.add_argument(
-        "--no-splice",
-        dest="splice",
-        action="store_false",
-        help="copy every byte from the world through the daemon instead of splicing bulk "
-        "flows' bytes into the link (splicing needs the agent's checksum offload)",
+        "--splice-flows",
+        type=_splice_flows,
+        default=1,
+        metavar="N",
+        help="at most N bulk flows to the enclave at a time move their bytes into the link by "
+        "splice(2) instead of copying them (less daemon CPU per byte; needs the agent's "
+        "checksum offload and large segments); 0: never (default: %(default)s)",
     )
     parser.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info", help="default: %(default)s"
@@ -196,6 +199,14 @@ def _pcap_max_mb(text: str) -> int:
     return value
 
 
+def _splice_flows(text: str) -> int:
+    """``--splice-flows``: a whole number, 0 (never) up to `MAX_SPLICE_FLOWS`."""
+    value = _whole_number(text)
+    if not 0 <= value <= MAX_SPLICE_FLOWS:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0..{MAX_SPLICE_FLOWS}")
+    return value
+
+
 def _busy_poll_us(text: str) -> int:
     """``--busy-poll-us``: whole microseconds, 0 (off) up to `MAX_BUSY_POLL`."""
     value = _whole_number(text)
@@ -235,7 +246,7 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         pcap_max_bytes=(args.pcap_max_mb << 20) or None,
         metrics_listen=parse_metrics_listen(args.metrics_listen) if args.metrics_listen else None,
         busy_poll=args.busy_poll_us / 1e6,
-        splice=args.splice,
+        splice_flows=args.splice_flows,
     )
 
 

@@ -184,8 +184,8 @@ def _busy_poll_line(busy: dict[str, Any]) -> str:
 
 
 def _splice_line(splice: dict[str, Any]) -> str:
-    state = "on" if splice["enabled"] else "off"
-    return f"{state}, {splice['flows']} flows, {splice['bytes']} bytes"
+    state = f"up to {splice['limit']} at a time" if splice["enabled"] else "off"
+    return f"{state}; {splice['flows']} flows, {splice['bytes']} bytes so far"
 
 
 def render_status(status: dict[str, Any], *, now: float) -> str:

@@ -126,9 +126,10 @@ def _busy_poll_status(busy_poll: BusyPoll | None) -> dict[str, Any]:
 
 def _splice_status(host_tcp: HostTcp | None) -> dict[str, Any]:
     if host_tcp is None:
-        return {"enabled": False, "flows": 0, "bytes": 0}
+        return {"enabled": False, "limit": 0, "flows": 0, "bytes": 0}
     return {
         "enabled": host_tcp.splice_enabled,
+        "limit": host_tcp.splice_limit,
         "flows": host_tcp.spliced_flows,
         "bytes": host_tcp.spliced_bytes,
     }

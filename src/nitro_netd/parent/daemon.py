@@ -38,7 +38,7 @@ from nitro_netd.parent.control import ControlServer, StatusInputs, status_getter
 from nitro_netd.parent.enclave_watch import DEFAULT_POLL, EnclaveWatcher, PinVerdict, decide_pin
 from nitro_netd.parent.expose import ExposeSpec, TcpExposer, UdpExposer
 from nitro_netd.parent.host_ping import HostPing
-from nitro_netd.parent.host_tcp import HostTcp, read_size_for
+from nitro_netd.parent.host_tcp import READ_SIZE_LARGE, HostTcp, read_size_for
 from nitro_netd.parent.host_udp import HostUdp
 from nitro_netd.parent.lifecycle import PidLock, Readiness, StatePaths
 from nitro_netd.parent.metrics import MetricsServer
@@ -81,8 +81,9 @@ class DaemonConfig:
     """Serve Prometheus metrics on this address (--metrics-listen)."""
     busy_poll: float = DEFAULT_WINDOW
     """Seconds the loop keeps polling after each burst of work (--busy-poll-us; 0: off)."""
-    splice: bool = True
-    """Bulk flows to the enclave splice their bytes instead of copying (--no-splice)."""
+    splice_flows: int = 1
+    """At most this many bulk flows to the enclave splice their bytes instead of copying
+    them at a time (--splice-flows; 0: none)."""
 
 
 class Daemon:
@@ -124,9 +125,11 @@ class Daemon:
 
     def _on_new_link(self, session: LinkSession) -> None:
         self.host_tcp.read_size = read_size_for(self.config.stack.mtu, session.segmentation_offload)
+        self.host_tcp.splice_limit = self.config.splice_flows
         self.host_tcp.splice_enabled = (
-            self.config.splice
+            self.config.splice_flows > 0
             and splice_available()
+            and self.host_tcp.read_size == READ_SIZE_LARGE  # frames of ~64 KiB, not 1500
             and session.checksum_offload  # the stack cannot sum bytes it does not hold
             and self.bridge.frame_tap is None  # nor can a capture see them
         )
