@@ -147,6 +147,8 @@ async def test_a_bulk_flow_splices_after_a_large_read_and_its_spans_hold_the_str
     assert got == data
     assert side.spliced_flows == 1
     assert side.spliced_bytes > len(data) // 2
+    assert side.splicing == set()  # done reading: another flow may splice now...
+    assert list(side.splice_buffers) == [1]  # ...while this one's bytes are still held
     side.execute(TcpClose(1, reset=False))
     assert side.splice_buffers == {}
     server.close()

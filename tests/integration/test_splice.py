@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from nitro_netd.frames.errors import DropReason
 from nitro_netd.link import FrameDecoder, LinkProtocol
 from nitro_netd.netstack.output import Frame, SplitFrame
 from nitro_netd.netstack.spans import HostSlice
@@ -244,8 +245,8 @@ async def test_a_flow_closed_mid_frame_ends_that_frame_whole_and_drops_the_rest_
     loop = asyncio.get_running_loop()
     stream = Stream(1 << 20)
     buffer = SpliceBuffer(0)
-    dropped: list[None] = []
-    buffer.on_refused = lambda: dropped.append(None)
+    dropped: list[DropReason] = []
+    buffer.on_refused = dropped.append
     await fill_at_least(buffer, stream, 600_000)
     writer = LinkWriter(loop, ours.fileno(), LinkProtocol.GVPROXY, lambda _: None, pipe_size=4096)
     frames: list[Frame] = [frame_for(HostSlice(buffer, i * 60000, 60000, 0)) for i in range(10)]
@@ -262,6 +263,7 @@ async def test_a_flow_closed_mid_frame_ends_that_frame_whole_and_drops_the_rest_
     reader.cancel()
     assert seen == [(i * 60000, 60000) for i in range(len(seen))]
     assert len(seen) + len(dropped) == 10
+    assert set(dropped) == {DropReason.FLOW_ENDED}
     writer.close()
     stream.close()
 
@@ -301,6 +303,44 @@ async def test_a_full_pipe_stops_reading_until_the_writer_takes_some_even_at_end
     assert rooms == [None]
     assert not buffer.waiting_for_room
     assert buffer.fill(stream.host.fileno(), 1 << 20) == 0  # the end of the stream
+    for fd in (sink_r, sink_w):
+        os.close(fd)
+    buffer.close()
+    stream.close()
+
+
+@pytest.mark.parametrize("peer_closes", [False, True], ids=["open", "closed"])
+async def test_urgent_data_from_the_world_neither_stalls_nor_truncates_a_spliced_stream(
+    peer_closes: bool,
+) -> None:
+    """splice(2) stops at TCP urgent data and never passes it: EAGAIN while the world's
+    socket is open (the readable socket then spun the loop), 0 once it closed (the rest
+    was lost behind a false end of stream). The urgent byte is dropped, as the copying
+    path's `recv` drops it, and every other byte arrives."""
+    stream = Stream(0)
+    stream.sender.setblocking(True)
+    stream.sender.sendall(b"a" * 1000)
+    stream.sender.send(b"!", socket.MSG_OOB)
+    stream.sender.sendall(b"b" * 1000)
+    if peer_closes:
+        stream.sender.shutdown(socket.SHUT_WR)
+    buffer = SpliceBuffer(0)
+    ends: list[int] = []
+
+    def read_some() -> bool:
+        with contextlib.suppress(BlockingIOError):
+            if not buffer.fill(stream.host.fileno(), 1 << 20):
+                ends.append(buffer.read_pos)
+        return buffer.read_pos >= 2000 or bool(ends)
+
+    await until(read_some, "the bytes after the urgent one")
+    assert (buffer.read_pos, ends) == (2000, [])
+    assert buffer.prepare(HostSlice(buffer, 0, 2000, 0)) == (None, 2000)
+    sink_r, sink_w = os.pipe()
+    assert buffer.splice_out(sink_w, 2000) == 2000
+    assert os.read(sink_r, 4096) == b"a" * 1000 + b"b" * 1000
+    if peer_closes:
+        assert buffer.fill(stream.host.fileno(), 1 << 20) == 0
     for fd in (sink_r, sink_w):
         os.close(fd)
     buffer.close()

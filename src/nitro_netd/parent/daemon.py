@@ -98,6 +98,7 @@ class Daemon:
             self.bridge.busy_poll = BusyPoll(self.loop, config.busy_poll)
         count_drop = self.bridge.stack.stats.count_drop
         self.host_tcp = HostTcp(self.loop, self.bridge.post_event, count_drop)
+        self.host_tcp.splice_limit = config.splice_flows
         self.bridge.add_host_side(self.host_tcp)
         self.bridge.link_observers.append(self._on_new_link)
         self.bridge.add_host_side(HostUdp(self.loop, self.bridge.post_event, count_drop))
@@ -125,7 +126,6 @@ class Daemon:
 
     def _on_new_link(self, session: LinkSession) -> None:
         self.host_tcp.read_size = read_size_for(self.config.stack.mtu, session.segmentation_offload)
-        self.host_tcp.splice_limit = self.config.splice_flows
         self.host_tcp.splice_enabled = (
             self.config.splice_flows > 0
             and splice_available()

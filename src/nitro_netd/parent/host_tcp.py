@@ -181,6 +181,7 @@ class HostTcpFlow:
             self._start_splicing()
 
     def _on_eof(self) -> None:
+        self.owner.splicing.discard(self.flow)  # done reading: no longer counts
         self.eof_seen = True
         self.update_reading()
         self.owner.post(TcpEof(self.flow))
@@ -218,9 +219,10 @@ class HostTcpFlow:
             return
         buffer.on_room = self.update_reading
         buffer.on_broken = self._on_splice_broken
-        buffer.on_refused = self.owner.count_flow_ended
+        buffer.on_refused = self.owner.count_refused
         self.splice = buffer
         self.owner.splice_buffers[self.flow] = buffer
+        self.owner.splicing.add(self.flow)
         self.owner.spliced_flows += 1
         logger.debug("flow %d: splicing from byte %d", self.flow, self.received)
 
@@ -334,6 +336,7 @@ class HostTcpFlow:
         if self.closed:
             return
         self.closed = True
+        self.owner.splicing.discard(self.flow)
         self.update_reading()
         self._stop_writing()
         self._cancel_timer()
@@ -378,6 +381,9 @@ class HostTcp:
         self.splice_limit = 1
         self.splice_buffers: dict[FlowId, SpliceBuffer] = {}
         """Every splicing flow's buffer, until the stack closes the flow."""
+        self.splicing: set[FlowId] = set()
+        """The flows splicing what they read now (not yet at end of stream or closed):
+        the ones `splice_limit` counts."""
         self.spliced_flows = 0
         """Flows that began splicing (a counter, for status)."""
         self.spliced_bytes = 0
@@ -448,12 +454,13 @@ class HostTcp:
 
     def may_splice(self) -> bool:
         """Whether another bulk flow may begin splicing now."""
-        return self.splice_enabled and len(self.splice_buffers) < self.splice_limit
+        return self.splice_enabled and len(self.splicing) < self.splice_limit
 
-    def count_flow_ended(self) -> None:
-        """A frame whose bytes a flow's `SpliceBuffer` held came after the flow ended."""
+    def count_refused(self, reason: DropReason) -> None:
+        """A frame whose bytes a flow's `SpliceBuffer` held could not be written (the flow
+        had ended, or a bug)."""
         if self.count_drop is not None:
-            self.count_drop(DropReason.FLOW_ENDED)
+            self.count_drop(reason)
 
     def close_all(self) -> None:
         """Abort every socket, release every pipe."""
@@ -462,6 +469,7 @@ class HostTcp:
         for buffer in self.splice_buffers.values():
             buffer.close()
         self.splice_buffers.clear()
+        self.splicing.clear()
 
 
 def tune_host_socket(sock: socket.socket) -> None:

@@ -24,6 +24,7 @@ pipe is empty, so the link's byte order is the queue's.
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import itertools
 import logging
@@ -213,6 +214,7 @@ class LinkWriter:
             self._open_pipe()
         direct = self._pipe_w < 0
         target = self.fd if direct else self._pipe_w
+        stalled = False
         while True:
             try:
                 if frame.header:
@@ -234,8 +236,13 @@ class LinkWriter:
                 self.queued -= went
             else:
                 self._piped += went
-            if not went and (direct or not self._drain_pipe()):  # the link is full
-                return False
+            if not went:
+                if direct or not self._drain_pipe():  # the link is full
+                    return False
+                if stalled:  # an empty pipe took nothing: the buffer lacks the bytes
+                    self._fail(OSError(errno.EIO, "a spliced frame's bytes are missing"))
+                    return False
+            stalled = not went
 
     def _drain_pipe(self) -> bool:
         """Splice the pipe into the link; True once it is empty."""
@@ -246,6 +253,9 @@ class LinkWriter:
                 return False
             except OSError as exc:
                 self._fail(exc)
+                return False
+            if not went:  # (never, with `_piped` right: a guard against a hot loop)
+                self._fail(OSError(errno.EIO, "the link's pipe ended early"))
                 return False
             self._piped -= went
             self.queued -= went

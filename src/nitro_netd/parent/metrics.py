@@ -80,7 +80,7 @@ def render_metrics(status: dict[str, Any]) -> str:
                  "Wall seconds the event loop was kept from sleeping, work included (--busy-poll-us).",
                  [("", status["busy_poll"]["seconds"])]),
         *_metric("spliced_bytes_total", "counter",
-                 "Bytes from the world moved to the link without a copy (splicing).",
+                 "Bytes from the world spliced into pipes for the link instead of copied.",
                  [("", status["splice"]["bytes"])]),
     ]  # fmt: skip
     return "\n".join(lines) + "\n"

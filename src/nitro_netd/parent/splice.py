@@ -42,9 +42,11 @@ import fcntl
 import logging
 import os
 import select
+import struct
 from collections.abc import Callable
 from typing import Final
 
+from nitro_netd.frames.errors import DropReason
 from nitro_netd.netstack.spans import HostSlice
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,8 @@ PIPE_SIZE: Final = 1 << 20
 RELEASE_BATCH: Final = 256 << 10
 """Acknowledged bytes are let go of in batches of at least this (one system call each)."""
 _F_SETPIPE_SZ: Final = 1031
+_SIOCATMARK: Final = 0x8905
+_INT: Final = struct.Struct("i")
 SPLICE_FLAGS: Final = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if hasattr(os, "splice") else 0
 
 
@@ -130,7 +134,7 @@ class SpliceBuffer:
         """`fresh` was full when the host socket had bytes: `on_room` once some went."""
         self.on_room: Callable[[], None] | None = None
         self.on_broken: Callable[[OSError], None] | None = None
-        self.on_refused: Callable[[], None] | None = None
+        self.on_refused: Callable[[DropReason], None] | None = None
         """A slice could not be served (the flow ended, or a bug): its frame is dropped."""
 
     @property
@@ -152,9 +156,24 @@ class SpliceBuffer:
             # The socket's bytes, end or error wait behind a full pipe (a level-triggered
             # reader would spin): read again once the writer has taken some out.
             self.waiting_for_room = _pipe_full(self.fresh.w)
-            raise
+            if self.waiting_for_room or not _at_urgent_mark(sock_fd):
+                raise
+            got = self._step_over_urgent_mark(sock_fd)
+        else:
+            if not got and _at_urgent_mark(sock_fd):
+                got = self._step_over_urgent_mark(sock_fd)
         self.read_pos += got
         return got
+
+    def _step_over_urgent_mark(self, sock_fd: int) -> int:
+        """splice(2) stops at TCP urgent data (the world sent MSG_OOB) and never passes it
+        (EAGAIN, or 0 once the peer closed: a silently truncated stream). A plain read
+        drops the urgent byte, as the copying path's `recv` does, and returns the next:
+        that one goes into `fresh` by hand (it has room), and splicing resumes after it."""
+        data = os.read(sock_fd, 1)
+        if data:
+            os.write(self.fresh.w, data)
+        return len(data)
 
     # --- the link side ---------------------------------------------------------------
 
@@ -163,7 +182,7 @@ class SpliceBuffer:
         none) and how many of its bytes follow from `fresh` (`splice_out`); or None when
         it cannot be served (the frame must be dropped whole)."""
         if self.closed:
-            self._refuse()
+            self._refuse(DropReason.FLOW_ENDED)
             return None
         start, end = piece.position, piece.position + piece.length
         try:
@@ -177,7 +196,7 @@ class SpliceBuffer:
                     "spliced flow: bytes [%d, %d) asked, [%d, %d) held: frame dropped",
                     start, end, self.store_pos, self.read_pos,
                 )  # fmt: skip
-                self._refuse()
+                self._refuse(DropReason.INTERNAL_ERROR)
                 return None
             old = self._old_bytes(start, end) if start < self.tee_pos else None
             fresh = 0
@@ -311,9 +330,9 @@ class SpliceBuffer:
                 raise OSError(errno.EIO, "pipe ended early")
             n -= went
 
-    def _refuse(self) -> None:
+    def _refuse(self, reason: DropReason) -> None:
         if self.on_refused is not None:
-            self.on_refused()
+            self.on_refused(reason)
 
     def _break(self, exc: OSError) -> None:
         logger.warning("spliced flow: pipe failed: %s (the flow is reset)", exc)
@@ -341,6 +360,14 @@ class SpliceBuffer:
         for pipe in self.kept:
             pipe.close()
         self.kept = []
+
+
+def _at_urgent_mark(fd: int) -> bool:
+    """True when a TCP socket's next byte is its urgent mark (SIOCATMARK)."""
+    try:
+        return bool(_INT.unpack(fcntl.ioctl(fd, _SIOCATMARK, b"\0\0\0\0"))[0])
+    except OSError:
+        return False
 
 
 def _pipe_full(fd: int) -> bool:
