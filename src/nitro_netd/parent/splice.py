@@ -131,7 +131,7 @@ class SpliceBuffer:
         self.leftover = bytearray()
         """After `close`: the rest of the frame being spliced out, to write instead."""
         self.waiting_for_room = False
-        """`fresh` was full when the host socket had bytes: `on_room` once some went."""
+        """A read found `fresh` full: reading waits until some went (`on_room`)."""
         self.on_room: Callable[[], None] | None = None
         self.on_broken: Callable[[OSError], None] | None = None
         self.on_refused: Callable[[DropReason], None] | None = None
