@@ -43,6 +43,8 @@ CONNECT_PATH: Final = "/connect"
 HEADER_VERSION: Final = "Nitro-Netd-Version"
 HEADER_WANT_REPLY: Final = "Nitro-Netd-Reply"
 HEADER_ENCLAVE: Final = "Nitro-Netd-Enclave"
+HEADER_MTU: Final = "Nitro-Netd-Mtu"
+"""Daemon reply: the link MTU the daemon was given (--mtu); the agent's must match."""
 HEADER_OFFLOAD: Final = "Nitro-Netd-Offload"
 """A comma-separated list of offloads. Agent: the ones it can do. Daemon reply: the ones
 agreed for this link (a subset). See `OFFLOAD_CSUM` and `OFFLOAD_TSO`."""

@@ -10,6 +10,7 @@ from nitro_netd.enclave.handshake import (
     TSO_REQUEST_HEADERS,
     Handshake,
     PeerKind,
+    mtu_mismatch,
     offloads_agreed,
 )
 from nitro_netd.link import (
@@ -305,3 +306,27 @@ def test_handshake_offloads_agreed_from_the_reply_header(
 
 def test_handshake_offloads_agreed_without_a_reply() -> None:
     assert offloads_agreed(None) == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("headers", "ours", "warned"),
+    [
+        ({"Nitro-Netd-Mtu": "65520"}, 65520, False),
+        ({"nitro-netd-mtu": " 1500 "}, 1500, False),
+        ({}, 1500, False),  # a daemon that does not say
+        ({"Nitro-Netd-Mtu": "1500"}, 65520, True),
+        ({"Nitro-Netd-Mtu": "9001"}, 1500, True),
+    ],
+)
+def test_an_mtu_that_differs_from_the_parents_is_named(
+    headers: dict[str, str], ours: int, warned: bool
+) -> None:
+    """The daemon states its MTU in the reply; an agent with another one is told so (a
+    frame larger than the smaller MTU ends the link, over and over)."""
+    result = Handshake(LinkProtocol.GVPROXY).receive_data(build_connect_reply(headers))
+    assert result is not None
+    why = mtu_mismatch(result.reply, ours)
+    assert (why is not None) is warned
+    if why is not None:
+        assert str(ours) in why
+        assert "--mtu" in why

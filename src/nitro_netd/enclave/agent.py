@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from nitro_netd.enclave.backoff import Backoff
-from nitro_netd.enclave.handshake import Handshake, HandshakeResult, PeerKind
+from nitro_netd.enclave.handshake import Handshake, HandshakeResult, PeerKind, mtu_mismatch
 from nitro_netd.enclave.pump import run_pump
 from nitro_netd.enclave.tap import TUN_F_CSUM, TUN_F_TSO4, tap_name
 from nitro_netd.enclave.tap import set_offload as tap_set_offload
@@ -429,6 +429,8 @@ class Agent:
         logger.info("%s", self._describe_offload(result))
         if result.reply is not None:
             logger.debug("parent's reply headers: %s", dict(result.reply.headers))
+        if (mismatch := mtu_mismatch(result.reply, self.config.mtu)) is not None:
+            logger.warning("%s", mismatch)
         if self.on_link_up is not None:
             self.on_link_up(result)
         for fd in self.link_up_fds:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from nitro_netd.link import (
+    HEADER_MTU,
     HEADER_OFFLOAD,
     HEADER_VERSION,
     HEADER_WANT_REPLY,
@@ -70,6 +71,18 @@ def offloads_agreed(reply: HttpHead | None) -> frozenset[str]:
     if OFFLOAD_CSUM not in agreed:
         return frozenset()
     return agreed
+
+
+def mtu_mismatch(reply: HttpHead | None, ours: int) -> str | None:
+    """Why our MTU does not fit the daemon's, as its reply states it; None if it fits (or
+    the reply does not say). A frame larger than the other side's MTU ends the link."""
+    stated = reply.get(HEADER_MTU) if reply is not None else None
+    if stated is None or stated.strip() == str(ours):
+        return None
+    return (
+        f"the parent's MTU is {stated.strip()} and ours is {ours}: a frame larger than the "
+        "smaller one breaks the link; give both sides the same --mtu"
+    )
 
 
 class PeerKind(enum.Enum):

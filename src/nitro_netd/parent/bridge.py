@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from nitro_netd.frames.errors import DropReason
+from nitro_netd.link import HEADER_MTU
 from nitro_netd.netstack import NetStack, StackConfig
 from nitro_netd.netstack.events import (
     HostCommand,
@@ -105,7 +106,7 @@ class Bridge:
         """The network plan, for agents that ask for a reply."""
         c = self.config
         return {
-            "Nitro-Netd-Mtu": str(c.mtu),
+            HEADER_MTU: str(c.mtu),
             "Nitro-Netd-Address": f"{c.enclave_ip}/{c.subnet.prefixlen}",
             "Nitro-Netd-Gateway": str(c.gateway_ip),
             "Nitro-Netd-Mac": str(c.enclave_mac),
