@@ -322,7 +322,7 @@ def test_an_mtu_that_differs_from_the_parents_is_named(
     headers: dict[str, str], ours: int, warned: bool
 ) -> None:
     """The daemon states its MTU in the reply; an agent with another one is told so (a
-    frame larger than the smaller MTU ends the link, over and over)."""
+    frame larger than the smaller MTU is lost or ends the link, over and over)."""
     result = Handshake(LinkProtocol.GVPROXY).receive_data(build_connect_reply(headers))
     assert result is not None
     why = mtu_mismatch(result.reply, ours)

@@ -75,13 +75,14 @@ def offloads_agreed(reply: HttpHead | None) -> frozenset[str]:
 
 def mtu_mismatch(reply: HttpHead | None, ours: int) -> str | None:
     """Why our MTU does not fit the daemon's, as its reply states it; None if it fits (or
-    the reply does not say). A frame larger than the other side's MTU ends the link."""
+    the reply does not say). A frame larger than the other side's MTU is lost, or ends the
+    link (without segmentation offload the other side refuses the frame length)."""
     stated = reply.get(HEADER_MTU) if reply is not None else None
     if stated is None or stated.strip() == str(ours):
         return None
     return (
-        f"the parent's MTU is {stated.strip()} and ours is {ours}: a frame larger than the "
-        "smaller one breaks the link; give both sides the same --mtu"
+        f"the parent's MTU is {stated.strip()} and ours is {ours}: frames larger than the "
+        "smaller one are lost or end the link; give both sides the same --mtu"
     )
 
 
