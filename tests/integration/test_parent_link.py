@@ -26,6 +26,7 @@ from nitro_netd.link import (
     encode_frame,
 )
 from nitro_netd.netstack import StackConfig
+from nitro_netd.parent.bridge import MAX_PENDING_LINKS
 from tests.support.fake_enclave import FakeEnclave
 from tests.support.link_agent import running_daemon
 
@@ -450,3 +451,22 @@ async def test_a_handshake_begun_after_a_silence_is_timed_out_too(
         assert await (await connection_sending(path, b"POS")).closed_by_daemon()
         writer.write(b"POS")  # the silent peer's first check has passed: it begins now
         assert await silent.closed_by_daemon()
+
+
+async def test_silent_connections_are_bounded_the_oldest_goes_first(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A silent connection is kept (it may be a quiet qemu-framed agent), but only so many
+    at once: one more closes the oldest, and a real agent still gets through."""
+    caplog.set_level(logging.INFO)
+    path = tmp_path / "link.sock"
+    async with running_daemon(path):
+        silent = [await connection_sending(path, b"") for _ in range(MAX_PENDING_LINKS + 1)]
+        assert await silent[0].closed_by_daemon()
+        assert f"more than {MAX_PENDING_LINKS} connections waiting" in caplog.text
+        agent = await Agent.connect(path, LinkProtocol.GVPROXY)  # evicts the next oldest
+        await ping_roundtrip(agent)
+        assert await silent[1].closed_by_daemon()
+        agent.close()
+        for connection in silent[2:]:
+            connection.close()

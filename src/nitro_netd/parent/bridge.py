@@ -48,6 +48,10 @@ from nitro_netd.transport import peer_cid
 
 logger = logging.getLogger(__name__)
 
+MAX_PENDING_LINKS: Final = 16
+"""Connections waiting for their handshake at most; a new one closes the oldest. (A silent
+connection is kept, as it may be a quiet qemu-framed agent: without a bound, a local
+process could hold descriptors for ever.)"""
 DEFERRED_FLUSH_BYTES: Final = 64 * 1024
 """Host reads at least this large are flushed at the end of the loop turn (`post_event`)."""
 
@@ -95,12 +99,23 @@ class Bridge:
         """Link bytes both ways at the last flush (how much each flush moved)."""
         self._flush_scheduled = False
         """A flush is queued for the end of this loop turn (`post_event`)."""
+        self._pending: dict[LinkSession, None] = {}
+        """Connections not live yet, oldest first."""
 
     # --- LinkOwner -------------------------------------------------------------
 
     def new_session(self) -> LinkSession:
-        """Protocol factory for the link listener."""
-        return LinkSession(self, max_frame=self.config.mtu + 14)
+        """Protocol factory for the link listener (see `MAX_PENDING_LINKS`)."""
+        session = LinkSession(self, max_frame=self.config.mtu + 14)
+        session.on_closed = self._forget_pending
+        self._pending[session] = None
+        if len(self._pending) > MAX_PENDING_LINKS:
+            oldest = next(iter(self._pending))
+            oldest.close(f"more than {MAX_PENDING_LINKS} connections waiting for a handshake")
+        return session
+
+    def _forget_pending(self, session: LinkSession) -> None:
+        self._pending.pop(session, None)
 
     def link_plan(self) -> Mapping[str, str]:
         """The network plan, for agents that ask for a reply."""
@@ -114,6 +129,7 @@ class Bridge:
 
     def on_link_up(self, session: LinkSession) -> None:
         """Make `session` the live link, replacing any older one (unless refused)."""
+        self._pending.pop(session, None)
         cid = _session_cid(session)
         refusal = self.admit_link(session, cid) if self.admit_link is not None else None
         if refusal is not None:

@@ -14,7 +14,7 @@ A protocol violation (first bytes of neither framing, a bad handshake, a frame l
 of bounds) closes this session with a logged reason; nothing else is affected. So does a
 handshake begun and not completed within `HANDSHAKE_TIMEOUT` (a peer that has sent
 nothing yet may be a quiet qemu-framed agent, which sends no request: it is checked
-again one timeout later). A session goes live (`on_link_up`, replacing any other) only
+again one timeout later; the owner bounds how many wait at once). A session goes live (`on_link_up`, replacing any other) only
 once its handshake is complete and its reply, if any, written.
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Final, Protocol, cast
 
 from nitro_netd.link import (
@@ -103,6 +103,8 @@ class LinkSession(asyncio.BufferedProtocol):
         """Agreed in the handshake: see `StackOutput.checksum_offload`."""
         self.segmentation_offload = False
         """Agreed in the handshake: frames up to the framing's limit (`link.OFFLOAD_TSO`)."""
+        self.on_closed: Callable[[LinkSession], None] | None = None
+        """Called once when the session ends, live or not (the owner's bookkeeping)."""
 
     # --- asyncio callbacks -------------------------------------------------------
 
@@ -252,6 +254,8 @@ class LinkSession(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.abort()
         logger.info("link from %s: down (%s)", self.peer, reason)
+        if self.on_closed is not None:
+            self.on_closed(self)
         if self._up:
             self.owner.on_link_down(self, reason)
 
