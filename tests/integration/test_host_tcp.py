@@ -147,7 +147,7 @@ async def test_a_bulk_flow_splices_after_a_large_read_and_its_spans_hold_the_str
     assert got == data
     assert side.spliced_flows == 1
     assert side.spliced_bytes > len(data) // 2
-    assert side.splicing == set()  # done reading: another flow may splice now...
+    assert side.splicing == {}  # done reading: another flow may splice now...
     assert list(side.splice_buffers) == [1]  # ...while this one's bytes are still held
     side.execute(TcpClose(1, reset=False))
     assert side.splice_buffers == {}
@@ -210,3 +210,32 @@ async def test_only_splice_limit_flows_splice_at_a_time() -> None:
     side.close_all()
     for sock in (server, peer_a, peer_b):
         sock.close()
+
+
+async def test_a_splicing_flow_gone_idle_no_longer_holds_the_splice_limit() -> None:
+    """An idle keep-alive connection that once downloaded must not keep every later
+    download from splicing: after `splice_idle` without a read it stops counting, and
+    counts again when it reads."""
+    loop = asyncio.get_running_loop()
+    server, side, events, peer = await connected_flow(1)
+    side.splice_enabled, side.read_size, side.splice_idle = True, 1 << 20, 0.05
+    sent = 0
+    async with asyncio.timeout(10):
+        while not any(isinstance(e, TcpData) and isinstance(e.data, HostSpan) for e in events.all):
+            await loop.sock_sendall(peer, bytes(600 << 10))  # large reads: bulk, then spliced
+            sent += 600 << 10
+            while sum(len(e.data) for e in events.all if isinstance(e, TcpData)) < sent:
+                await events.next_event()
+    assert not side.may_splice()
+    deadline = loop.time() + 5
+    while not side.may_splice():  # idle for splice_idle: no longer counted
+        assert loop.time() < deadline, "an idle splicing flow still counts"
+        await asyncio.sleep(0.01)
+    await loop.sock_sendall(peer, bytes(1000))
+    async with asyncio.timeout(5):
+        while 1 not in side.splicing:
+            await events.next_event()
+    assert not side.may_splice()  # it read: it counts again
+    side.close_all()
+    server.close()
+    peer.close()

@@ -24,10 +24,11 @@ One non-blocking socket per flow, driven by `loop.add_reader` / `add_writer` cal
   flow's later reads are spliced into a `SpliceBuffer` (splice.py) and posted as
   `HostSpan`s: the bytes go to the link without a copy through Python. The buffer
   outlives the socket until the stack closes the flow (`TcpClose`): a failed host
-  socket's last bytes still go out. At most `splice_limit` flows splice at a time
-  (measured: one spliced stream costs the daemon a fifth less CPU per byte at the same
-  speed, but with eight the pages they pin until acknowledged went cold in the agent's
-  copy and the sum fell 10-15 %); where no pipes can be had the flow keeps copying.
+  socket's last bytes still go out. At most `splice_limit` flows begin splicing while
+  others still read (one idle for `SPLICE_IDLE` no longer counts; it splices on if it
+  wakes). Measured: one spliced stream costs the daemon a fifth less CPU per byte at the
+  same speed, but with eight the pages they pin until acknowledged went cold in the
+  agent's copy and the sum fell 10-15 %. Where no pipes can be had a flow keeps copying.
 
 Events caused by a command are posted with `call_soon`, never from inside `execute()`,
 so the stack is never re-entered while the bridge is draining it.
@@ -86,6 +87,8 @@ KEEPALIVE_COUNT: Final = 4
 """...every 15 s, 4 times: a dead peer fails its flow two minutes after it went quiet."""
 SPLICE_AFTER: Final = 128 << 10
 """A read this large marks a bulk flow: its later reads are spliced (where allowed)."""
+SPLICE_IDLE: Final = 1.0
+"""A splicing flow that read nothing for this long no longer counts against the limit."""
 
 
 class HostTcpFlow:
@@ -181,7 +184,7 @@ class HostTcpFlow:
             self._start_splicing()
 
     def _on_eof(self) -> None:
-        self.owner.splicing.discard(self.flow)  # done reading: no longer counts
+        self.owner.splicing.pop(self.flow, None)  # done reading: no longer counts
         self.eof_seen = True
         self.update_reading()
         self.owner.post(TcpEof(self.flow))
@@ -201,6 +204,7 @@ class HostTcpFlow:
             return
         self.received += n
         self.owner.spliced_bytes += n
+        self.owner.splicing[self.flow] = self.owner.loop.time()
         self.owner.post(TcpData(self.flow, HostSpan(buffer, n)))
 
     def _start_splicing(self) -> None:
@@ -222,7 +226,7 @@ class HostTcpFlow:
         buffer.on_refused = self.owner.count_refused
         self.splice = buffer
         self.owner.splice_buffers[self.flow] = buffer
-        self.owner.splicing.add(self.flow)
+        self.owner.splicing[self.flow] = self.owner.loop.time()
         self.owner.spliced_flows += 1
         logger.debug("flow %d: splicing from byte %d", self.flow, self.received)
 
@@ -336,7 +340,7 @@ class HostTcpFlow:
         if self.closed:
             return
         self.closed = True
-        self.owner.splicing.discard(self.flow)
+        self.owner.splicing.pop(self.flow, None)
         self.update_reading()
         self._stop_writing()
         self._cancel_timer()
@@ -381,9 +385,11 @@ class HostTcp:
         self.splice_limit = 1
         self.splice_buffers: dict[FlowId, SpliceBuffer] = {}
         """Every splicing flow's buffer, until the stack closes the flow."""
-        self.splicing: set[FlowId] = set()
-        """The flows splicing what they read now (not yet at end of stream or closed):
-        the ones `splice_limit` counts."""
+        self.splicing: dict[FlowId, float] = {}
+        """When each splicing flow last read (until its end of stream or close): those
+        that read within `splice_idle` seconds count against `splice_limit` (an idle
+        keep-alive connection must not keep splicing from every other download)."""
+        self.splice_idle = SPLICE_IDLE
         self.spliced_flows = 0
         """Flows that began splicing (a counter, for status)."""
         self.spliced_bytes = 0
@@ -453,8 +459,14 @@ class HostTcp:
             flow.update_reading()
 
     def may_splice(self) -> bool:
-        """Whether another bulk flow may begin splicing now."""
-        return self.splice_enabled and len(self.splicing) < self.splice_limit
+        """Whether another bulk flow may begin splicing now (forgetting idle ones)."""
+        if not self.splice_enabled:
+            return False
+        since = self.loop.time() - self.splice_idle
+        for flow, last in list(self.splicing.items()):
+            if last < since:
+                del self.splicing[flow]  # (back in the count at its next read)
+        return len(self.splicing) < self.splice_limit
 
     def count_refused(self, reason: DropReason) -> None:
         """A frame whose bytes a flow's `SpliceBuffer` held could not be written (the flow
