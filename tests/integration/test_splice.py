@@ -345,3 +345,47 @@ async def test_urgent_data_from_the_world_neither_stalls_nor_truncates_a_spliced
         os.close(fd)
     buffer.close()
     stream.close()
+
+
+async def test_a_release_lets_go_of_every_acknowledged_byte_after_the_queued_frames(
+    link: tuple[socket.socket, socket.socket],
+) -> None:
+    """`release` (the stack's TcpRelease: all spans acknowledged) empties the kept pipes
+    at once, not in batches; while frames of the buffer wait in the link writer (a resend
+    may need the bytes) it waits for them."""
+    ours, theirs = link
+    loop = asyncio.get_running_loop()
+    stream = Stream(600_000)
+    buffer = SpliceBuffer(0, pipe_size=65536)
+    await fill_at_least(buffer, stream, 200_000)
+    writer = LinkWriter(loop, ours.fileno(), LinkProtocol.GVPROXY, lambda _: None)
+    seen: list[tuple[int, int]] = []
+    reader = asyncio.create_task(read_frames(theirs, stream.data, seen))
+    writer.write_frames(
+        [
+            frame_for(HostSlice(buffer, 0, 60_000, 0)),
+            frame_for(HostSlice(buffer, 60_000, 40_000, 0)),
+        ]
+    )
+    await until(lambda: len(seen) == 2, "the first frames")
+    assert buffer.tee_pos == 100_000
+    assert sum(p.end - p.start for p in buffer.kept) >= 100_000  # kept for resends
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    reader.cancel()  # the link backs up: the next frames wait in the writer
+    writer.write_frames([frame_for(HostSlice(buffer, 0, 60_000, 0)) for _ in range(40)])
+    assert buffer.queued_slices > 0
+    buffer.release(100_000)
+    assert buffer.store_pos == 0  # not yet: queued resends may need the bytes
+    reader = asyncio.create_task(read_frames(theirs, stream.data, seen))
+    await until(lambda: len(seen) == 42, "the resends")
+    assert buffer.queued_slices == 0
+    assert buffer.store_pos == 100_000
+    assert [(p.start, p.end) for p in buffer.kept] == [(100_000, 100_000)]
+    writer.write_frames([frame_for(HostSlice(buffer, 100_000, 50_000, 100_000))])
+    await until(lambda: len(seen) == 43, "a new frame")
+    buffer.release(150_000)  # nothing queued: at once
+    assert [(p.start, p.end) for p in buffer.kept] == [(150_000, 150_000)]
+    reader.cancel()
+    writer.close()
+    buffer.close()
+    stream.close()

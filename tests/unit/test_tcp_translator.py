@@ -27,6 +27,7 @@ from nitro_netd.netstack import (
     TcpEof,
     TcpFailed,
     TcpPauseReading,
+    TcpRelease,
     TcpResumeReading,
     TcpSend,
     TcpShutdown,
@@ -990,3 +991,28 @@ def test_a_host_failure_that_lost_the_held_bytes_resets_the_enclave_at_once() ->
     segments = peer.receive()
     assert [h.flags & TcpFlags.RST for h, _ in segments] == [TcpFlags.RST]
     assert flow not in stack.tcp.flows
+
+
+@pytest.mark.parametrize("as_spans", [True, False], ids=["spans", "bytes"])
+def test_once_every_span_is_acknowledged_the_shell_may_let_go_once(as_spans: bool) -> None:
+    """`TcpRelease` at the stream position everything before which the enclave has
+    acknowledged, once no span is held any more (an idle keep-alive connection must not
+    pin the pages its download used); never for a flow given plain bytes."""
+    stack, peer, host = make_offloaded(False)
+    peer.window_scale, peer.window = None, 3000
+    peer.host_stream = bytearray(os.urandom(7000))
+    flow = peer.establish(host)
+    host.take(stack)
+    for start in (0, 4000):
+        chunk = bytes(peer.host_stream[start : start + (4000 if start == 0 else 3000)])
+        data = HostSpan(None, len(chunk)) if as_spans else chunk
+        stack.handle_host_event(TcpData(flow, data), now=1.0)
+    releases: list[TcpRelease] = []
+    for _ in range(10):
+        peer.accept(peer.receive())
+        peer.send(ACK, now=1.0)
+        releases += [c for c in host.take(stack) if isinstance(c, TcpRelease)]
+        if len(peer.received) == 7000:
+            break
+    assert peer.received == peer.host_stream
+    assert releases == ([TcpRelease(flow, 7000)] if as_spans else [])

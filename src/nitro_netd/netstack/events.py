@@ -72,6 +72,15 @@ class TcpPauseReading:
 
 
 @dataclass(frozen=True, slots=True)
+class TcpRelease:
+    """The enclave acknowledged every byte before stream position `position`, and the flow
+    holds no `HostSpan` any more: the shell may let go of the bytes it kept for it."""
+
+    flow: FlowId
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
 class TcpResumeReading:
     """Read the flow's host socket again."""
 
@@ -132,6 +141,7 @@ HostCommand = (
     | TcpClose
     | TcpPauseReading
     | TcpResumeReading
+    | TcpRelease
     | UdpSend
     | UdpClose
     | UdpReply

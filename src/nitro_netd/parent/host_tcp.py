@@ -56,6 +56,7 @@ from nitro_netd.netstack.events import (
     TcpEof,
     TcpFailed,
     TcpPauseReading,
+    TcpRelease,
     TcpResumeReading,
     TcpSend,
     TcpShutdown,
@@ -364,7 +365,15 @@ class HostTcpFlow:
 class HostTcp:
     """Executes the netstack's TCP commands. Implements `HostSide`."""
 
-    command_types = (TcpConnect, TcpSend, TcpShutdown, TcpClose, TcpPauseReading, TcpResumeReading)
+    command_types = (
+        TcpConnect,
+        TcpSend,
+        TcpShutdown,
+        TcpClose,
+        TcpPauseReading,
+        TcpResumeReading,
+        TcpRelease,
+    )
 
     def __init__(
         self,
@@ -405,6 +414,10 @@ class HostTcp:
         """Carry out one TCP command."""
         if isinstance(command, TcpConnect):
             self._connect(command)
+            return
+        if isinstance(command, TcpRelease):
+            if (buffer := self.splice_buffers.get(command.flow)) is not None:
+                buffer.release(command.position)
             return
         if isinstance(command, TcpClose) and (
             buffer := self.splice_buffers.pop(command.flow, None)

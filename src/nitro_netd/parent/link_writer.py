@@ -127,6 +127,7 @@ class LinkWriter:
                 payload = frame.payload
                 if isinstance(payload, HostSlice):
                     queue.append(_SpliceFrame(pack(len(frame)), frame.head, payload))
+                    payload.source.queued_slices += 1
                     self._spliced += 1
                 else:
                     queue.append(pack(len(frame)))

@@ -15,7 +15,10 @@ by page reference instead, with splice(2) and tee(2) through two pipes:
   the tee goes into a new one (a pipe's tee cannot resume mid-way, so the new pipe
   starts where the tee started, and its bytes overlap the full pipe's last few).
   Acknowledged bytes (before each slice's `released` position) are let go, spliced into
-  /dev/null, in batches of `RELEASE_BATCH`; a pipe emptied so is closed.
+  /dev/null, in batches of `RELEASE_BATCH`; a pipe emptied so is closed. Once the
+  enclave has acknowledged all the flow's spans the stack says so (`TcpRelease`) and
+  everything is let go (after the frames still queued): an idle keep-alive connection
+  pins no pages.
 * a segment sent again (a retransmission: rare, the link is ordered) is served from
   `store`: the kept pipes are read out into it (a copy, once) and the segment is written
   from there. The same happens when no new pipe can be opened.
@@ -134,6 +137,10 @@ class SpliceBuffer:
         """A read found `fresh` full: reading waits until some went (`on_room`)."""
         self.on_room: Callable[[], None] | None = None
         self.on_broken: Callable[[OSError], None] | None = None
+        self.queued_slices = 0
+        """Frames of this buffer's bytes queued in the link writer, not yet prepared."""
+        self._release_wanted = -1
+        """Where `release` asked to let go up to while frames were queued."""
         self.on_refused: Callable[[DropReason], None] | None = None
         """A slice could not be served (the flow ended, or a bug): its frame is dropped."""
 
@@ -181,6 +188,7 @@ class SpliceBuffer:
         """Make `piece` ready to write: return the bytes of its part sent before (None if
         none) and how many of its bytes follow from `fresh` (`splice_out`); or None when
         it cannot be served (the frame must be dropped whole)."""
+        self.queued_slices -= 1
         if self.closed:
             self._refuse(DropReason.FLOW_ENDED)
             return None
@@ -205,10 +213,27 @@ class SpliceBuffer:
                     self._skip(start - self.tee_pos)
                 fresh = end - self.tee_pos
                 self._tee(fresh)
+            if not self.queued_slices and self._release_wanted >= 0:
+                self._release(self._release_wanted, force=True)
+                self._release_wanted = -1
         except OSError as exc:
             self._break(exc)
             return None
         return old, fresh
+
+    def release(self, upto: int) -> None:
+        """Let go of every byte before `upto` (all acknowledged, and the stack holds no
+        span of this flow any more): at once, or after the frames still queued in the
+        link writer (a queued resend may need them)."""
+        if self.closed:
+            return
+        if self.queued_slices:
+            self._release_wanted = max(self._release_wanted, upto)
+            return
+        try:
+            self._release(upto, force=True)
+        except OSError as exc:
+            self._break(exc)
 
     def splice_out(self, fd: int, n: int) -> int:
         """Splice up to `n` prepared bytes from `fresh` into `fd`; return how many went.
@@ -239,16 +264,17 @@ class SpliceBuffer:
 
     # --- inside -----------------------------------------------------------------------
 
-    def _release(self, upto: int) -> None:
+    def _release(self, upto: int, *, force: bool = False) -> None:
         """Let go of bytes before `upto` (acknowledged): from `store` at once, from the
-        kept pipes in batches (closing each emptied pipe but the last)."""
+        kept pipes in batches, or all with `force` (closing each emptied pipe but the
+        last)."""
         upto = min(upto, self.tee_pos)
         drop = min(upto - self.store_pos, len(self.store))
         if drop > 0:
             del self.store[:drop]
             self.store_pos += drop
         kept = self.kept
-        if self.store or upto - kept[0].start < RELEASE_BATCH:
+        if self.store or (upto - kept[0].start < RELEASE_BATCH and not force):
             return
         while kept[0].start < upto:
             pipe = kept[0]

@@ -58,6 +58,7 @@ from nitro_netd.netstack.events import (
     TcpClose,
     TcpConnect,
     TcpPauseReading,
+    TcpRelease,
     TcpResumeReading,
     TcpSend,
     TcpShutdown,
@@ -377,8 +378,12 @@ class TcpConnection:
         return True
 
     def _advance(self, ack: int, acked: int, now: float) -> None:
-        data = min(acked, self.send_buffer.size)
-        self.send_buffer.consume(data)
+        queue = self.send_buffer
+        data = min(acked, queue.size)
+        spans = queue.spans
+        queue.consume(data)
+        if spans and not queue.spans:  # the shell may let go of what it kept
+            self.output.send_command(TcpRelease(self.flow, queue.base))
         if acked > data and self.host_eof:
             self.fin_acked = True
         self.snd_una = ack

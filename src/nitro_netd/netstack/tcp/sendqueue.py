@@ -27,6 +27,8 @@ class SendQueue:
         """Bytes held (`len()`; an attribute for the data path, which reads it per segment)."""
         self.base = 0
         """The stream position of offset 0: bytes acknowledged (consumed) so far."""
+        self.spans = 0
+        """`HostSpan` chunks held."""
 
     def __len__(self) -> int:
         return self.size
@@ -36,6 +38,8 @@ class SendQueue:
         if len(data):
             self._chunks.append(data)
             self.size += len(data)
+            if isinstance(data, HostSpan):
+                self.spans += 1
 
     def consume(self, n: int) -> None:
         """Forget the first `n` bytes (they were acknowledged)."""
@@ -49,7 +53,8 @@ class SendQueue:
                 self._head += n
                 return
             n -= room
-            chunks.popleft()
+            if isinstance(chunks.popleft(), HostSpan):
+                self.spans -= 1
             self._head = 0
 
     def slice(self, offset: int, n: int) -> Payload:
