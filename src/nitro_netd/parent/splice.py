@@ -4,10 +4,12 @@ Theory of operation
 -------------------
 Copying is what a busy flow to the enclave costs: `recv` copies each byte from the host
 socket into Python and `writev` copies it again into the link. A `SpliceBuffer` moves them
-by page reference instead, with splice(2) and tee(2) through two pipes:
+by page reference instead, with splice(2) and tee(2) through pipes:
 
 * `fill` splices the host socket into the `fresh` pipe; the stack is told only how many
   bytes came (a `HostSpan`), and builds its segments as `HostSlice`s of stream positions.
+  A full pipe stops reading until the writer takes some out (`waiting_for_room`), and
+  TCP urgent data, where splice(2) stops for good, is stepped over with one plain read.
 * when the link writer reaches such a segment, `prepare` tees its bytes from `fresh` into
   the `kept` pipes (a second reference to the same pages, held until the enclave
   acknowledges them) and the writer splices them from `fresh` onwards (`splice_out`).
