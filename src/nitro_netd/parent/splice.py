@@ -197,9 +197,7 @@ class SpliceBuffer:
         start, end = piece.position, piece.position + piece.length
         try:
             if self.fresh_pos < self.tee_pos:  # the rest of a segment the link dropped
-                self._discard(self.fresh.r, self.tee_pos - self.fresh_pos)
-                self.fresh_pos = self.tee_pos
-                self._fresh_drained()
+                self._drop_fresh(self.tee_pos - self.fresh_pos)
             self._release(piece.released)
             if start < self.store_pos or end > self.read_pos:
                 logger.warning(
@@ -345,6 +343,10 @@ class SpliceBuffer:
     def _skip(self, n: int) -> None:
         """Move `n` bytes from `fresh` to `kept` (they count as sent)."""
         self._tee(n)
+        self._drop_fresh(n)
+
+    def _drop_fresh(self, n: int) -> None:
+        """Drop the first `n` bytes of `fresh` (`kept` has them)."""
         self._discard(self.fresh.r, n)
         self.fresh_pos += n
         self._fresh_drained()
