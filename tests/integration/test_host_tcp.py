@@ -147,7 +147,7 @@ async def test_a_bulk_flow_splices_after_a_large_read_and_its_spans_hold_the_str
     assert got == data
     assert side.spliced_flows == 1
     assert side.spliced_bytes > len(data) // 2
-    assert side.splicing == {}  # done reading: another flow may splice now...
+    assert side.bulk == {}  # done reading: another flow may splice now...
     assert list(side.splice_buffers) == [1]  # ...while this one's bytes are still held
     side.execute(TcpClose(1, reset=False))
     assert side.splice_buffers == {}
@@ -170,72 +170,139 @@ def take_out(buffer: SpliceBuffer, position: int, n: int, sink_r: int, sink_w: i
     return bytes(out)
 
 
-async def test_only_splice_limit_flows_splice_at_a_time() -> None:
-    """Of two bulk flows with a limit of one, one splices and the other copies; once the
-    stack closes the first, the other's next large read starts splicing."""
+class FlowStreams:
+    """Each flow's stream as the link writer would take it: bytes as they are, spans
+    taken out of their `SpliceBuffer`."""
+
+    def __init__(self, events: Events) -> None:
+        self.events = events
+        self.done = 0
+        self.got: dict[int, bytearray] = {}
+        self.kinds: dict[int, list[str]] = {}
+        self._sink_r, self._sink_w = os.pipe()
+
+    def take(self) -> None:
+        for event in self.events.all[self.done :]:
+            if isinstance(event, TcpData):
+                got = self.got.setdefault(event.flow, bytearray())
+                kinds = self.kinds.setdefault(event.flow, [])
+                if isinstance(event.data, HostSpan):
+                    n = len(event.data)
+                    got += take_out(event.data.source, len(got), n, self._sink_r, self._sink_w)
+                    kinds.append("span")
+                else:
+                    got += event.data
+                    kinds.append("bytes")
+            self.done += 1
+
+    async def until(self, flow: int, n: int) -> None:
+        """Take events until `flow` has `n` bytes."""
+        async with asyncio.timeout(10):
+            while len(self.got.get(flow, b"")) < n:
+                if self.done == len(self.events.all):
+                    await self.events.next_event()
+                self.take()
+
+    def spans(self, flow: int) -> int:
+        return self.kinds.get(flow, []).count("span")
+
+    def close(self) -> None:
+        for fd in (self._sink_r, self._sink_w):
+            os.close(fd)
+
+
+async def test_a_splicing_flow_goes_back_to_copying_for_good_when_another_turns_bulk() -> None:
+    """Splicing is for a lone download: once a second flow is bulk, the splicing one
+    copies from its next read on, for good, and no byte of it is lost or reordered
+    across the switch; the second does not splice while both are bulk."""
     loop = asyncio.get_running_loop()
     server, side, events, peer_a = await connected_flow(1)
+    side.splice_enabled, side.read_size = True, 1 << 20
+    streams = FlowStreams(events)
+    data = random.Random(2).randbytes(8 << 20)
+    await loop.sock_sendall(peer_a, data[: 2 << 20])
+    await streams.until(1, 2 << 20)
+    assert streams.spans(1) > 0
     side.execute(TcpConnect(2, LOOPBACK, server.getsockname()[1], 5.0))
     peer_b, _ = await loop.sock_accept(server)
-    side.splice_enabled, side.read_size = True, 1 << 20
-
-    def spans_of(flow: int) -> int:
-        return sum(
-            isinstance(e, TcpData) and e.flow == flow and isinstance(e.data, HostSpan)
-            for e in events.all
-        )
-
-    for round_ in (1, 2):  # the first large reads mark both flows as bulk
-        for peer in (peer_a, peer_b):
-            await loop.sock_sendall(peer, bytes(600 << 10))
-        async with asyncio.timeout(10):
-            while (
-                sum(len(e.data) for e in events.all if isinstance(e, TcpData)) < round_ * 1200 << 10
-            ):
-                await events.next_event()
-    assert sorted([spans_of(1) > 0, spans_of(2) > 0]) == [False, True]
-    splicing, copying = (1, peer_b) if spans_of(1) else (2, peer_a)
-    side.execute(TcpClose(splicing, reset=True))
-    assert side.splice_buffers == {}
-    other = 3 - splicing
-    await loop.sock_sendall(copying, bytes(600 << 10))  # a large read: it may splice now
-    async with asyncio.timeout(10):
-        while other not in side.splice_buffers:
-            await events.next_event()
-    await loop.sock_sendall(copying, bytes(600 << 10))
-    async with asyncio.timeout(10):
-        while not spans_of(other):
-            await events.next_event()
-    assert list(side.splice_buffers) == [other]
+    await events.wait_for(TcpConnected)
+    for round_ in (1, 2):
+        await loop.sock_sendall(peer_b, bytes(600 << 10))
+        await streams.until(2, round_ * 600 << 10)
+    assert side.bulk_flows() == 2
+    assert streams.spans(2) == 0  # two bulk flows: it copies
+    sender = asyncio.create_task(loop.sock_sendall(peer_a, data[2 << 20 :]))
+    await streams.until(1, len(data))
+    await sender
+    assert streams.got[1] == data
+    kinds = streams.kinds[1]
+    copying_again = kinds.index("bytes", kinds.index("span"))
+    assert "span" not in kinds[copying_again:]
+    assert side.splice_stops == 1
+    assert list(side.splice_buffers) == [1]  # kept for its spans until the stack closes it
+    side.execute(TcpClose(1, reset=True))
+    await loop.sock_sendall(peer_b, bytes(600 << 10))  # now the lone download...
+    await streams.until(2, 1800 << 10)
+    await loop.sock_sendall(peer_b, bytes(600 << 10))
+    await streams.until(2, 2400 << 10)
+    assert streams.spans(2) > 0  # ...splices
+    streams.close()
     side.close_all()
     for sock in (server, peer_a, peer_b):
         sock.close()
 
 
-async def test_a_splicing_flow_gone_idle_no_longer_holds_the_splice_limit() -> None:
+async def test_a_bulk_flow_gone_idle_no_longer_keeps_others_from_splicing() -> None:
     """An idle keep-alive connection that once downloaded must not keep every later
-    download from splicing: after `splice_idle` without a read it stops counting, and
-    counts again when it reads."""
+    download from splicing: after `splice_idle` without a read it is no longer bulk."""
     loop = asyncio.get_running_loop()
-    server, side, events, peer = await connected_flow(1)
+    server, side, events, peer_a = await connected_flow(1)
     side.splice_enabled, side.read_size, side.splice_idle = True, 1 << 20, 0.05
-    sent = 0
-    async with asyncio.timeout(10):
-        while not any(isinstance(e, TcpData) and isinstance(e.data, HostSpan) for e in events.all):
-            await loop.sock_sendall(peer, bytes(600 << 10))  # large reads: bulk, then spliced
-            sent += 600 << 10
-            while sum(len(e.data) for e in events.all if isinstance(e, TcpData)) < sent:
-                await events.next_event()
-    assert not side.may_splice()
+    streams = FlowStreams(events)
+    await loop.sock_sendall(peer_a, bytes(2 << 20))
+    await streams.until(1, 2 << 20)
+    assert streams.spans(1) > 0
     deadline = loop.time() + 5
-    while not side.may_splice():  # idle for splice_idle: no longer counted
-        assert loop.time() < deadline, "an idle splicing flow still counts"
+    while side.bulk_flows():  # idle for splice_idle: no longer bulk
+        assert loop.time() < deadline, "an idle bulk flow is still bulk"
         await asyncio.sleep(0.01)
-    await loop.sock_sendall(peer, bytes(1000))
-    async with asyncio.timeout(5):
-        while 1 not in side.splicing:
-            await events.next_event()
-    assert not side.may_splice()  # it read: it counts again
+    side.execute(TcpConnect(2, LOOPBACK, server.getsockname()[1], 5.0))
+    peer_b, _ = await loop.sock_accept(server)
+    for round_ in (1, 2):
+        await loop.sock_sendall(peer_b, bytes(600 << 10))
+        await streams.until(2, round_ * 600 << 10)
+    assert streams.spans(2) > 0
+    streams.close()
     side.close_all()
-    server.close()
-    peer.close()
+    for sock in (server, peer_a, peer_b):
+        sock.close()
+
+
+async def test_a_splicing_flow_reading_little_at_a_time_stays_bulk() -> None:
+    """A splicing flow behind a slow link fills a little at a time (its pipe is full):
+    any read keeps a bulk flow bulk, or a second download would splice beside it."""
+    loop = asyncio.get_running_loop()
+    server, side, events, peer_a = await connected_flow(1)
+    side.splice_enabled, side.read_size, side.splice_idle = True, 1 << 20, 0.3
+    streams = FlowStreams(events)
+    sent = 2 << 20
+    await loop.sock_sendall(peer_a, bytes(sent))
+    await streams.until(1, sent)
+    assert streams.spans(1) > 0
+    end = loop.time() + 3 * side.splice_idle
+    while loop.time() < end:  # small reads, each well within splice_idle of the last
+        await loop.sock_sendall(peer_a, bytes(1000))
+        sent += 1000
+        await streams.until(1, sent)
+        await asyncio.sleep(side.splice_idle / 6)
+    assert side.bulk_flows() == 1
+    side.execute(TcpConnect(2, LOOPBACK, server.getsockname()[1], 5.0))
+    peer_b, _ = await loop.sock_accept(server)
+    for round_ in (1, 2):
+        await loop.sock_sendall(peer_b, bytes(600 << 10))
+        await streams.until(2, round_ * 600 << 10)
+    assert streams.spans(2) == 0
+    streams.close()
+    side.close_all()
+    for sock in (server, peer_a, peer_b):
+        sock.close()

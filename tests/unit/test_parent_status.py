@@ -33,7 +33,7 @@ def sample_status(**link: Any) -> dict[str, Any]:
                      "drops": {"bad_checksum": 2}},
         "pcap": None,
         "busy_poll": {"window_us": 50, "seconds": 1.25, "windows": 300},
-        "splice": {"enabled": True, "limit": 1, "flows": 4, "bytes": 123456},
+        "splice": {"enabled": True, "limit": 1, "flows": 4, "stopped": 2, "bytes": 123456},
         "time": NOW,
     }  # fmt: skip
 
@@ -50,7 +50,7 @@ def test_render_status_table() -> None:
         "  to enclave    12 frames, 2000 bytes",
         "  drops         bad_checksum 2",
         "  busy poll     50 µs windows, 1.250 s awake in 300 windows",
-        "  splice        up to 1 at a time; 4 flows, 123456 bytes so far",
+        "  splice        while bulk flows <= 1; 4 flows (2 went back to copying), 123456 bytes so far",
     ]
 
 

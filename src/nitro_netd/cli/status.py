@@ -184,8 +184,9 @@ def _busy_poll_line(busy: dict[str, Any]) -> str:
 
 
 def _splice_line(splice: dict[str, Any]) -> str:
-    state = f"up to {splice['limit']} at a time" if splice["enabled"] else "off"
-    return f"{state}; {splice['flows']} flows, {splice['bytes']} bytes so far"
+    state = f"while bulk flows <= {splice['limit']}" if splice["enabled"] else "off"
+    stopped = f" ({splice['stopped']} went back to copying)" if splice.get("stopped") else ""
+    return f"{state}; {splice['flows']} flows{stopped}, {splice['bytes']} bytes so far"
 
 
 def render_status(status: dict[str, Any], *, now: float) -> str:

@@ -126,11 +126,12 @@ def _busy_poll_status(busy_poll: BusyPoll | None) -> dict[str, Any]:
 
 def _splice_status(host_tcp: HostTcp | None) -> dict[str, Any]:
     if host_tcp is None:
-        return {"enabled": False, "limit": 0, "flows": 0, "bytes": 0}
+        return {"enabled": False, "limit": 0, "flows": 0, "stopped": 0, "bytes": 0}
     return {
         "enabled": host_tcp.splice_enabled,
         "limit": host_tcp.splice_limit,
         "flows": host_tcp.spliced_flows,
+        "stopped": host_tcp.splice_stops,
         "bytes": host_tcp.spliced_bytes,
     }
 

@@ -19,16 +19,20 @@ One non-blocking socket per flow, driven by `loop.add_reader` / `add_writer` cal
   bigger batch of small segments only makes the link burstier). Reading stops while the
   stack asks (`TcpPauseReading`, the enclave is slow) or while the link to the enclave is
   backed up (`set_link_paused`).
-* splicing: once a read brings `SPLICE_AFTER` bytes or more (a bulk flow) on a link that
-  allows it (`splice_enabled`: checksum offload, no capture, large segments), the
-  flow's later reads are spliced into a `SpliceBuffer` (splice.py) and posted as
-  `HostSpan`s: the bytes go to the link without a copy through Python. The buffer
-  outlives the socket until the stack closes the flow (`TcpClose`): a failed host
-  socket's last bytes still go out. At most `splice_limit` flows begin splicing while
-  others still read (one idle for `SPLICE_IDLE` no longer counts; it splices on if it
-  wakes). Measured: one spliced stream costs the daemon a fifth less CPU per byte at the
-  same speed, but with eight the pages they pin until acknowledged went cold in the
-  agent's copy and the sum fell 10-15 %. Where no pipes can be had a flow keeps copying.
+* splicing: a flow is *bulk* once a read brings `SPLICE_AFTER` bytes or more, and stays
+  bulk while it keeps reading (any read; `SPLICE_IDLE` without one and it no longer is).
+  On a link that allows it (`splice_enabled`: checksum offload, no capture, large
+  segments) a bulk flow's later reads are spliced into a `SpliceBuffer` (splice.py) and
+  posted as `HostSpan`s, the bytes going to the link without a copy through Python, but
+  only while at most `splice_limit` flows are bulk: splicing is for a lone download. A
+  splicing flow that finds more bulk flows than that at its next read goes back to
+  copying for good (`splice_stops`); its spans already queued stay ahead of the copied
+  bytes and its buffer serves them until acknowledged. The buffer outlives the socket
+  until the stack closes the flow (`TcpClose`): a failed host socket's last bytes still
+  go out. Measured: one spliced stream costs the daemon a fifth less CPU per byte at the
+  same speed; with eight bulk streams, one splicing among seven copying cost the sum 5 %
+  and eight splicing 10-15 % (the pages they pin until acknowledged go cold in the
+  agent's copy). Where no pipes can be had a flow keeps copying.
 
 Events caused by a command are posted with `call_soon`, never from inside `execute()`,
 so the stack is never re-entered while the bridge is draining it.
@@ -87,9 +91,10 @@ KEEPALIVE_INTERVAL: Final = 15
 KEEPALIVE_COUNT: Final = 4
 """...every 15 s, 4 times: a dead peer fails its flow two minutes after it went quiet."""
 SPLICE_AFTER: Final = 128 << 10
-"""A read this large marks a bulk flow: its later reads are spliced (where allowed)."""
+"""A read this large marks a bulk flow: its later reads may be spliced."""
 SPLICE_IDLE: Final = 1.0
-"""A splicing flow that read nothing for this long no longer counts against the limit."""
+"""A bulk flow that read nothing for this long is no longer bulk (an idle keep-alive
+connection that once downloaded must not keep every later download from splicing)."""
 
 
 class HostTcpFlow:
@@ -167,8 +172,10 @@ class HostTcpFlow:
 
     def _on_readable(self) -> None:
         if self.splice is not None:
-            self._splice_in(self.splice)
-            return
+            if not self.owner.too_many_bulk():
+                self._splice_in(self.splice)
+                return
+            self._stop_splicing()
         try:
             data = self.sock.recv(self.owner.read_size)
         except (BlockingIOError, InterruptedError):
@@ -181,11 +188,12 @@ class HostTcpFlow:
             return
         self.received += len(data)
         self.owner.post(TcpData(self.flow, data))
-        if len(data) >= SPLICE_AFTER and self.owner.may_splice() and not self.splice_tried:
+        self.owner.note_read(self.flow, len(data))
+        if len(data) >= SPLICE_AFTER and not self.splice_tried and self.owner.may_splice():
             self._start_splicing()
 
     def _on_eof(self) -> None:
-        self.owner.splicing.pop(self.flow, None)  # done reading: no longer counts
+        self.owner.bulk.pop(self.flow, None)  # done reading: no longer bulk
         self.eof_seen = True
         self.update_reading()
         self.owner.post(TcpEof(self.flow))
@@ -205,7 +213,7 @@ class HostTcpFlow:
             return
         self.received += n
         self.owner.spliced_bytes += n
-        self.owner.splicing[self.flow] = self.owner.loop.time()
+        self.owner.note_read(self.flow, n)
         self.owner.post(TcpData(self.flow, HostSpan(buffer, n)))
 
     def _start_splicing(self) -> None:
@@ -227,9 +235,15 @@ class HostTcpFlow:
         buffer.on_refused = self.owner.count_refused
         self.splice = buffer
         self.owner.splice_buffers[self.flow] = buffer
-        self.owner.splicing[self.flow] = self.owner.loop.time()
         self.owner.spliced_flows += 1
         logger.debug("flow %d: splicing from byte %d", self.flow, self.received)
+
+    def _stop_splicing(self) -> None:
+        """More flows are bulk than may splice: copy from now on, for good. The buffer
+        stays in `splice_buffers` (until `TcpClose`) for the spans already posted."""
+        self.splice = None
+        self.owner.splice_stops += 1
+        logger.debug("flow %d: copying from byte %d (other bulk flows)", self.flow, self.received)
 
     def _on_splice_broken(self, exc: OSError) -> None:
         """The pipes failed: the bytes they held are lost, so the flow is reset."""
@@ -341,7 +355,7 @@ class HostTcpFlow:
         if self.closed:
             return
         self.closed = True
-        self.owner.splicing.pop(self.flow, None)
+        self.owner.bulk.pop(self.flow, None)
         self.update_reading()
         self._stop_writing()
         self._cancel_timer()
@@ -390,17 +404,18 @@ class HostTcp:
         """Bytes per host socket read; set per link with `read_size_for`."""
         self.splice_enabled = False
         """Bulk flows may splice (set per link: checksum offload, no capture, large
-        segments), at most `splice_limit` at a time."""
+        segments), while at most `splice_limit` flows are bulk."""
         self.splice_limit = 1
         self.splice_buffers: dict[FlowId, SpliceBuffer] = {}
-        """Every splicing flow's buffer, until the stack closes the flow."""
-        self.splicing: dict[FlowId, float] = {}
-        """When each splicing flow last read (until its end of stream or close): those
-        that read within `splice_idle` seconds count against `splice_limit` (an idle
-        keep-alive connection must not keep splicing from every other download)."""
+        """Every flow's buffer that ever spliced, until the stack closes the flow."""
+        self.bulk: dict[FlowId, float] = {}
+        """When each bulk flow last read (until its end of stream or close); one idle
+        for `splice_idle` seconds is no longer bulk."""
         self.splice_idle = SPLICE_IDLE
         self.spliced_flows = 0
         """Flows that began splicing (a counter, for status)."""
+        self.splice_stops = 0
+        """Splicing flows that went back to copying (a counter, for status)."""
         self.spliced_bytes = 0
         """Bytes read by splicing (a counter, for status)."""
         self._socket_warning = ThrottledWarning(logger)
@@ -471,15 +486,27 @@ class HostTcp:
         for flow in list(self.flows.values()):
             flow.update_reading()
 
-    def may_splice(self) -> bool:
-        """Whether another bulk flow may begin splicing now (forgetting idle ones)."""
-        if not self.splice_enabled:
-            return False
+    def note_read(self, flow: FlowId, n: int) -> None:
+        """A flow read `n` bytes: a large read makes it bulk, any read keeps it so (a
+        splicing flow behind a slow link fills little at a time)."""
+        if n >= SPLICE_AFTER or flow in self.bulk:
+            self.bulk[flow] = self.loop.time()
+
+    def bulk_flows(self) -> int:
+        """How many flows are bulk now (forgetting those gone idle)."""
         since = self.loop.time() - self.splice_idle
-        for flow, last in list(self.splicing.items()):
+        for flow, last in list(self.bulk.items()):
             if last < since:
-                del self.splicing[flow]  # (back in the count at its next read)
-        return len(self.splicing) < self.splice_limit
+                del self.bulk[flow]  # (bulk again at its next large read)
+        return len(self.bulk)
+
+    def may_splice(self) -> bool:
+        """Whether a bulk flow that just read may begin splicing."""
+        return self.splice_enabled and self.bulk_flows() <= self.splice_limit
+
+    def too_many_bulk(self) -> bool:
+        """Whether a splicing flow must go back to copying."""
+        return len(self.bulk) > self.splice_limit and self.bulk_flows() > self.splice_limit
 
     def count_refused(self, reason: DropReason) -> None:
         """A frame whose bytes a flow's `SpliceBuffer` held could not be written (the flow
@@ -494,7 +521,7 @@ class HostTcp:
         for buffer in self.splice_buffers.values():
             buffer.close()
         self.splice_buffers.clear()
-        self.splicing.clear()
+        self.bulk.clear()
 
 
 def tune_host_socket(sock: socket.socket) -> None:
