@@ -87,7 +87,9 @@ def test_format_duration(seconds: float, text: str) -> None:
 
 
 def test_render_metrics_prometheus_text() -> None:
-    lines = render_metrics(sample_status()).splitlines()
+    status = sample_status()
+    status["counters"]["tcp"] = {"fast_retransmits": 0, "timeouts": 3}
+    lines = render_metrics(status).splitlines()
     assert "# TYPE nitro_netd_frames_total counter" in lines
     assert 'nitro_netd_frames_total{direction="from_enclave"} 10' in lines
     assert 'nitro_netd_bytes_total{direction="to_enclave"} 2000' in lines
@@ -97,6 +99,17 @@ def test_render_metrics_prometheus_text() -> None:
     assert "nitro_netd_links_refused_total 1" in lines
     assert "nitro_netd_busy_poll_seconds_total 1.25" in lines
     assert "nitro_netd_spliced_bytes_total 123456" in lines
+    assert 'nitro_netd_tcp_recovery_total{event="timeouts"} 3' in lines
+
+
+def test_render_status_shows_tcp_recovery_when_the_daemon_counts_it() -> None:
+    status = sample_status()
+    assert "tcp recovery" not in render_status(status, now=NOW)  # a daemon from before
+    status["counters"]["tcp"] = {"fast_retransmits": 1, "timeouts": 3}
+    assert (
+        "  tcp recovery  fast_retransmits 1, timeouts 3"
+        in render_status(status, now=NOW).splitlines()
+    )
 
 
 def test_render_metrics_keeps_every_digit_of_large_counters() -> None:

@@ -241,6 +241,29 @@ def test_tcp_ipv4_lost_segment_is_retransmitted_on_timeout() -> None:
     stack.handle_timer(now=deadline)
     [(again, data2)] = peer.receive()
     assert (again.seq, data2) == (first.seq, data)
+    assert stack.stats.tcp["timeouts"] == 1
+    assert stack.stats.tcp["fast_retransmits"] == 0
+
+
+def test_tcp_ipv4_an_enclave_that_stops_acknowledging_is_given_up_and_counted() -> None:
+    stack, peer, host = make()
+    flow = peer.establish(host)
+    stack.handle_host_event(TcpData(flow, b"x" * 500), now=1.0)
+    peer.receive()
+    for _ in range(100):
+        deadline = stack.get_timer()
+        if deadline is None:
+            break
+        stack.handle_timer(now=deadline)
+        peer.receive()
+    assert TcpClose(flow, reset=True) in host.take(stack)
+    assert stack.stats.tcp["given_up"] == 1
+    assert stack.stats.snapshot()["tcp"] == {
+        "fast_retransmits": 0,
+        "timeouts": stack.stats.tcp["timeouts"],
+        "window_probes": 0,
+        "given_up": 1,
+    }
 
 
 def test_tcp_ipv4_three_duplicate_acks_trigger_fast_retransmit() -> None:
@@ -255,6 +278,7 @@ def test_tcp_ipv4_three_duplicate_acks_trigger_fast_retransmit() -> None:
     [(again, data)] = peer.receive()
     assert again.seq == segments[0][0].seq
     assert data == b"y" * 100
+    assert stack.stats.tcp["fast_retransmits"] == 1
 
 
 def test_tcp_ipv4_zero_window_holds_data_until_update() -> None:
@@ -519,6 +543,8 @@ def test_tcp_ipv4_zero_window_with_data_waiting_is_probed() -> None:
     [(probe, data)] = peer.receive()
     assert data == b""
     assert probe.seq == seq_add(peer.rcv_nxt, -1)
+    assert stack.stats.tcp["window_probes"] == 1
+    assert stack.stats.tcp["timeouts"] == 0
 
 
 def test_tcp_ipv4_data_with_an_ack_for_unsent_bytes_is_not_delivered() -> None:

@@ -206,6 +206,8 @@ def render_status(status: dict[str, Any], *, now: float) -> str:
         ("to enclave", f"{counters['frames_out']} frames, {counters['bytes_out']} bytes"),
         ("drops", drops or "none"),
     ]  # fmt: skip
+    if recovery := counters.get("tcp"):  # absent from older daemons' status
+        rows.append(("tcp recovery", ", ".join(f"{event} {n}" for event, n in recovery.items())))
     if status.get("pcap"):
         rows.append(("pcap", status["pcap"]))
     if busy := status.get("busy_poll"):  # absent from older daemons' status

@@ -400,6 +400,7 @@ class TcpConnection:
         self.dupacks += 1
         if self.dupacks == DUPACK_THRESHOLD:
             self.log.debug("fast retransmit at %d", self.snd_una)
+            self.output.stats.tcp["fast_retransmits"] += 1
             self._retransmit_first()
 
     def _on_data(self, seq: int, payload: memoryview, fin: bool) -> None:
@@ -588,6 +589,7 @@ class TcpConnection:
         if self.retries > MAX_RETRIES:
             self._give_up("enclave stopped acknowledging")
             return
+        self.output.stats.tcp["timeouts"] += 1
         self.log.debug("retransmission timeout %d: resending from %d", self.retries, self.snd_una)
         self.rto = min(self.rto * 2, MAX_RTO)
         if not self.syn_acked:
@@ -606,6 +608,7 @@ class TcpConnection:
             self._give_up("enclave stopped answering window probes")
             return
         self.log.debug("zero window: probing")
+        self.output.stats.tcp["window_probes"] += 1
         self._send(seq_add(self.snd_una, -1), _ACK)  # the enclave answers with its window
         self.rto = min(self.rto * 2, MAX_RTO)
         self._arm(now)
@@ -615,6 +618,7 @@ class TcpConnection:
     def _give_up(self, why: str) -> None:
         """The enclave stopped answering: reset both ends of the flow."""
         self.log.warning("%s: resetting flow", why)
+        self.output.stats.tcp["given_up"] += 1
         self._send(self.snd_nxt, _RST | _ACK)
         self._finish(reset=True)
 
