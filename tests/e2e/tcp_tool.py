@@ -42,6 +42,7 @@ async def _send_random(writer: asyncio.StreamWriter, n: int) -> bytes:
         digest.update(block)
         writer.write(block)
         await writer.drain()
+        await asyncio.sleep(0)  # drain() never yields on a fast socket: let others send too
         n -= len(block)
     return digest.digest()
 
@@ -215,6 +216,29 @@ async def _mix_one(address: str, port: int, up: int, down: int) -> bool:
     )
 
 
+async def _down_one(address: str, port: int, n: int) -> bool:
+    reader, writer = await asyncio.open_connection(address, port, limit=1 << 20)
+    writer.write(f"DOWN {n}\n".encode())
+    digest, count = hashlib.sha256(), 0
+    tail = b""
+    while block := await reader.read(CHUNK):
+        data = tail + block
+        body, tail = data[:-32], data[-32:]
+        digest.update(body)
+        count += len(body)
+    writer.close()
+    return count == n and digest.digest() == tail
+
+
+async def _downs(address: str, port: int, n: int, count: int) -> dict[str, Any]:
+    """`count` downloads of `n` bytes each at once, each checked against its digest."""
+    results = await asyncio.gather(
+        *(_down_one(address, port, n) for _ in range(count)), return_exceptions=True
+    )
+    failures = [repr(r) for r in results if r is not True]
+    return {"ok": not failures, "downloads": count, "failures": failures[:5]}
+
+
 async def _mix_many(address: str, port: int, count: int, seed: int) -> dict[str, Any]:
     import random
 
@@ -343,6 +367,8 @@ def main(argv: list[str]) -> int:
         results = client_down(address, p, args[0])
     elif command == "slowdown":
         results = client_down(address, p, args[0], slow=True)
+    elif command == "downs":
+        results = asyncio.run(_downs(address, p, args[0], args[1]))
     elif command == "mix":
         results = asyncio.run(_mix_many(address, p, args[0], args[1]))
     elif command == "banner":

@@ -80,6 +80,19 @@ def test_tcp_ipv4_enclave_downloads_256_mib_intact(
     assert spliced["bytes"] > 200 * MiB if splice else spliced["bytes"] == 0
 
 
+def test_tcp_ipv4_two_downloads_at_once_copy_and_arrive_intact(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """Splicing is for a lone download: with two at once, the one that began splicing goes
+    back to copying (status counts it) and neither loses, repeats or reorders a byte."""
+    start_bridge(sim, ("--state-dir", str(tmp_path)))
+    outcome = client(sim, "downs", WORLD, PORT, 256 * MiB, 2)
+    assert outcome["downloads"] == 2
+    spliced = daemon_status(sim, tmp_path)["splice"]
+    assert spliced["flows"] >= 1
+    assert spliced["stopped"] >= 1
+
+
 def daemon_status(sim: Simulator, state_dir: Path) -> dict[str, Any]:
     """The daemon's `status --json` (it was started with --state-dir `state_dir`)."""
     argv = [sys.executable, "-m", "nitro_netd.cli.status", "--state-dir", str(state_dir), "--json"]
