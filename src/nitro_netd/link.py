@@ -34,6 +34,9 @@ MAX_FRAME_QEMU: Final = 65550
 DEFAULT_MTU: Final = 65520
 """The default link MTU; the same value as ``nitro_netd.netstack.config.DEFAULT_MTU``, kept
 here so the agent need not import the netstack."""
+MIN_MTU: Final = 576
+"""The smallest link MTU either side takes: the IPv4 datagram every host must accept; the
+same value as ``nitro_netd.netstack.config.MIN_MTU``."""
 MAX_MTU: Final = MAX_FRAME_GVPROXY - 14
 """The largest MTU whose frames (MTU + 14) fit the gvproxy framing's 16-bit length."""
 MAX_HANDSHAKE: Final = 16384
@@ -44,7 +47,8 @@ HEADER_VERSION: Final = "Nitro-Netd-Version"
 HEADER_WANT_REPLY: Final = "Nitro-Netd-Reply"
 HEADER_ENCLAVE: Final = "Nitro-Netd-Enclave"
 HEADER_MTU: Final = "Nitro-Netd-Mtu"
-"""Daemon reply: the link MTU the daemon was given (--mtu); the agent's must match."""
+"""Daemon reply: the link MTU the daemon was given (--mtu); the agent gives its TAP this MTU
+for the link."""
 HEADER_OFFLOAD: Final = "Nitro-Netd-Offload"
 """A comma-separated list of offloads. Agent: the ones it can do. Daemon reply: the ones
 agreed for this link (a subset). See `OFFLOAD_CSUM` and `OFFLOAD_TSO`."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +18,8 @@ pytestmark = [pytest.mark.netns("ping"), pytest.mark.timeout(90)]
 
 PING_3: tuple[str, ...] = ("ping", "-c", "3", "-W", "2", GATEWAY_ADDRESS)
 MACHINE_RESOLV_CONF = Path("/etc/resolv.conf")
+TCP_TOOL = str(Path(__file__).with_name("tcp_tool.py"))
+WORLD, TCP_PORT, MiB = "198.18.0.2", 7000, 1 << 20
 
 
 def test_enclave_pings_gateway_through_bridge(sim: Simulator) -> None:
@@ -109,3 +113,64 @@ def test_agent_exits_with_a_reason_when_its_tap_is_deleted(sim: Simulator) -> No
     wait_until(sim, lambda: not agent.is_alive(), LINK_TIMEOUT, "the agent's exit")
     assert agent.returncode == 1, sim.logs_tail()
     assert "the TAP device is gone" in agent.log_text()
+
+
+def tap0_mtu(sim: Simulator) -> int:
+    """tap0's MTU as the enclave's kernel has it (`ip -json link show tap0`)."""
+    result = sim.run("enclave", ["ip", "-json", "link", "show", "tap0"])
+    assert_exit(sim, result, 0, "ip link show tap0")
+    return int(json.loads(result.stdout)[0]["mtu"])
+
+
+def tcp_transfer(sim: Simulator, direction: str, size: int) -> None:
+    """One checksummed TCP transfer between the enclave and the world (tcp_tool)."""
+    argv = [sys.executable, TCP_TOOL, direction, WORLD, str(TCP_PORT), str(size)]
+    result = sim.run("enclave", argv, timeout=180)
+    assert_exit(sim, result, 0, f"tcp_tool {direction} {size}")
+    assert json.loads(result.stdout.strip().splitlines()[-1])["bytes"] == size
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("agent_args", [(), ("--no-tso",)], ids=["tso", "no-tso"])
+def test_agent_takes_the_parents_smaller_mtu_and_keeps_one_link_through_large_transfers(
+    sim: Simulator, agent_args: tuple[str, ...]
+) -> None:
+    """Parent at --mtu 1500, agent at its default 65520: tap0 takes the parent's MTU, so no
+    frame exceeds what the parent takes (without TSO a larger one made it close the link,
+    the agent reconnect, for ever, resetting every flow). Large transfers both ways, with
+    oversized pings the whole time, run on one link."""
+    sim.start_parent(("--mtu", "1500"))
+    agent = sim.start_agent(agent_args)
+    wait_for_log(sim, agent, "link up", LINK_TIMEOUT)
+    wait_for_ping(sim)
+    assert tap0_mtu(sim) == 1500, sim.logs_tail()
+    assert "the TAP uses 1500 on links to it" in agent.log_text()
+    server = sim.spawn("tcp-server", "world", [sys.executable, TCP_TOOL, "server", WORLD, "7000"])
+    wait_for_log(sim, server, '"listening"', LINK_TIMEOUT)
+    big_pings = sim.spawn(
+        "big-ping", "enclave", ["ping", "-i", "0.2", "-s", "8000", "-W", "1", GATEWAY_ADDRESS]
+    )
+
+    tcp_transfer(sim, "up", 64 * MiB)
+    tcp_transfer(sim, "down", 64 * MiB)
+
+    assert big_pings.is_alive(), sim.logs_tail()
+    big_pings.stop()
+    log = agent.log_text()
+    assert log.count("link up") == 1, f"the link went down and up again:\n{sim.logs_tail()}"
+    assert "link lost" not in log, sim.logs_tail()
+
+
+def test_agent_turns_ipv6_off_on_tap0(sim: Simulator) -> None:
+    """The bridge carries IPv4 only: tap0 has no IPv6 address, so it sends no IPv6
+    link-local chatter for the parent to drop."""
+    sim.start_parent()
+    agent = sim.start_agent()
+    wait_for_log(sim, agent, "link up", LINK_TIMEOUT)
+
+    setting = sim.run("enclave", ["cat", "/proc/sys/net/ipv6/conf/tap0/disable_ipv6"])
+    addresses = sim.run("enclave", ["ip", "-6", "address", "show", "dev", "tap0"])
+
+    assert setting.stdout.strip() == "1", sim.logs_tail()
+    assert_exit(sim, addresses, 0, "ip -6 address show dev tap0")
+    assert addresses.stdout.strip() == "", addresses.stdout

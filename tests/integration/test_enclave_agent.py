@@ -27,6 +27,7 @@ from nitro_netd.enclave.handshake import HandshakeResult, PeerKind
 from nitro_netd.enclave.tap import TUN_F_CSUM, TUN_F_TSO4
 from nitro_netd.link import (
     DEFAULT_MTU,
+    HEADER_MTU,
     HEADER_OFFLOAD,
     HEADER_VERSION,
     HEADER_WANT_REPLY,
@@ -140,6 +141,19 @@ class FakeOffload:
             raise OSError(22, "Invalid argument")
 
 
+class FakeMtu:
+    """Stands in for SIOCSIFMTU: records each MTU set; refuses them all if told to."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.calls: list[int] = []
+        self.refuse = refuse
+
+    def __call__(self, fd: int, mtu: int) -> None:
+        self.calls.append(mtu)
+        if self.refuse:
+            raise OSError(22, "Invalid argument")
+
+
 def start_agent(
     endpoint: Endpoint,
     protocol: LinkProtocol,
@@ -147,6 +161,7 @@ def start_agent(
     *,
     vnet_hdr: bool = False,
     set_offload: FakeOffload | None = None,
+    set_mtu: FakeMtu | None = None,
     offload: bool = True,
     tso: bool = True,
     mtu: int = DEFAULT_MTU,
@@ -170,6 +185,7 @@ def start_agent(
         on_link_up=link_ups.append,
         vnet_hdr=vnet_hdr,
         set_offload=set_offload or FakeOffload(),
+        set_mtu=set_mtu or FakeMtu(),
     )
     errors: list[BaseException] = []
 
@@ -735,3 +751,117 @@ def test_agent_a_failed_fork_is_a_failed_session_and_retries(
                 conn.sendall(encode_frame(LinkProtocol.GVPROXY, FRAME_A))
                 assert rig.tap.recv(70000) == FRAME_A
     assert sum("cannot start the frame pump" in m for m in messages(caplog)) == 2
+
+
+# --- the MTU the parent states --------------------------------------------------------
+
+MTU_1500_REPLY = build_connect_reply({HEADER_MTU: "1500"})
+ETHERNET_1500 = b"\x5a" * (1500 + 14)
+"""The largest frame a parent at MTU 1500 takes without segmentation offload."""
+GIANT = b"\x5b" * (9000 + 14)
+"""A frame of a TAP at a larger MTU: a parent at MTU 1500 would close the link for it."""
+
+
+def mtu_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "MTU" in r.getMessage()
+    ]
+
+
+def test_agent_tap_takes_the_mtu_the_parent_states_and_its_own_again_for_a_stock_peer(
+    parent: FakeParent, make_agent: Callable[..., AgentRig], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A parent at MTU 1500 and an agent at 65520: the TAP gets 1500 for that parent's
+    links (a larger frame would make the parent close the link, over and over), one
+    warning says so, and a stock gvproxy (no reply, no MTU) gets our own MTU again."""
+    tunsetmtu = FakeMtu()
+    rig = make_agent(reply_wait=0.2, set_mtu=tunsetmtu)
+    for _ in range(2):  # the same parent twice: the MTU is already right, no second warning
+        with parent.accept() as conn:
+            read_request(conn)
+            conn.sendall(MTU_1500_REPLY)
+            wait_for(lambda: rig.link_ups, "link up")
+            # The pump reads at most the link's MTU: a giant still queued in the TAP from
+            # before the change is dropped there, and the link carries on.
+            rig.tap.send(GIANT)
+            rig.tap.send(ETHERNET_1500)
+            assert read_frames(conn, LinkProtocol.GVPROXY, 1) == [ETHERNET_1500]
+            rig.link_ups.clear()
+    assert tunsetmtu.calls == [1500]
+    with parent.accept() as conn:  # a stock gvproxy
+        _, rest = read_request(conn)
+        wait_for(lambda: rig.link_ups, "link up after the reply wait")
+        rig.tap.send(GIANT)
+        assert read_frames(conn, LinkProtocol.GVPROXY, 1, rest) == [GIANT]
+    assert tunsetmtu.calls == [1500, DEFAULT_MTU]
+    assert rig.agent.mtu == DEFAULT_MTU
+    assert mtu_warnings(caplog) == [
+        "the parent's MTU is 1500 and ours (--mtu) 65520: the TAP uses 1500 on links to it"
+    ]
+
+
+def test_agent_tap_keeps_its_mtu_for_a_parent_stating_the_same(
+    parent: FakeParent, make_agent: Callable[..., AgentRig], caplog: pytest.LogCaptureFixture
+) -> None:
+    tunsetmtu = FakeMtu()
+    rig = make_agent(reply_wait=30.0, set_mtu=tunsetmtu, mtu=1500)
+    with parent.accept() as conn:
+        read_request(conn)
+        conn.sendall(MTU_1500_REPLY)
+        wait_for(lambda: rig.link_ups, "link up")
+        rig.tap.send(ETHERNET_1500)
+        assert read_frames(conn, LinkProtocol.GVPROXY, 1) == [ETHERNET_1500]
+    assert tunsetmtu.calls == []
+    assert mtu_warnings(caplog) == []
+
+
+def test_agent_tap_refusing_the_parents_mtu_drops_larger_frames_and_keeps_the_link(
+    parent: FakeParent, make_agent: Callable[..., AgentRig], caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_agent(reply_wait=30.0, set_mtu=FakeMtu(refuse=True))
+    with parent.accept() as conn:
+        read_request(conn)
+        conn.sendall(MTU_1500_REPLY)
+        wait_for(lambda: rig.link_ups, "link up")
+        rig.tap.send(GIANT)
+        rig.tap.send(ETHERNET_1500)
+        assert read_frames(conn, LinkProtocol.GVPROXY, 1) == [ETHERNET_1500]
+    assert rig.agent.mtu == DEFAULT_MTU
+    assert mtu_warnings(caplog) == [
+        "the parent's MTU is 1500 and ours (--mtu) 65520: the TAP uses 65520 on links to it"
+        " (it refused 1500: Invalid argument; larger frames from the enclave are dropped)"
+    ]
+
+
+def test_agent_tap_keeps_its_own_mtu_when_the_parent_states_an_unusable_one(
+    parent: FakeParent, make_agent: Callable[..., AgentRig], caplog: pytest.LogCaptureFixture
+) -> None:
+    tunsetmtu = FakeMtu()
+    rig = make_agent(reply_wait=30.0, set_mtu=tunsetmtu)
+    with parent.accept() as conn:
+        read_request(conn)
+        conn.sendall(build_connect_reply({HEADER_MTU: "70000"}))
+        wait_for(lambda: rig.link_ups, "link up")
+        rig.tap.send(GIANT)
+        assert read_frames(conn, LinkProtocol.GVPROXY, 1) == [GIANT]
+    assert tunsetmtu.calls == []
+    assert mtu_warnings(caplog) == [
+        "the parent states MTU '70000', outside 576..65521: the TAP uses ours, 65520"
+    ]
+
+
+def test_agent_segmentation_offload_cuts_at_the_mtu_the_parent_states(
+    parent: FakeParent, make_agent: Callable[..., AgentRig]
+) -> None:
+    """With TSO the enclave's kernel cuts the daemon's super-segments at gso_size: MTU - 40
+    of the link's MTU (the parent's), not of our --mtu."""
+    rig = make_agent(reply_wait=30.0, vnet_hdr=True, set_mtu=FakeMtu())
+    with parent.accept() as conn:
+        read_request(conn)
+        conn.sendall(build_connect_reply({HEADER_OFFLOAD: "csum, tso", HEADER_MTU: "1500"}))
+        wait_for(lambda: rig.link_ups, "link up")
+        conn.sendall(encode_frame(LinkProtocol.GVPROXY, SUPER_SEGMENT))
+        assert rig.tap.recv(70000) == GSO_HEADER + SUPER_SEGMENT
+    assert rig.link_ups[0].tso is True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from nitro_netd.cli import enclave as cli
@@ -93,8 +95,8 @@ def test_cli_run_form_without_separator() -> None:
         (["--parent", "tcp://1.2.3.4:1"], "unknown transport"),
         (["--parent", "unix://relative"], "must be absolute"),
         (["--parent", "vsock://:1024"], "use vsock://3:1024"),
-        (["--mtu", "65522"], "outside 68..65521"),
-        (["--mtu", "big"], "not a number"),
+        (["--mtu", "65522"], "whole number from 576 to 65521"),
+        (["--mtu", "big"], "whole number from 576 to 65521"),
         (["--protocol", "udp"], "invalid choice"),
         (["--tap", "a-very-long-interface-name"], "interface name"),
         (["--resolv-conf", "/x", "--no-resolv-conf"], "not allowed with"),
@@ -160,3 +162,33 @@ def test_cli_no_tso() -> None:
 def test_cli_help_lists_no_tso(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--help"]) == 0
     assert "--no-tso" in capsys.readouterr().out
+
+
+def test_cli_resolv_conf_in_a_missing_directory_fails_at_start_before_the_tap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def bring_up(*args: object, **kwargs: object) -> int:
+        raise AssertionError("the TAP was created for a resolv.conf that cannot be written")
+
+    monkeypatch.setattr(cli, "bring_up_network", bring_up)
+    missing = tmp_path / "no-such-dir" / "resolv.conf"
+    assert cli.main(["--resolv-conf", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1
+    assert f"the directory {missing.parent} does not exist" in err
+    assert not missing.parent.exists()
+
+
+def test_cli_unix_parent_path_too_long_for_a_socket_is_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It used to be retried for ever; now it is a usage error naming the limit."""
+
+    def bring_up(*args: object, **kwargs: object) -> int:
+        raise AssertionError("the agent started with a path no socket can have")
+
+    monkeypatch.setattr(cli, "bring_up_network", bring_up)
+    assert cli.main(["--parent", "unix:///" + "p" * 120]) == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1
+    assert "121 bytes, longer than the 107" in error_lines[0]

@@ -10,8 +10,8 @@ from nitro_netd.enclave.handshake import (
     TSO_REQUEST_HEADERS,
     Handshake,
     PeerKind,
-    mtu_mismatch,
     offloads_agreed,
+    stated_mtu,
 )
 from nitro_netd.link import (
     HEADER_OFFLOAD,
@@ -309,24 +309,30 @@ def test_handshake_offloads_agreed_without_a_reply() -> None:
 
 
 @pytest.mark.parametrize(
-    ("headers", "ours", "warned"),
+    ("headers", "stated"),
     [
-        ({"Nitro-Netd-Mtu": "65520"}, 65520, False),
-        ({"nitro-netd-mtu": " 1500 "}, 1500, False),
-        ({}, 1500, False),  # a daemon that does not say
-        ({"Nitro-Netd-Mtu": "1500"}, 65520, True),
-        ({"Nitro-Netd-Mtu": "9001"}, 1500, True),
+        ({"Nitro-Netd-Mtu": "65520"}, 65520),
+        ({"nitro-netd-mtu": " 1500 "}, 1500),
+        ({"Nitro-Netd-Mtu": "576"}, 576),
+        ({"Nitro-Netd-Mtu": "65521"}, 65521),
+        ({}, None),  # a daemon that does not say
     ],
 )
-def test_an_mtu_that_differs_from_the_parents_is_named(
-    headers: dict[str, str], ours: int, warned: bool
+def test_handshake_stated_mtu_is_read_from_the_reply(
+    headers: dict[str, str], stated: int | None
 ) -> None:
-    """The daemon states its MTU in the reply; an agent with another one is told so (a
-    frame larger than the smaller MTU is lost or ends the link, over and over)."""
+    """The daemon states its MTU in the reply; the agent gives its TAP that MTU."""
     result = Handshake(LinkProtocol.GVPROXY).receive_data(build_connect_reply(headers))
     assert result is not None
-    why = mtu_mismatch(result.reply, ours)
-    assert (why is not None) is warned
-    if why is not None:
-        assert str(ours) in why
-        assert "--mtu" in why
+    assert stated_mtu(result.reply) == stated
+
+
+def test_handshake_stated_mtu_without_a_reply_is_none() -> None:
+    assert stated_mtu(None) is None
+
+
+@pytest.mark.parametrize("value", ["575", "65522", "1500.0", "-1500", "big", ""])
+def test_handshake_stated_mtu_the_link_cannot_carry_is_a_link_error(value: str) -> None:
+    reply = HttpHead("HTTP/1.1 200 OK", {"nitro-netd-mtu": value})
+    with pytest.raises(LinkError, match=r"outside 576\.\.65521"):
+        stated_mtu(reply)

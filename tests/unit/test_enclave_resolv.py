@@ -10,6 +10,7 @@ import pytest
 
 from nitro_netd.enclave.resolv import (
     ResolvConfError,
+    check_resolv_conf,
     read_resolv_conf,
     render_resolv_conf,
     restore_resolv_conf,
@@ -36,6 +37,33 @@ def test_resolv_conf_symlink_into_missing_directory_creates_it(tmp_path: Path) -
     assert written == str(target)
     assert link.is_symlink()
     assert target.read_text() == EXPECTED
+
+
+def test_resolv_conf_symlink_into_missing_systemd_directory_creates_it(tmp_path: Path) -> None:
+    """systemd-resolved images: /etc/resolv.conf -> ../run/systemd/resolve/stub-resolv.conf
+    before resolved (or anything) made /run/systemd/resolve."""
+    (tmp_path / "etc").mkdir()
+    link = tmp_path / "etc" / "resolv.conf"
+    link.symlink_to("../run/systemd/resolve/stub-resolv.conf")
+    target = tmp_path / "run" / "systemd" / "resolve" / "stub-resolv.conf"
+    assert check_resolv_conf(str(link)) == str(target)
+    assert write_resolv_conf(str(link)) == str(target)
+    assert target.read_text() == EXPECTED
+
+
+def test_resolv_conf_in_a_missing_directory_is_an_error_and_makes_nothing(
+    tmp_path: Path,
+) -> None:
+    """A mistyped --resolv-conf: nothing reads a resolv.conf in a directory nobody made, so
+    the agent must say so rather than make the directories and write it there."""
+    path = tmp_path / "ect" / "netns" / "resolv.conf"
+    for attempt in (check_resolv_conf, write_resolv_conf):
+        with pytest.raises(ResolvConfError, match="does not exist") as info:
+            attempt(str(path))
+        assert str(tmp_path / "ect" / "netns") in str(info.value)
+        assert "--no-resolv-conf" in str(info.value)
+        assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_resolv_conf_relative_symlink_is_followed(tmp_path: Path) -> None:

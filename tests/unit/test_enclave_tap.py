@@ -17,8 +17,10 @@ from nitro_netd.enclave.tap import (
     IFF_VNET_HDR,
     TapError,
     build_ifreq,
+    build_mtu_ifreq,
     has_vnet_hdr,
     open_tap,
+    set_mtu,
     set_offload,
 )
 
@@ -61,6 +63,21 @@ def test_tap_set_offload_on_a_non_tap_raises_oserror() -> None:
     left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with left, right, pytest.raises(OSError, match="ioctl"):
         set_offload(left.fileno(), tap.TUN_F_CSUM)
+
+
+def test_tap_mtu_ifreq_layout() -> None:
+    """``struct ifreq`` with ``ifr_mtu``: the name, then an int where the union starts."""
+    ifreq = build_mtu_ifreq("tap0", 1500)
+    assert len(ifreq) == 40
+    name, mtu = struct.unpack_from("16si", ifreq)
+    assert (name.rstrip(b"\0"), mtu) == (b"tap0", 1500)
+    assert tap.SIOCSIFMTU == 0x8922  # <linux/sockios.h>
+
+
+def test_tap_set_mtu_on_a_non_tap_raises_oserror() -> None:
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with left, right, pytest.raises(OSError, match="ioctl"):  # TUNGETIFF: not a TAP
+        set_mtu(left.fileno(), 1500)
 
 
 @pytest.mark.parametrize("name", ["", "a" * 16, "tâp", "a/b"])

@@ -1,12 +1,33 @@
-"""Helpers shared by the command-line entry points: logging setup and error exits."""
+"""Helpers shared by the command-line entry points: logging setup, error exits and the
+``--mtu`` argument."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from typing import Final
 
+from nitro_netd.link import MAX_MTU, MIN_MTU
+
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+def mtu_argument(text: str) -> int:
+    """The ``--mtu`` value of every command (daemon, agent, demo, simulator), as an argparse
+    ``type``: a whole number from `MIN_MTU` to `MAX_MTU` (MTU + 14 must fit the link's 2-byte
+    frame length).
+
+    Raises:
+        argparse.ArgumentTypeError: anything else, with the one message all commands give.
+    """
+    value = text.strip()
+    if not (value.isascii() and value.isdigit()) or not MIN_MTU <= int(value) <= MAX_MTU:
+        raise argparse.ArgumentTypeError(
+            f"invalid MTU {text!r}: give a whole number from {MIN_MTU} to {MAX_MTU} "
+            "(MTU + 14 must fit the link's 2-byte frame length)"
+        )
+    return int(value)
 
 
 def setup_logging(prog: str, level: str) -> None:

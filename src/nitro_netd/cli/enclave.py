@@ -21,13 +21,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Final
 
-from nitro_netd.cli.common import LOG_LEVELS, fail, setup_logging
+from nitro_netd.cli.common import LOG_LEVELS, fail, mtu_argument, setup_logging
 from nitro_netd.enclave import _process
 from nitro_netd.enclave.agent import Agent, AgentConfig, AgentError
 from nitro_netd.enclave.netconfig import InterfacePlan, NetConfigError
 from nitro_netd.enclave.resolv import (
     DEFAULT_RESOLV_CONF,
     ResolvConfError,
+    check_resolv_conf,
     read_resolv_conf,
     restore_resolv_conf,
 )
@@ -39,13 +40,12 @@ from nitro_netd.enclave.tap import (
     has_vnet_hdr,
     open_tap,
 )
-from nitro_netd.link import DEFAULT_MTU, MAX_MTU, LinkProtocol
+from nitro_netd.link import DEFAULT_MTU, LinkProtocol
 from nitro_netd.transport import Endpoint, EndpointError, Scheme, parse_endpoint
 
 PROG: Final = "nitro-netd-enclave"
 logger = logging.getLogger("nitro_netd.enclave")
 DEFAULT_PARENT: Final = "vsock://3:1024"
-MIN_MTU: Final = 68
 DEFAULT_LINK_TIMEOUT: Final = 30.0
 AGENT_STOP_GRACE: Final = 5.0
 FORWARDED_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -94,6 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(options: EnclaveOptions) -> int:
+    if options.resolv_conf is not None:
+        try:
+            check_resolv_conf(options.resolv_conf)  # before the TAP: fail with nothing done
+        except ResolvConfError as exc:
+            return fail(PROG, str(exc))
     original_resolv_conf = read_resolv_conf(options.resolv_conf) if options.resolv_conf else None
     tap_fd: int | None = None
     restore = options.resolv_conf is not None
@@ -245,8 +250,9 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
     add("--parent", type=_parent_endpoint, default=DEFAULT_PARENT, metavar="URL",
         help="where nitro-netd-parent listens: vsock://CID:PORT or unix:///PATH "
         "(default: %(default)s)")  # fmt: skip
-    add("--mtu", type=_mtu, default=DEFAULT_MTU, metavar="N",
-        help=f"TAP MTU, {MIN_MTU}..{MAX_MTU}; must match the parent's (default: %(default)s)")  # fmt: skip
+    add("--mtu", type=mtu_argument, default=DEFAULT_MTU, metavar="N",
+        help="TAP MTU with a parent that does not state one (a stock gvproxy, passt); "
+        "nitro-netd-parent states its own, which the TAP then takes (default: %(default)s)")  # fmt: skip
     add("--protocol", choices=[p.value for p in LinkProtocol], default=LinkProtocol.GVPROXY.value,
         help="link framing: gvproxy (HTTP handshake, 16-bit lengths) or qemu "
         "(32-bit lengths) (default: %(default)s)")  # fmt: skip
@@ -299,16 +305,6 @@ def _parent_endpoint(text: str) -> Endpoint:
             f"{text!r} is a listen address; the agent connects: use vsock://3:{endpoint.port}"
         )
     return endpoint
-
-
-def _mtu(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not MIN_MTU <= value <= MAX_MTU:
-        raise argparse.ArgumentTypeError(f"{value} outside {MIN_MTU}..{MAX_MTU}")
-    return value
 
 
 def _positive_float(text: str) -> float:

@@ -25,6 +25,12 @@ up to 64 KiB through both ways, cut by the enclave's kernel into MTU-sized segme
 (``gso_size`` = MTU - 40). A TAP that refuses TSO4 at session time ends that session; the
 next one asks for checksum offload alone.
 
+MTU: our daemon states its MTU in its reply, and the agent gives the TAP that MTU for the
+session (``SIOCSIFMTU``, between sessions, so the pump never sees a change); a parent that
+states none (a stock gvproxy, the qemu framing) gets ``--mtu`` again. A frame larger than
+the daemon's MTU would end the link, and every flow with it, again and again. The pump's
+frame limit and the GSO segment size follow the link's MTU.
+
 Every wait (backoff, handshake, pump) also watches a self-pipe, so `Agent.stop` (safe to
 call from a signal handler) ends the agent promptly. Operator log lines, one per event::
 
@@ -51,9 +57,10 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from nitro_netd.enclave.backoff import Backoff
-from nitro_netd.enclave.handshake import Handshake, HandshakeResult, PeerKind, mtu_mismatch
+from nitro_netd.enclave.handshake import Handshake, HandshakeResult, PeerKind, stated_mtu
 from nitro_netd.enclave.pump import run_pump
 from nitro_netd.enclave.tap import TUN_F_CSUM, TUN_F_TSO4, tap_name
+from nitro_netd.enclave.tap import set_mtu as tap_set_mtu
 from nitro_netd.enclave.tap import set_offload as tap_set_offload
 from nitro_netd.link import DEFAULT_MTU, LinkError, LinkProtocol
 from nitro_netd.transport import Endpoint, connect
@@ -82,7 +89,8 @@ class AgentConfig:
     protocol: LinkProtocol = LinkProtocol.GVPROXY
     """The link framing."""
     mtu: int = DEFAULT_MTU
-    """The TAP's MTU: frames read from it are at most MTU + 14 bytes."""
+    """The TAP's MTU (``--mtu``), for links to a parent that states none; a parent that
+    states its MTU in its reply (our daemon) gets that one instead (`Agent.mtu`)."""
     connect_timeout: float = 5.0
     """Seconds a connect may take."""
     reply_wait: float = 0.25
@@ -125,6 +133,7 @@ class Agent:
         link_up_fds: Sequence[int] = (),
         vnet_hdr: bool = False,
         set_offload: Callable[[int, int], None] = tap_set_offload,
+        set_mtu: Callable[[int, int], None] = tap_set_mtu,
     ) -> None:
         """Args:
         config: where and how to connect.
@@ -136,6 +145,7 @@ class Agent:
         vnet_hdr: the TAP's frames carry virtio-net headers (opened with ``IFF_VNET_HDR``);
             checksum offload needs them.
         set_offload: sets the TAP's offloads (``TUNSETOFFLOAD``; replaceable in tests).
+        set_mtu: sets the TAP's MTU (``SIOCSIFMTU``; replaceable in tests).
         """
         self.config = config
         self.tap_fd = tap_fd
@@ -146,7 +156,13 @@ class Agent:
         """Sessions whose link came up."""
         self.offload: bool | None = None
         """Whether checksum offload is on for the current (or last) link; None before one."""
+        self.mtu = config.mtu
+        """The TAP's MTU now: `AgentConfig.mtu` (set up before the agent starts) until a
+        parent states another (`_fit_mtu`)."""
         self._set_offload = set_offload
+        self._set_mtu = set_mtu
+        self._mtus_told: set[str] = set()
+        """MTUs stated by parents that the operator was warned about (once each)."""
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._last_failure = ""
         self._quiet = False
@@ -244,6 +260,7 @@ class Agent:
         if problem is not None:
             self._log_failure(problem)
             return SessionOutcome(problem)
+        link_mtu = self._fit_mtu(result)
         self._announce_link_up(result)
         up_at = time.monotonic()
         try:
@@ -253,10 +270,10 @@ class Agent:
                 self.config.protocol,
                 initial=result.initial,
                 stop_fd=self._stop_r,
-                max_frame=self.config.mtu + ETHERNET_HEADER,
+                max_frame=link_mtu + ETHERNET_HEADER,
                 vnet_hdr=self.vnet_hdr,
                 csum_offload=result.offload,
-                gso_size=self.config.mtu - TCP_IPV4_HEADERS if result.tso else 0,
+                gso_size=link_mtu - TCP_IPV4_HEADERS if result.tso else 0,
                 reply_overdue=result.reply_overdue,
             )
         except OSError as exc:  # fork or pipe failed (EAGAIN, ENOMEM): retry later
@@ -391,6 +408,56 @@ class Agent:
             )
         return None
 
+    def _fit_mtu(self, result: HandshakeResult) -> int:
+        """Give the TAP the link's MTU for this session and return it.
+
+        The link's MTU is the one the parent states in its reply (our daemon's ``--mtu``),
+        or ours (``--mtu``) for a parent that states none (a stock gvproxy, the qemu
+        framing) or an unusable one. A frame larger than the daemon's MTU would make it
+        close the link, and the agent reconnect, for ever. If the TAP refuses the MTU, the
+        pump still reads at most the link's MTU from it: a larger frame is dropped there
+        and counted, and the link stays up. One warning per distinct stated MTU that
+        differs from ours says what the TAP really uses.
+        """
+        try:
+            stated = stated_mtu(result.reply)
+            unusable = None
+        except LinkError as exc:
+            stated, unusable = None, str(exc)
+        link_mtu = self.config.mtu if stated is None else stated
+        failure = self._change_tap_mtu(link_mtu)
+        if unusable is not None:
+            self._tell_mtu(unusable, f"{unusable}: the TAP uses ours, {self.mtu}{failure}")
+        elif stated is not None and stated != self.config.mtu:
+            self._tell_mtu(
+                str(stated),
+                f"the parent's MTU is {stated} and ours (--mtu) {self.config.mtu}: the TAP "
+                f"uses {self.mtu} on links to it{failure}",
+            )
+        return link_mtu
+
+    def _change_tap_mtu(self, mtu: int) -> str:
+        """Set the TAP's MTU if it differs; return "" or, if the TAP refused, why (for the
+        operator's log)."""
+        if mtu == self.mtu:
+            return ""
+        try:
+            self._set_mtu(self.tap_fd, mtu)
+        except OSError as exc:
+            logger.debug("cannot set the TAP's MTU to %d: %s", mtu, _describe(exc))
+            return (
+                f" (it refused {mtu}: {_describe(exc)}; larger frames from the enclave are dropped)"
+            )
+        logger.info("TAP mtu %d (was %d)", mtu, self.mtu)
+        self.mtu = mtu
+        return ""
+
+    def _tell_mtu(self, key: str, message: str) -> None:
+        """Warn about a parent's MTU once per distinct stated value (`key`); debug after."""
+        level = logging.DEBUG if key in self._mtus_told else logging.WARNING
+        self._mtus_told.add(key)
+        logger.log(level, "%s", message)
+
     def _describe_offload(self, result: HandshakeResult) -> str:
         """Return the session's log line about checksum offload."""
         if result.offload:
@@ -429,8 +496,6 @@ class Agent:
         logger.info("%s", self._describe_offload(result))
         if result.reply is not None:
             logger.debug("parent's reply headers: %s", dict(result.reply.headers))
-        if (mismatch := mtu_mismatch(result.reply, self.config.mtu)) is not None:
-            logger.warning("%s", mismatch)
         if self.on_link_up is not None:
             self.on_link_up(result)
         for fd in self.link_up_fds:

@@ -17,7 +17,8 @@ destination MAC would be ``54:50:2f:31:2e:..``, neither ours nor a group address
 Offloads are negotiated here too: an agent that can use them sends
 ``Nitro-Netd-Offload: csum`` (checksum offload) or ``csum, tso`` (and TCP segmentation
 offload), and the session has those that our daemon's reply names (`offloads_agreed`). A
-stock gvproxy (no reply) and the qemu framing never do.
+stock gvproxy (no reply) and the qemu framing never do. The reply also states the daemon's
+MTU (`stated_mtu`), which the agent gives its TAP for that link.
 """
 
 from __future__ import annotations
@@ -32,11 +33,14 @@ from nitro_netd.link import (
     HEADER_OFFLOAD,
     HEADER_VERSION,
     HEADER_WANT_REPLY,
+    MAX_MTU,
+    MIN_MTU,
     OFFLOAD_CSUM,
     OFFLOAD_TSO,
     PROTOCOL_VERSION,
     HttpHead,
     HttpHeadReader,
+    LinkError,
     LinkProtocol,
     build_connect_request,
     check_connect_reply,
@@ -73,17 +77,23 @@ def offloads_agreed(reply: HttpHead | None) -> frozenset[str]:
     return agreed
 
 
-def mtu_mismatch(reply: HttpHead | None, ours: int) -> str | None:
-    """Why our MTU does not fit the daemon's, as its reply states it; None if it fits (or
-    the reply does not say). A frame larger than the other side's MTU is lost, or ends the
-    link (without segmentation offload the other side refuses the frame length)."""
-    stated = reply.get(HEADER_MTU) if reply is not None else None
-    if stated is None or stated.strip() == str(ours):
+def stated_mtu(reply: HttpHead | None) -> int | None:
+    """Return the link MTU our daemon's reply states (``Nitro-Netd-Mtu``); None if there is
+    no reply (a stock gvproxy, the qemu framing) or it states none.
+
+    The agent gives its TAP this MTU for the link: a frame larger than the daemon's MTU
+    (without segmentation offload) makes the daemon close the link.
+
+    Raises:
+        LinkError: the value is not an MTU the link can carry (`MIN_MTU`..`MAX_MTU`).
+    """
+    text = reply.get(HEADER_MTU) if reply is not None else None
+    if text is None:
         return None
-    return (
-        f"the parent's MTU is {stated.strip()} and ours is {ours}: frames larger than the "
-        "smaller one are lost or end the link; give both sides the same --mtu"
-    )
+    value = text.strip()
+    if not value.isdigit() or not MIN_MTU <= int(value) <= MAX_MTU:
+        raise LinkError(f"the parent states MTU {value[:20]!r}, outside {MIN_MTU}..{MAX_MTU}")
+    return int(value)
 
 
 class PeerKind(enum.Enum):

@@ -3,12 +3,18 @@
 Every step first reads the current state and changes only what differs, so running it
 again on a configured interface is harmless. The MAC is set while the link is down: a TAP
 refuses an address change while it is up.
+
+IPv6 is turned off on the TAP (`disable_ipv6`, through ``/proc/sys``, before the link comes
+up): the bridge carries IPv4 only, and the kernel's IPv6 link-local chatter (router and
+neighbour solicitations, MLD reports) would only be dropped by the parent.
 """
 
 from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -23,6 +29,9 @@ GATEWAY: Final = ipaddress.IPv4Address("192.168.127.1")
 NAMESERVER: Final = GATEWAY
 TXQUEUELEN: Final = 10000
 """The TAP drops instead of pushing back: its queue is the only buffer (PERF-NOTES.md)."""
+PROC_SYS: Final = "/proc/sys"
+
+logger = logging.getLogger("nitro_netd.enclave")
 
 
 class NetConfigError(Exception):
@@ -56,6 +65,36 @@ def configure_interface(plan: InterfacePlan) -> None:
             _ensure_default_route(ipr, index, plan.gateway)
     except NetlinkError as exc:
         raise NetConfigError(_describe(exc, plan.name)) from exc
+
+
+def disable_ipv6(name: str, proc_sys: str = PROC_SYS) -> bool:
+    """Turn IPv6 off on interface `name` (``net.ipv6.conf.NAME.disable_ipv6 = 1``) in this
+    process's network namespace; return True if it is off.
+
+    It never fails: a kernel without IPv6 has nothing to turn off (logged at debug), and a
+    read-only ``/proc/sys`` (some containers) only costs the parent a few dropped frames
+    (logged at info).
+    """
+    path = os.path.join(proc_sys, "net", "ipv6", "conf", name, "disable_ipv6")
+    try:
+        _write_sysctl(path, "1")
+    except FileNotFoundError:
+        logger.debug("no %s: no IPv6 on %s to turn off", path, name)
+        return False
+    except OSError as exc:
+        logger.info(
+            "cannot turn IPv6 off on %s (%s: %s): the parent drops its IPv6 packets",
+            name,
+            path,
+            exc.strerror or exc,
+        )
+        return False
+    return True
+
+
+def _write_sysctl(path: str, value: str) -> None:
+    with open(path, "w", encoding="ascii") as handle:
+        handle.write(f"{value}\n")
 
 
 def _lookup(ipr: Any, name: str) -> int:

@@ -1,9 +1,12 @@
 """Point the enclave's resolver at the gateway's DNS server.
 
 Nitro enclave images often ship ``/etc/resolv.conf`` as a symlink to
-``/run/resolvconf/resolv.conf`` whose directory does not exist: the writer follows the link,
-creates the missing directory and writes the target. It writes a temporary file and renames
-it over the target; where renaming is impossible (a bind-mounted file, as ``ip netns exec``
+``/run/resolvconf/resolv.conf`` (or, with systemd, into ``/run/systemd/resolve/``) whose
+directory does not exist: the writer follows the link, creates the missing directory and
+writes the target. A path that is not a symlink must be in a directory that exists
+(`check_resolv_conf`): nothing reads a resolv.conf in a directory nobody made, so a mistyped
+``--resolv-conf`` is an error at start-up. It writes a temporary file and renames it over
+the target; where renaming is impossible (a bind-mounted file, as ``ip netns exec``
 makes of ``/etc/netns/NAME/resolv.conf``) it rewrites the file in place.
 
 The file's previous content is read first (`read_resolv_conf`) and put back when the agent
@@ -31,16 +34,38 @@ def render_resolv_conf(nameserver: str = DEFAULT_NAMESERVER) -> str:
     return f"# written by nitro-netd-enclave\nnameserver {nameserver}\n"
 
 
+def check_resolv_conf(path: str) -> str:
+    """Return the file writing resolv.conf at `path` writes: the target of a symlink (whose
+    directory is made when written, if missing), else `path` itself.
+
+    Raises:
+        ResolvConfError: `path` is not a symlink and its directory does not exist.
+    """
+    if os.path.islink(path):
+        return os.path.realpath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ResolvConfError(
+            f"cannot write {path}: the directory {directory} does not exist, so no resolver"
+            " would read it; pass --resolv-conf PATH or --no-resolv-conf"
+        )
+    return os.path.realpath(path)
+
+
 def write_resolv_conf(path: str = DEFAULT_RESOLV_CONF, nameserver: str = DEFAULT_NAMESERVER) -> str:
     """Write resolv.conf at `path` (following symlinks) and return the file written.
 
+    The directory is made only for a symlink's target (see `check_resolv_conf`).
+
     Raises:
-        ResolvConfError: the file or its directory cannot be written.
+        ResolvConfError: the file or its directory cannot be written, or `path` is in a
+            directory that does not exist.
     """
-    target = os.path.realpath(path)
+    target = check_resolv_conf(path)
     data = render_resolv_conf(nameserver).encode("ascii")
     try:
-        os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+        if os.path.islink(path):  # its target's directory may not exist yet
+            os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
         _write_atomically(target, data)
     except OSError as exc:
         raise ResolvConfError(

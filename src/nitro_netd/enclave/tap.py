@@ -10,7 +10,8 @@ over TCP/IPv4 super-segments up to 64 KiB whatever the MTU, and takes them from 
 
 The returned file descriptor *is* the device: the kernel removes a non-persistent TAP when
 its last descriptor closes, so the agent opens it once and keeps it for its whole life,
-across link sessions.
+across link sessions. Its MTU can change between sessions (`set_mtu`): the agent gives it
+the MTU the parent states for each link.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import socket
 import struct
 from typing import Final
 
@@ -28,6 +30,8 @@ TUNSETOFFLOAD: Final = 0x400454D0
 """<linux/if_tun.h>: _IOW('T', 208, unsigned int); the argument is the flags themselves."""
 TUNGETIFF: Final = 0x800454D2
 """<linux/if_tun.h>: _IOR('T', 210, unsigned int); fills a ``struct ifreq``."""
+SIOCSIFMTU: Final = 0x8922
+"""<linux/sockios.h>: set an interface's MTU (a ``struct ifreq`` carrying ``ifr_mtu``)."""
 IFF_TAP: Final = 0x0002
 IFF_NO_PI: Final = 0x1000
 IFF_VNET_HDR: Final = 0x4000
@@ -114,6 +118,26 @@ def set_offload(fd: int, flags: int) -> None:
         OSError: not a TAP, or the kernel refuses the flags.
     """
     fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+
+
+def build_mtu_ifreq(name: str, mtu: int) -> bytes:
+    """Return a ``struct ifreq`` naming the interface and carrying ``ifr_mtu``.
+
+    Raises:
+        TapError: a bad interface name (see `build_ifreq`).
+    """
+    return build_ifreq(name, 0)[:IFNAMSIZ] + struct.pack("i20x", mtu)
+
+
+def set_mtu(fd: int, mtu: int) -> None:
+    """Set the MTU of the TAP behind `fd` (``SIOCSIFMTU``); its addresses and routes stay.
+
+    Raises:
+        OSError: `fd` is not a TAP, or the kernel refuses the MTU.
+    """
+    ifreq = build_mtu_ifreq(tap_name(fd), mtu)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        fcntl.ioctl(sock.fileno(), SIOCSIFMTU, ifreq)
 
 
 def _explain(exc: OSError, name: str, tun_path: str) -> TapError:

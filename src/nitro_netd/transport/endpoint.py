@@ -9,6 +9,7 @@ by the socket options it would set.
 from __future__ import annotations
 
 import enum
+import errno
 import os
 import socket
 import stat
@@ -21,6 +22,8 @@ VMADDR_CID_HOST: Final = 2
 PARENT_CID: Final = 3
 """In a Nitro Enclave the parent instance is always CID 3."""
 DEFAULT_PORT: Final = 1024
+MAX_UNIX_PATH: Final = 107
+"""The longest unix socket path Linux takes: ``sun_path`` is 108 bytes with its NUL."""
 LINK_BUFFER_BYTES: Final = 8 << 20
 """Socket buffers for the link: several MiB on both ends (PERF-NOTES.md)."""
 
@@ -68,13 +71,20 @@ def parse_endpoint(url: str) -> Endpoint:
     """Parse a transport URL.
 
     Raises:
-        EndpointError: unknown scheme, bad CID or port, or a relative unix path.
+        EndpointError: unknown scheme, bad CID or port, or a unix path that is relative or
+            longer than `MAX_UNIX_PATH` bytes.
     """
     parts = urlsplit(url)
     if parts.scheme == "unix":
         path = parts.netloc + parts.path
         if not path.startswith("/") or parts.netloc:
             raise EndpointError(f"{url!r}: unix path must be absolute (unix:///path); {_HINT}")
+        size = len(os.fsencode(path))
+        if size > MAX_UNIX_PATH:
+            raise EndpointError(
+                f"{url!r}: the unix socket path is {size} bytes, longer than the "
+                f"{MAX_UNIX_PATH} a unix socket address can hold; use a shorter path"
+            )
         return Endpoint(Scheme.UNIX, path=path)
     if parts.scheme == "vsock":
         if parts.path not in ("", "/") or parts.query or parts.fragment:
@@ -120,6 +130,23 @@ def tune_link_socket(sock: socket.socket, buffer_bytes: int = LINK_BUFFER_BYTES)
             sock.setsockopt(socket.SOL_SOCKET, plain, buffer_bytes)
 
 
+NO_VSOCK_ENV: Final = "NITRO_NETD_NO_VSOCK"
+"""Set (to anything but empty) where AF_VSOCK must never be opened: the test suite sets it
+for itself and every process it starts, because a development or CI machine's vsock device
+belongs to the machine's host (a test gone wrong must fail, not talk to it)."""
+
+
+def vsock_socket() -> socket.socket:
+    """A new AF_VSOCK stream socket, unless `NO_VSOCK_ENV` forbids it.
+
+    Raises:
+        OSError: EPERM when forbidden; whatever the kernel says otherwise.
+    """
+    if os.environ.get(NO_VSOCK_ENV):
+        raise OSError(errno.EPERM, f"AF_VSOCK is forbidden here ({NO_VSOCK_ENV} is set)")
+    return socket.socket(AF_VSOCK, socket.SOCK_STREAM)
+
+
 def open_listener(endpoint: Endpoint, backlog: int = 8) -> socket.socket:
     """Bind and listen on `endpoint`; a stale unix socket file is replaced.
 
@@ -131,7 +158,7 @@ def open_listener(endpoint: Endpoint, backlog: int = 8) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         address: str | tuple[int, int] = endpoint.path
     else:
-        sock = socket.socket(AF_VSOCK, socket.SOCK_STREAM)
+        sock = vsock_socket()
         address = (VMADDR_CID_ANY if endpoint.cid is None else endpoint.cid, endpoint.port)
     try:
         tune_link_socket(sock)
@@ -178,7 +205,7 @@ def connect(endpoint: Endpoint, timeout: float | None = None) -> socket.socket:
     else:
         if endpoint.cid is None:
             raise EndpointError(f"{endpoint}: a CID is needed to connect (vsock://3:PORT)")
-        sock = socket.socket(AF_VSOCK, socket.SOCK_STREAM)
+        sock = vsock_socket()
         address = (endpoint.cid, endpoint.port)
     try:
         tune_link_socket(sock)
