@@ -256,6 +256,7 @@ def test_exit_with_enclave_follows_fake_nitro_cli(sim: Simulator, daemons: Daemo
     status = daemons.status()
     assert status["enclave"] == {
         "name": NAME, "following": True, "nitro_cli": str(fake), "cid": 16, "state": "RUNNING",
+        "error": None,
     }  # fmt: skip
 
     # An agent on a unix link (no CID) is not pinned; the restart of the enclave (new CID)

@@ -126,3 +126,45 @@ def test_a_timer_never_runs_before_its_deadline(factory: Any, delay: float) -> N
         assert len(bridge.timer_runs) == 1
 
     run(factory, body)
+
+
+@pytest.mark.parametrize("factory", loop_factories())
+def test_a_later_deadline_keeps_the_armed_timer_an_earlier_one_replaces_it(factory: Any) -> None:
+    """Re-arming is lazy: a round trip moves the stack's deadline later twice (a delayed
+    ACK, then a retransmission), and cancelling and re-arming each time cost a tenth of
+    the daemon's CPU per round trip; the armed timer fires early instead, once."""
+
+    async def body() -> None:
+        bridge = CountingBridge(asyncio.get_running_loop())
+        now = bridge.loop.time()
+        bridge._arm_timer(now + 0.002)
+        armed = bridge._timer
+        bridge._arm_timer(now + 0.2)  # later: kept
+        bridge._arm_timer(None)  # none: kept
+        assert bridge._timer is armed
+        bridge._arm_timer(now + 0.001)  # earlier: replaces it
+        assert bridge._timer is not armed
+        assert armed is not None
+        assert armed.cancelled()
+        deadline = time.monotonic() + DEADLINE
+        while not bridge.timer_runs:
+            assert time.monotonic() < deadline, "the timer never ran"
+            await asyncio.sleep(0.0005)
+        assert bridge.timer_runs[0] >= now + 0.001
+        assert bridge._timer is None  # the stack had nothing due: nothing re-armed
+
+    run(factory, body)
+
+
+@pytest.mark.parametrize("factory", loop_factories())
+def test_closing_the_bridge_stops_its_timer(factory: Any) -> None:
+    async def body() -> None:
+        bridge = CountingBridge(asyncio.get_running_loop())
+        bridge._arm_timer(bridge.loop.time() + 0.001)
+        armed = bridge._timer
+        bridge.close()
+        assert armed is not None
+        assert armed.cancelled()
+        assert bridge._timer is None
+
+    run(factory, body)

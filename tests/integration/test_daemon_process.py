@@ -62,9 +62,9 @@ class Workdir:
             "--enclave-name", NAME, "--state-dir", str(self.state), *extra,
         ]  # fmt: skip
 
-    def daemonize(self, *extra: str) -> subprocess.CompletedProcess[str]:
+    def daemonize(self, *extra: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            self.argv("--daemonize", *extra), capture_output=True, text=True, timeout=60
+            self.argv("--daemonize", *extra), capture_output=True, text=True, timeout=60, cwd=cwd
         )
         pid = read_pid(self.pidfile)
         if result.returncode == 0 and pid is not None:
@@ -232,6 +232,15 @@ def test_bad_lifecycle_flags_exit_2_with_one_line(
 def test_sigusr1_while_starting_does_not_kill_the_daemon(work: Workdir) -> None:
     """SIGUSR1 logs the flows once serving; while start-up waits on a slow nitro-cli its
     default action (terminate, no clean-up) must not apply."""
+    signal_while_starting(work, signal.SIGUSR1)
+
+
+def test_sighup_while_starting_does_not_kill_the_daemon(work: Workdir) -> None:
+    """SIGHUP reopens the log once serving; before, its default action must not apply."""
+    signal_while_starting(work, signal.SIGHUP)
+
+
+def signal_while_starting(work: Workdir, signum: signal.Signals) -> None:
     asked, go = work.root / "asked", work.root / "go"
     fake = work.root / "nitro-cli"
     fake.write_text(
@@ -241,7 +250,7 @@ def test_sigusr1_while_starting_does_not_kill_the_daemon(work: Workdir) -> None:
     daemon = subprocess.Popen(work.argv("--nitro-cli", str(fake)), stderr=subprocess.DEVNULL)
     try:
         wait_until(asked.exists, "the daemon asking nitro-cli during start-up")
-        daemon.send_signal(signal.SIGUSR1)
+        daemon.send_signal(signum)
         go.touch()
         wait_until(work.control.exists, "daemon ready")
         assert daemon.poll() is None, f"the daemon died: {daemon.returncode}"
@@ -265,3 +274,73 @@ def test_an_unopenable_log_file_is_one_line_and_exit_2(work: Workdir) -> None:
         f"nitro-netd-parent: error: cannot open --log-file {work.root}/missing/parent.log:"
         " No such file or directory"
     ]
+
+
+# --- SIGHUP: reopen the log file (logrotate) ------------------------------------------
+
+
+def wait_for_text(path: Path, text: str) -> str:
+    """The file's content once it contains `text` (polled, with a deadline)."""
+    wait_until(lambda: path.exists() and text in path.read_text(), f"{text!r} in {path}")
+    return path.read_text()
+
+
+def rotate_and_hup(log: Path, pid: int) -> Path:
+    """What logrotate does: rename the log, then SIGHUP the daemon; return the old file."""
+    rotated = log.with_name(log.name + ".1")
+    log.rename(rotated)
+    os.kill(pid, signal.SIGHUP)
+    wait_for_text(log, f"SIGHUP: reopened the log file {log}")
+    assert alive(pid)
+    return rotated
+
+
+def test_sighup_reopens_a_daemonized_relative_log_file_after_logrotate(work: Workdir) -> None:
+    """`--log-file` relative to where it was started, though the daemon runs in /."""
+    log = work.root / "parent.log"
+    assert work.daemonize("--log-file", "parent.log", cwd=work.root).returncode == 0
+    pid = read_pid(work.pidfile)
+    assert pid is not None
+    wait_for_text(log, "ready")
+
+    rotated = rotate_and_hup(log, pid)
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not alive(pid), "daemon exits on SIGTERM")
+
+    assert "stopping" in log.read_text()
+    assert "stopping" not in rotated.read_text()
+    assert "Traceback" not in log.read_text() + rotated.read_text()
+    assert not work.pidfile.exists()
+
+
+def test_sighup_reopens_a_foreground_log_file_after_logrotate(work: Workdir) -> None:
+    log = work.root / "parent.log"
+    daemon = subprocess.Popen(work.argv("--log-file", str(log)), stderr=subprocess.DEVNULL)
+    try:
+        wait_for_text(log, "ready")
+        rotated = rotate_and_hup(log, daemon.pid)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(TIMEOUT) == 0
+    finally:
+        daemon.kill()
+        daemon.wait()
+    assert "stopping" in log.read_text()
+    assert "stopping" not in rotated.read_text()
+    assert not work.pidfile.exists()
+
+
+def test_sighup_when_logging_to_stderr_says_there_is_nothing_to_reopen(work: Workdir) -> None:
+    stderr = work.root / "stderr"
+    with stderr.open("w") as out:
+        daemon = subprocess.Popen(work.argv(), stderr=out)
+    try:
+        wait_for_text(stderr, "ready")
+        daemon.send_signal(signal.SIGHUP)
+        wait_for_text(stderr, "SIGHUP: logging to stderr, nothing to reopen")
+        assert daemon.poll() is None, f"the daemon died: {daemon.returncode}"
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(TIMEOUT) == 0
+    finally:
+        daemon.kill()
+        daemon.wait()
+    assert not work.pidfile.exists()

@@ -4,7 +4,10 @@ metrics, the pcap file, and CID pinning of links."""
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, cast
 
@@ -159,3 +162,50 @@ async def test_an_overlong_control_request_gets_an_error_answer(
         writer.close()
     assert answer == b'{"ok": false, "error": "request line too long"}\n'
     assert "Traceback" not in caplog.text
+
+
+def failing_nitro_cli(tmp_path: Path) -> Path:
+    """A nitro-cli that fails as the real one does: the error code, then a log file name."""
+    fake = tmp_path / "nitro-cli"
+    fake.write_text(
+        "#!/bin/sh\n"
+        "echo '[ E39 ] Enclave process connection failure.' >&2\n"
+        "echo >&2\n"
+        'echo "If you open a support ticket, please provide the error log found at'
+        ' \\"/var/log/nitro_enclaves/err$$.log\\"" >&2\n'
+        "exit 1\n"
+    )
+    fake.chmod(0o755)
+    return fake
+
+
+async def test_status_shows_why_nitro_cli_fails(tmp_path: Path) -> None:
+    config = make_config(tmp_path, nitro_cli=str(failing_nitro_cli(tmp_path)))
+    assert config.state is not None
+    async with running(config):
+        status = await asyncio.to_thread(query_status, config.state)
+    error = status["enclave"]["error"]
+    assert error.endswith("describe-enclaves exited 1: [ E39 ] Enclave process connection failure.")
+    assert "nitro-cli     failing: " in render_status(status, now=status["time"])
+
+
+async def test_status_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    """`nitro-netd status --json | head -1`: the reader goes away; no traceback."""
+    config = make_config(tmp_path)
+    assert config.state is not None
+    argv = [sys.executable, "-m", "nitro_netd.cli.status", "--state-dir", str(tmp_path / "state")]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        async with running(config):
+            results = [
+                await asyncio.to_thread(
+                    subprocess.run, [*argv, *extra], stdout=write_end, stderr=subprocess.PIPE,
+                    text=True, timeout=TIMEOUT,
+                )
+                for extra in (["--json"], [])
+            ]  # fmt: skip
+    finally:
+        os.close(write_end)
+    for result in results:
+        assert (result.returncode, result.stderr) == (0, "")

@@ -5,6 +5,7 @@ it once descriptors are free again."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import resource
@@ -15,7 +16,8 @@ import pytest
 
 import nitro_netd.parent.expose as expose_module
 from nitro_netd.netstack.events import HostEvent, TcpAccepted
-from nitro_netd.parent.expose import TcpExposer, parse_exposes
+from nitro_netd.parent.expose import ExposeSpec, TcpExposer, bind_exposed, parse_exposes
+from nitro_netd.parent.host import ThrottledWarning
 from tests.support.ports import free_port
 
 DEADLINE = 5.0
@@ -80,3 +82,64 @@ async def test_closing_during_a_back_off_cancels_it(monkeypatch: pytest.MonkeyPa
     exposer.close()
     assert timers
     assert all(timer.cancelled() for timer in timers)
+
+
+async def test_clients_reset_for_want_of_a_link_are_logged_once_per_10_s(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="nitro_netd.parent.expose")
+    now = [100.0]
+    exposer = TcpExposer(
+        asyncio.get_running_loop(), lambda flow, sock: None, lambda event: None, lambda: False
+    )
+    exposer.no_link_log = ThrottledWarning(expose_module.logger, clock=lambda: now[0])
+    exposer.open(parse_exposes([str(free_port())]))
+    port = next(iter(exposer.listeners.values()))[1].parent_port
+
+    async def connect_and_read() -> None:
+        async with asyncio.timeout(DEADLINE):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                await reader.read()
+            finally:
+                writer.close()
+
+    async def reset_client() -> None:
+        """Connect and see the reset (at the connect already, or at the first read)."""
+        with pytest.raises(ConnectionResetError):
+            await connect_and_read()
+
+    try:
+        for _ in range(4):
+            await reset_client()
+        now[0] += 10.0
+        await reset_client()
+    finally:
+        exposer.close()
+    messages = [r.getMessage() for r in caplog.records if "no enclave link" in r.getMessage()]
+    assert len(messages) == 2, messages
+    assert "more like it" not in messages[0]
+    assert messages[1].endswith("no enclave link: client reset (3 more like it not logged)")
+
+
+def test_exposing_more_ports_than_descriptors_names_the_port_and_ulimit() -> None:
+    port = free_port()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 4096), hard))
+        while True:
+            try:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError:
+                break
+        with pytest.raises(OSError, match=f"cannot expose tcp port {port}") as raised:
+            bind_exposed(ExposeSpec("tcp", port, 80))
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert raised.value.errno == errno.EMFILE
+    message = str(raised.value.strerror)
+    assert message.startswith(f"cannot expose tcp port {port}: Too many open files")
+    assert "ulimit -n" in message

@@ -26,7 +26,8 @@ from nitro_netd.link import (
     encode_frame,
 )
 from nitro_netd.netstack import StackConfig
-from nitro_netd.parent.bridge import MAX_PENDING_LINKS
+from nitro_netd.parent.bridge import MAX_PENDING_LINKS, Bridge, LinkFlapping
+from nitro_netd.parent.session import not_live_log
 from tests.support.fake_enclave import FakeEnclave
 from tests.support.link_agent import running_daemon
 
@@ -470,3 +471,73 @@ async def test_silent_connections_are_bounded_the_oldest_goes_first(
         agent.close()
         for connection in silent[2:]:
             connection.close()
+
+
+# --- logs an outsider could flood, and links that keep replacing each other --------------
+
+
+async def test_connections_that_never_become_the_link_are_logged_once_per_10_s(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A port scanner or a probe must not flood the log: one line per 10 s, then a count."""
+    caplog.set_level(logging.INFO)
+    now = [100.0]
+    loop = asyncio.get_running_loop()
+    bridge = Bridge(StackConfig(), loop)
+    bridge.not_live = not_live_log(clock=lambda: now[0])
+    path = tmp_path / "link.sock"
+    server = await loop.create_unix_server(bridge.new_session, path=str(path))
+    try:
+        for probe in (
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"\x16\x03\x01\x02\x00",
+            b"POST /x HTTP/1.1\r\n\r\n",
+        ):
+            assert await (await connection_sending(path, probe)).closed_by_daemon()
+        early = await connection_sending(path, b"POS")
+        early.writer.write_eof()  # closed early, mid-handshake
+        assert await early.closed_by_daemon()
+        now[0] += 10.0
+        assert await (
+            await connection_sending(path, b"GET /again HTTP/1.0\r\n\r\n")
+        ).closed_by_daemon()
+    finally:
+        server.close()
+        await server.wait_closed()
+        bridge.close()
+    session_lines = [r for r in caplog.records if r.name == "nitro_netd.parent.session"]
+    assert [r.levelno for r in session_lines] == [logging.WARNING, logging.WARNING]
+    first, second = (r.getMessage() for r in session_lines)
+    assert "closed before it became the link (protocol error: not an enclave link" in first
+    assert "more like it" not in first
+    assert second.endswith("(3 more like it not logged)")
+
+
+def test_link_flapping_is_three_replacements_in_10_s_warned_once_a_minute() -> None:
+    flapping = LinkFlapping()
+    assert flapping.on_replaced(now=0.0) is None
+    assert flapping.on_replaced(now=5.0) is None
+    assert flapping.on_replaced(now=10.0) is None, "the first one is 10 s old: two in 10 s"
+    warning = flapping.on_replaced(now=11.0)
+    assert warning is not None
+    assert warning.startswith("link flapping: replaced 3 times in 10 s")
+    for second in range(12, 71):  # one a second: flapping on, warned once a minute
+        assert flapping.on_replaced(now=float(second)) is None
+    assert (flapping.on_replaced(now=71.0) or "").startswith("link flapping: replaced 10 times")
+
+
+async def test_two_agents_replacing_each_others_link_are_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    path = tmp_path / "link.sock"
+    async with running_daemon(path):
+        agents = []
+        for sequence in range(1, 5):  # the first link, then three replacements
+            agents.append(agent := await Agent.connect(path, LinkProtocol.GVPROXY))
+            await ping_roundtrip(agent, sequence=sequence)
+        for agent in agents:
+            agent.close()
+    flapping = [m for m in caplog.messages if m.startswith("link flapping")]
+    assert len(flapping) == 1
+    assert flapping[0].startswith("link flapping: replaced 3 times in 10 s")

@@ -13,9 +13,11 @@ from nitro_netd.parent.daemon import DaemonConfig
 from nitro_netd.parent.lifecycle import (
     DEFAULT_STATE_ROOT,
     AlreadyRunning,
+    LifecycleError,
     PidLock,
     StatePaths,
     check_name,
+    create_state_dir,
     read_pid,
 )
 from nitro_netd.transport import Scheme
@@ -186,9 +188,12 @@ def test_daemon_raises_its_open_files_limit_towards_the_flow_limits() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def test_start_up_os_errors_name_the_file_and_what_to_try() -> None:
+def test_start_up_os_errors_name_the_file_and_what_to_try(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from nitro_netd.cli.parent import _describe_os_error
 
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
     denied = PermissionError(13, "Permission denied", "/run/nitro-netd/app/parent.pid")
     assert _describe_os_error(denied) == (
         "/run/nitro-netd/app/parent.pid: Permission denied"
@@ -198,3 +203,59 @@ def test_start_up_os_errors_name_the_file_and_what_to_try() -> None:
         "/etc/passwd/x: Not a directory"
     )
     assert _describe_os_error(OSError(98, "Address already in use")) == "Address already in use"
+
+
+def test_permission_advice_never_says_run_as_root_to_root(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from nitro_netd.cli.parent import _describe_os_error
+
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    denied = PermissionError(13, "Permission denied", "/run/nitro-netd/app/parent.pid")
+    assert _describe_os_error(denied) == (
+        "/run/nitro-netd/app/parent.pid: Permission denied"
+        " (pass --state-dir DIR to a directory you may write)"
+    )
+
+    def refuse(self: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(LifecycleError) as raised:
+        create_state_dir(tmp_path / "app")
+    assert "run as root" not in str(raised.value)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(LifecycleError, match="run as root, or pass --state-dir"):
+        create_state_dir(tmp_path / "app")
+
+
+def test_an_unmakeable_state_dir_is_named_as_the_state_directory(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    root = tmp_path / "file" / "state"
+    with pytest.raises(LifecycleError) as raised:
+        PidLock.acquire(StatePaths(root, "app").pidfile, "app")
+    assert str(raised.value) == f"cannot create state directory {root}/app: Not a directory"
+
+
+def test_an_empty_state_dir_is_refused_at_parsing(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["--state-dir", ""])
+    assert exited.value.code == 2
+    assert "argument --state-dir: must not be empty" in capsys.readouterr().err
+
+
+def test_a_relative_log_file_is_made_absolute_before_daemonizing_changes_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["--daemonize", "--log-file", "logs/parent.log"])
+    assert args.log_file == tmp_path / "logs" / "parent.log"
+
+
+def test_the_open_files_limit_wanted_grows_with_the_exposed_ports() -> None:
+    from nitro_netd.parent.daemon import files_wanted
+
+    none = config("--state-dir", "/tmp/x")
+    ranged = config("--state-dir", "/tmp/x", "-e", "10000-40000", "-e", "udp:53")
+    assert files_wanted(ranged) == files_wanted(none) + 30002
+    assert files_wanted(none) > none.stack.max_tcp_flows + none.stack.max_udp_flows

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from nitro_netd.parent.enclave_watch import (
+    FAILURE_WARNING_INTERVAL,
     EnclaveInfo,
     EnclaveWatcher,
     NitroCliError,
@@ -12,6 +15,7 @@ from nitro_netd.parent.enclave_watch import (
     decide_pin,
     find_running,
     parse_describe,
+    summarize_stderr,
 )
 
 DESCRIBE = """[
@@ -67,3 +71,49 @@ def test_watcher_calls_on_gone_once_after_the_enclave_was_seen() -> None:
     watcher.update(None)
     assert gone == [True]
     assert watcher.cid is None
+
+
+NITRO_CLI_STDERR = """Failed connections: 1
+[ E39 ] Enclave process connection failure. Such error appears when the enclave manager \
+fails to connect to at least one enclave process for retrieving the description information.
+
+For more details, please visit https://docs.aws.amazon.com/enclaves/latest/user/cli-errors.html#E39
+
+If you open a support ticket, please provide the error log found at \
+"/var/log/nitro_enclaves/err2021-06-18T21:46:43.249656960+00:00.log"
+"""
+
+
+def test_a_failed_nitro_cli_run_is_summed_up_by_its_error_code_line() -> None:
+    assert summarize_stderr(NITRO_CLI_STDERR) == (
+        "[ E39 ] Enclave process connection failure. Such error appears when the enclave"
+        " manager fails to connect to at least one enclave process for retrieving the"
+        " description information."
+    )
+    assert summarize_stderr("first\nsegfault\n\n") == "segfault"
+    assert summarize_stderr("") == "no output"
+
+
+def test_a_failing_nitro_cli_is_warned_about_when_it_starts_then_every_10_minutes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [1000.0]
+    watcher = EnclaveWatcher("app", "/bin/false", clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="nitro_netd.parent.enclave_watch")
+    for poll in range(200):  # polled every 3 s: 10 minutes
+        watcher.failed(f"nitro-cli exited 1: [ E39 ] failure {poll}")
+        now[0] += FAILURE_WARNING_INTERVAL / 200
+    watcher.failed("nitro-cli exited 1: [ E39 ] failure 200")
+    assert watcher.error == "nitro-cli exited 1: [ E39 ] failure 200"
+    assert caplog.messages == [
+        "enclave app: nitro-cli exited 1: [ E39 ] failure 0",
+        "enclave app: nitro-cli exited 1: [ E39 ] failure 200"
+        " (200 failed polls since the last warning)",
+    ]
+    caplog.clear()
+    watcher.update(EnclaveInfo("app", 16, "RUNNING"))
+    assert watcher.error is None
+    watcher.failed("nitro-cli exited 1: [ E11 ] again")  # failing anew: warned at once
+    assert [r.levelno for r in caplog.records] == [logging.INFO, logging.INFO, logging.WARNING]
+    assert caplog.messages[0] == "enclave app: nitro-cli works again"
+    assert caplog.messages[-1] == "enclave app: nitro-cli exited 1: [ E11 ] again"

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from nitro_netd.cli.status import StatusError, format_duration, render_status, resolve_name
+from nitro_netd.cli.status import (
+    StatusError,
+    format_duration,
+    query_status,
+    render_status,
+    resolve_name,
+)
 from nitro_netd.parent.control import ControlServer, flow_count
+from nitro_netd.parent.lifecycle import StatePaths
 from nitro_netd.parent.metrics import MetricsServer, parse_metrics_listen, render_metrics
 
 NOW = 1_800_000_000.0
@@ -125,6 +134,60 @@ def test_metrics_http_answers() -> None:
     assert server.answer(b"GET /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200 OK\r\n")
     assert server.answer(b"GET / HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 404")
     assert server.answer(b"POST /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405")
+
+
+def test_metrics_head_gets_the_headers_of_a_get_and_no_body() -> None:
+    server = MetricsServer("127.0.0.1", 1, sample_status)
+    get = server.answer(b"GET /metrics HTTP/1.1\r\n\r\n")
+    head = server.answer(b"HEAD /metrics HTTP/1.1\r\n\r\n")
+    get_head, _, body = get.partition(b"\r\n\r\n")
+    assert body
+    assert head == get_head + b"\r\n\r\n"
+    assert f"Content-Length: {len(body)}".encode() in head
+    missing = server.answer(b"HEAD /other HTTP/1.1\r\n\r\n")
+    assert missing.startswith(b"HTTP/1.1 404")
+    assert missing.endswith(b"\r\n\r\n")
+
+
+def test_render_status_shows_the_last_nitro_cli_error() -> None:
+    status = sample_status()
+    assert "nitro-cli" not in render_status(status, now=NOW).replace("with /usr/bin/nitro-cli", "")
+    status["enclave"]["error"] = "nitro-cli describe-enclaves exited 1: [ E39 ] failure."
+    lines = render_status(status, now=NOW).splitlines()
+    assert lines[4] == (
+        "  nitro-cli     failing: nitro-cli describe-enclaves exited 1: [ E39 ] failure."
+    )
+
+
+class _DeniedSocket:
+    """A control socket connect(2) refuses with EACCES."""
+
+    def __init__(self, *args: object) -> None:
+        pass
+
+    def __enter__(self) -> _DeniedSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def settimeout(self, timeout: float) -> None:
+        pass
+
+    def connect(self, address: str) -> None:
+        raise PermissionError(13, "Permission denied")
+
+
+@pytest.mark.parametrize(("euid", "hint"), [(1000, " (try as root)"), (0, "")])
+def test_a_denied_control_socket_suggests_root_only_to_others(
+    monkeypatch: pytest.MonkeyPatch, euid: int, hint: str
+) -> None:
+    monkeypatch.setattr(socket, "socket", _DeniedSocket)
+    monkeypatch.setattr(os, "geteuid", lambda: euid)
+    paths = StatePaths(Path("/run/nitro-netd"), "app")
+    with pytest.raises(StatusError) as raised:
+        query_status(paths)
+    assert str(raised.value) == f"cannot open {paths.control}: permission denied{hint}"
 
 
 @pytest.mark.parametrize(

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
-from nitro_netd.cli.common import LOG_LEVELS, fail, setup_logging
+from nitro_netd.cli.common import LOG_LEVELS, fail, mtu_argument, setup_logging
 from nitro_netd.netstack.config import DEFAULT_MTU, MAX_TIMEOUT, StackConfig
 from nitro_netd.parent.busy_poll import DEFAULT_WINDOW as DEFAULT_BUSY_POLL
 from nitro_netd.parent.busy_poll import MAX_WINDOW as MAX_BUSY_POLL
@@ -17,6 +18,7 @@ from nitro_netd.parent.daemon import DaemonConfig, run
 from nitro_netd.parent.enclave_watch import DEFAULT_POLL
 from nitro_netd.parent.expose import parse_exposes
 from nitro_netd.parent.lifecycle import (
+    DAEMON_OUTPUT,
     DEFAULT_NAME,
     DEFAULT_STATE_ROOT,
     LifecycleError,
@@ -24,8 +26,12 @@ from nitro_netd.parent.lifecycle import (
     Readiness,
     StatePaths,
     check_name,
+    create_state_dir,
     daemonize,
+    open_log,
     remove_new_log,
+    reopen_log,
+    running_as_root,
 )
 from nitro_netd.parent.metrics import parse_metrics_listen
 from nitro_netd.parent.pcap import DEFAULT_MAX_BYTES as DEFAULT_PCAP_MAX_BYTES
@@ -74,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the enclave's agent connects: vsock://:PORT or unix:///path (default: %(default)s)",
     )
     parser.add_argument(
-        "--mtu", type=int, default=DEFAULT_MTU, help="link MTU (default: %(default)s)"
+        "--mtu",
+        type=mtu_argument,
+        default=DEFAULT_MTU,
+        help="link MTU, stated to the agent, which gives its TAP the same (default: %(default)s)",
     )
     parser.add_argument(
         "-e",
@@ -133,7 +142,7 @@ def _add_lifecycle_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--state-dir",
-        type=Path,
+        type=_state_dir,
         metavar="DIR",
         help=f"runtime dir holding NAME/parent.pid and NAME/control.sock (default: {DEFAULT_STATE_ROOT})",
     )
@@ -144,9 +153,10 @@ def _add_lifecycle_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--log-file",
-        type=Path,
+        type=_absolute_path,
         metavar="FILE",
-        help="append the log here (default: stderr; with --daemonize STATE_DIR/NAME/parent.log)",
+        help="append the log here (default: stderr; with --daemonize STATE_DIR/NAME/parent.log); "
+        "SIGHUP reopens it (logrotate)",
     )
     group.add_argument(
         "--nitro-cli",
@@ -181,6 +191,19 @@ def _add_lifecycle_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
     )
+
+
+def _absolute_path(text: str) -> Path:
+    """A path made absolute now: ``--daemonize`` changes directory to ``/`` later, and
+    SIGHUP reopens the log file by this name."""
+    return Path(text).absolute()
+
+
+def _state_dir(text: str) -> Path:
+    """``--state-dir``: a directory path, not empty (that would mean the current one)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty (the default is /run/nitro-netd)")
+    return _absolute_path(text)
 
 
 def _whole_number(text: str) -> int:
@@ -254,7 +277,7 @@ def state_paths(args: argparse.Namespace, name: str | None) -> StatePaths | None
     """Where the pidfile and control socket go, or None when nothing asked for state."""
     if name is None and args.state_dir is None and not args.daemonize:
         return None
-    root = args.state_dir.absolute() if args.state_dir else DEFAULT_STATE_ROOT
+    root = args.state_dir or DEFAULT_STATE_ROOT
     return StatePaths(root, name or DEFAULT_NAME)
 
 
@@ -282,22 +305,31 @@ def find_nitro_cli(args: argparse.Namespace, name: str | None) -> str | None:
 def log_path(args: argparse.Namespace, config: DaemonConfig) -> Path:
     """Where a daemonized daemon logs."""
     if args.log_file is not None:
-        return Path(args.log_file).absolute()
+        return Path(args.log_file)
     assert config.state is not None
     return config.state.log
 
 
-def _setup_logging(args: argparse.Namespace, daemonized: bool) -> None:
-    """Log to stderr, or to --log-file in the foreground.
+def _setup_logging(
+    args: argparse.Namespace, config: DaemonConfig, daemonized: bool
+) -> Callable[[], None]:
+    """Log to stderr, or to --log-file in the foreground; return what SIGHUP does.
 
     Raises:
         OSError: the log file cannot be opened.
     """
     setup_logging(PROG, args.log_level)
-    if args.log_file is not None and not daemonized:  # daemonized: stderr is the file
-        handler = logging.FileHandler(args.log_file)
-        handler.setFormatter(logging.getLogger().handlers[0].formatter)
-        logging.getLogger().handlers[:] = [handler]
+    if daemonized:  # stdout and stderr are the log file
+        path = log_path(args, config)
+        return lambda: reopen_log(path, DAEMON_OUTPUT)
+    if args.log_file is None:
+        return lambda: reopen_log(None, ())
+    root = logging.getLogger()
+    stream = os.fdopen(open_log(args.log_file), "a", encoding="utf-8", errors="backslashreplace")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(root.handlers[0].formatter)
+    root.handlers[:] = [handler]
+    return lambda: reopen_log(args.log_file, (stream.fileno(),))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -314,10 +346,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return outcome
         readiness = outcome
     try:
-        _setup_logging(args, readiness is not None)
+        on_sighup = _setup_logging(args, config, readiness is not None)
     except OSError as exc:
         return fail(PROG, f"cannot open --log-file {args.log_file}: {exc.strerror or exc}", 2)
-    return _run(config, readiness)
+    return _run(config, readiness, on_sighup)
 
 
 def _daemonize(args: argparse.Namespace, config: DaemonConfig) -> Readiness | int:
@@ -327,6 +359,8 @@ def _daemonize(args: argparse.Namespace, config: DaemonConfig) -> Readiness | in
     existed = log.exists()
     try:
         PidLock.check(config.state.pidfile, config.state.name)
+        if args.log_file is None:  # the log goes in the state dir: say so if it cannot be made
+            create_state_dir(log.parent)
         outcome = daemonize(log)
     except LifecycleError as exc:
         return fail(PROG, str(exc))
@@ -342,9 +376,9 @@ def _daemonize(args: argparse.Namespace, config: DaemonConfig) -> Readiness | in
     return fail(PROG, message)
 
 
-def _run(config: DaemonConfig, readiness: Readiness | None) -> int:
+def _run(config: DaemonConfig, readiness: Readiness | None, on_sighup: Callable[[], None]) -> int:
     try:
-        return run(config, readiness)
+        return run(config, readiness, on_sighup)
     except (LifecycleError, OSError) as exc:
         message = str(exc) if isinstance(exc, LifecycleError) else _describe_os_error(exc)
         if readiness is not None:
@@ -360,7 +394,8 @@ def _describe_os_error(exc: OSError) -> str:
         return str(exc.strerror or exc)
     message = f"{exc.filename}: {exc.strerror or exc}"
     if isinstance(exc, PermissionError):
-        message += " (run as root, or pass --state-dir DIR to a directory you may write)"
+        root = "" if running_as_root() else "run as root, or "
+        message += f" ({root}pass --state-dir DIR to a directory you may write)"
     return message
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from nitro_netd.cli.common import fail
-from nitro_netd.parent.lifecycle import DEFAULT_STATE_ROOT, StatePaths
+from nitro_netd.parent.lifecycle import DEFAULT_STATE_ROOT, StatePaths, running_as_root
 
 PROG: Final = "nitro-netd status"
 QUERY_TIMEOUT: Final = 5.0
@@ -60,9 +61,25 @@ def run(args: argparse.Namespace) -> int:
     except StatusError as exc:
         return fail(PROG, str(exc))
     if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
+        text = json.dumps(status, indent=2, sort_keys=True)
     else:
-        print(render_status(status, now=time.time()))
+        text = render_status(status, now=time.time())
+    return print_output(text)
+
+
+def print_output(text: str) -> int:
+    """Print `text` to stdout; return 0, also when the reader went away (``| head -1``).
+
+    A closed pipe is the reader's choice, not an error: no traceback, and stdout is
+    pointed at /dev/null so that the interpreter's last flush does not complain either.
+    """
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     return 0
 
 
@@ -120,7 +137,8 @@ def _exchange(paths: StatePaths, request: bytes, timeout: float) -> bytes:
                 f"no nitro-netd-parent is running for {name!r}: {path} is left from one that died"
             ) from None
         except PermissionError:
-            raise StatusError(f"cannot open {path}: permission denied (try as root)") from None
+            hint = "" if running_as_root() else " (try as root)"
+            raise StatusError(f"cannot open {path}: permission denied{hint}") from None
         except TimeoutError:
             raise StatusError(
                 f"the daemon for {name!r} did not answer within {timeout:g} s"
@@ -174,6 +192,12 @@ def _enclave_line(enclave: dict[str, Any]) -> str:
     return f"{enclave['name']}: {where} (following with {enclave['nitro_cli']})"
 
 
+def _nitro_cli_line(enclave: dict[str, Any]) -> str | None:
+    """The last nitro-cli error, or None while it works (and from older daemons)."""
+    error = enclave.get("error")
+    return f"failing: {error}" if error else None
+
+
 def _busy_poll_line(busy: dict[str, Any]) -> str:
     if not busy["window_us"]:
         return "off"
@@ -208,6 +232,8 @@ def render_status(status: dict[str, Any], *, now: float) -> str:
     ]  # fmt: skip
     if recovery := counters.get("tcp"):  # absent from older daemons' status
         rows.append(("tcp recovery", ", ".join(f"{event} {n}" for event, n in recovery.items())))
+    if nitro_cli := _nitro_cli_line(status["enclave"]):
+        rows.insert(3, ("nitro-cli", nitro_cli))
     if status.get("pcap"):
         rows.append(("pcap", status["pcap"]))
     if busy := status.get("busy_poll"):  # absent from older daemons' status

@@ -9,7 +9,8 @@ protocol is one request line and one reply line, then the daemon closes:
     <- {"ok": true, "status": {...}}\\n          (an unknown request: {"ok": false, "error": ...})
 
 The status object (`build_status`, ``"version": 1``) is plain JSON: daemon identity and
-uptime, the link (up, peer, CID, since), the followed enclave, exposed ports, flow counts
+uptime, the link (up, peer, CID, since), the followed enclave (with ``error``: why the
+last ``nitro-cli`` run failed, None while it works), exposed ports, flow counts
 per protocol and the netstack's counters (frames and bytes each way, drops by reason).
 Adding keys is compatible; renaming or removing one bumps the version.
 """
@@ -145,6 +146,7 @@ def _enclave_status(inputs: StatusInputs) -> dict[str, Any]:
         "nitro_cli": watcher.nitro_cli if watcher else None,
         "cid": current.cid if current else None,
         "state": current.state if current else None,
+        "error": watcher.error if watcher else None,
     }
 
 

@@ -11,9 +11,11 @@ live link and its flows are reset, the control and unix link sockets are removed
 pcap is flushed.
 
 `run()` is the process around it: the pidfile lock (single instance per name), signal
-handlers (SIGTERM/SIGINT stop it cleanly, exit 0), readiness reporting to a launching
-process (`--daemonize`) and to systemd (``READY=1``/``STOPPING=1``). ``--exit-with-enclave``
-stops it the same way once the followed enclave is gone.
+handlers (SIGTERM/SIGINT stop it cleanly, exit 0; SIGHUP reopens the log, SIGUSR1 logs the
+flows; both are ignored before serving starts and after it ends, when their default action
+would kill the daemon without clean-up), readiness reporting to a launching process
+(`--daemonize`) and to systemd (``READY=1``/``STOPPING=1``). ``--exit-with-enclave`` stops
+it the same way once the followed enclave is gone.
 """
 
 from __future__ import annotations
@@ -226,13 +228,21 @@ def _open_pcap(path: Path, max_bytes: int | None) -> PcapWriter:
         raise OSError(exc.errno, f"cannot write --pcap {path}: {exc.strerror}") from exc
 
 
+SERVING_SIGNALS: Final = (signal.SIGUSR1, signal.SIGHUP)
+"""Signals acted on only while serving (`serve`); ignored before and after."""
+
+
 async def serve(
     config: DaemonConfig,
     stop: asyncio.Event,
     on_ready: Callable[[], None] | None = None,
     on_stopping: Callable[[], object] | None = None,
+    on_sighup: Callable[[], None] | None = None,
 ) -> None:
     """Listen and bridge until `stop` is set; call `on_ready` once everything is bound.
+
+    While serving, SIGUSR1 logs the flows and SIGHUP calls `on_sighup` (the CLI's
+    `lifecycle.reopen_log`; None: only logged).
 
     Raises:
         OSError: a listener cannot be opened (message names it); nothing stays open.
@@ -241,6 +251,7 @@ async def serve(
     await daemon.start()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGUSR1, _log_flows, daemon)
+    loop.add_signal_handler(signal.SIGHUP, on_sighup or _sighup_not_handled)
     try:
         if on_ready is not None:
             on_ready()
@@ -249,14 +260,19 @@ async def serve(
         logger.info("stopping")
         if on_stopping is not None:
             on_stopping()
-        loop.remove_signal_handler(signal.SIGUSR1)
-        signal.signal(signal.SIGUSR1, _ignore_signal)  # not the default: that terminates
+        for signum in SERVING_SIGNALS:
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, _ignore_signal)  # not the default: that terminates
         await daemon.close()
         logger.info("counters: %s", daemon.bridge.stack.stats.snapshot())
 
 
 def _ignore_signal(signum: int, frame: object) -> None:
     """A signal that is not acted on now (reset to the default in programs we run)."""
+
+
+def _sighup_not_handled() -> None:
+    logger.info("SIGHUP: no log file to reopen here")
 
 
 def _log_flows(daemon: Daemon) -> None:
@@ -275,26 +291,46 @@ def _remove_unix_socket(endpoint: Endpoint) -> None:
             os.unlink(endpoint.path)
 
 
-def run(config: DaemonConfig, readiness: Readiness | None = None) -> int:
+def run(
+    config: DaemonConfig,
+    readiness: Readiness | None = None,
+    on_sighup: Callable[[], None] | None = None,
+) -> int:
     """Run the daemon until SIGTERM, SIGINT or the enclave's end; return the exit status.
 
+    Args:
+        on_sighup: what SIGHUP does while serving (reopen the log file).
     Raises:
         AlreadyRunning: another daemon holds this name's pidfile.
+        LifecycleError: the state directory cannot be created.
         OSError: something could not be opened; nothing is left behind.
     """
-    # SIGUSR1 logs the flows once serving; before (a slow nitro-cli at start) and after, its
-    # default action would kill the daemon without cleaning up. A handler that does nothing,
-    # not SIG_IGN: programs the daemon runs (nitro-cli) must not inherit an ignored signal.
-    signal.signal(signal.SIGUSR1, _ignore_signal)
+    # SIGUSR1 and SIGHUP act once serving; before (a slow nitro-cli at start) and after,
+    # their default action would kill the daemon without cleaning up. A handler that does
+    # nothing, not SIG_IGN: programs the daemon runs (nitro-cli) must not inherit an
+    # ignored signal.
+    for signum in SERVING_SIGNALS:
+        signal.signal(signum, _ignore_signal)
     lock = PidLock.acquire(config.state.pidfile, config.state.name) if config.state else None
-    raise_file_limit(config.stack.max_tcp_flows + config.stack.max_udp_flows + 256)
+    raise_file_limit(files_wanted(config))
     keep_large_buffers_on_heap()
     try:
-        _run_loop(_main(config, readiness))
+        _run_loop(_main(config, readiness, on_sighup))
     finally:
         if lock is not None:
             lock.release()
     return 0
+
+
+FILES_SPARE: Final = 256
+"""Descriptors beyond one per flow and exposed port: listeners, the link, pipes, logs."""
+
+
+def files_wanted(config: DaemonConfig) -> int:
+    """The open-files limit the daemon asks for: a socket per flow (up to the flow
+    limits) and per exposed port (a wide range, 10000-40000, needs as many), plus spare."""
+    stack = config.stack
+    return stack.max_tcp_flows + stack.max_udp_flows + len(config.exposes) + FILES_SPARE
 
 
 def raise_file_limit(wanted: int) -> int:
@@ -310,7 +346,8 @@ def raise_file_limit(wanted: int) -> int:
         soft = target
     if soft != resource.RLIM_INFINITY and soft < wanted:
         logger.info(
-            "open-files limit %d is below the %d that the flow limits could need (ulimit -n)",
+            "open-files limit %d is below the %d that the flow limits and exposed ports could"
+            " need (ulimit -n)",
             soft,
             wanted,
         )
@@ -361,7 +398,9 @@ def _run_loop(main: Coroutine[Any, Any, None]) -> None:
     asyncio.run(main)
 
 
-async def _main(config: DaemonConfig, readiness: Readiness | None) -> None:
+async def _main(
+    config: DaemonConfig, readiness: Readiness | None, on_sighup: Callable[[], None] | None
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -373,4 +412,4 @@ async def _main(config: DaemonConfig, readiness: Readiness | None) -> None:
         if readiness is not None:
             readiness.ready()
 
-    await serve(config, stop, on_ready, notify_stopping)
+    await serve(config, stop, on_ready, notify_stopping, on_sighup)

@@ -11,8 +11,12 @@ restarted enclave is accepted within one reconnect of the agent.
 
 The enclave counts as *followed* once it has been seen running. With
 ``--exit-with-enclave``, the first poll after that which no longer finds it running stops
-the daemon (exit 0). A failing ``nitro-cli`` run (status, bad JSON, timeout) is logged and
-changes nothing.
+the daemon (exit 0). A failing ``nitro-cli`` run (status, bad JSON, timeout) changes
+nothing. It is warned about when nitro-cli starts failing and then at most every
+`FAILURE_WARNING_INTERVAL` seconds (with the number of failed polls in between), not at
+every poll; its return is logged too. The last error is kept for the status (`error`).
+From a failed run's stderr the error-code line (``[ E39 ] ...``) is kept: nitro-cli's last
+line names a new log file on every run.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import contextlib
 import enum
 import json
 import logging
+import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -31,6 +37,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_POLL: Final = 3.0
 CLI_TIMEOUT: Final = 10.0
 RUNNING: Final = "RUNNING"
+FAILURE_WARNING_INTERVAL: Final = 600.0
+"""Seconds between two warnings that nitro-cli keeps failing."""
+_ERROR_CODE_LINE: Final = re.compile(r"^\[\s*E\d+\s*\]")
+"""nitro-cli's error lines: ``[ E39 ] Enclave process connection failure. ...``."""
 
 
 class NitroCliError(Exception):
@@ -129,11 +139,20 @@ async def describe_enclaves(nitro_cli: str, time_limit: float = CLI_TIMEOUT) -> 
         await process.wait()
         raise NitroCliError(f"{nitro_cli} describe-enclaves took over {time_limit:g} s") from None
     if process.returncode != 0:
-        detail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-        raise NitroCliError(
-            f"{nitro_cli} describe-enclaves exited {process.returncode}: {detail[0]}"
-        )
+        detail = summarize_stderr(err.decode(errors="replace"))
+        raise NitroCliError(f"{nitro_cli} describe-enclaves exited {process.returncode}: {detail}")
     return parse_describe(out.decode(errors="replace"))
+
+
+def summarize_stderr(text: str) -> str:
+    """The line of a failed nitro-cli run's stderr that says what failed.
+
+    That is its last error-code line (``[ E39 ] ...``); nitro-cli ends with a line naming
+    a fresh log file, useless in a warning. Without an error-code line: the last line.
+    """
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    coded = [line for line in lines if _ERROR_CODE_LINE.match(line)]
+    return (coded or lines or ["no output"])[-1]
 
 
 class EnclaveWatcher:
@@ -146,6 +165,7 @@ class EnclaveWatcher:
         *,
         interval: float = DEFAULT_POLL,
         on_gone: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         self.nitro_cli = nitro_cli
@@ -155,6 +175,12 @@ class EnclaveWatcher:
         self.current: EnclaveInfo | None = None
         self.seen = False
         self.polls = 0
+        self.error: str | None = None
+        """Why the last poll failed; None once a poll works."""
+        self._clock = clock
+        self._failures = 0
+        """Failed polls not yet warned about."""
+        self._next_warning = 0.0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -185,12 +211,29 @@ class EnclaveWatcher:
         try:
             enclaves = await describe_enclaves(self.nitro_cli)
         except NitroCliError as exc:
-            logger.warning("enclave %s: %s", self.name, exc)
+            self.failed(str(exc))
             return
         self.update(find_running(enclaves, self.name))
 
+    def failed(self, error: str) -> None:
+        """Take in one failed poll: warn when nitro-cli starts failing, then at most every
+        `FAILURE_WARNING_INTERVAL` seconds."""
+        now = self._clock()
+        starting = self.error is None
+        self.error = error
+        self._failures += 1
+        if not starting and now < self._next_warning:
+            return
+        self._next_warning = now + FAILURE_WARNING_INTERVAL
+        since = "" if starting else f" ({self._failures} failed polls since the last warning)"
+        self._failures = 0
+        logger.warning("enclave %s: %s%s", self.name, error, since)
+
     def update(self, found: EnclaveInfo | None) -> None:
         """Take in one poll's result (separate from polling so it can be tested)."""
+        if self.error is not None:
+            logger.info("enclave %s: nitro-cli works again", self.name)
+            self.error, self._failures = None, 0
         old, self.current = self.current, found
         if found is not None and (old is None or old.cid != found.cid):
             logger.info(

@@ -11,7 +11,8 @@ Grammar (the original tool's spelling, plus passt-style ranges and a UDP prefix)
 
 Each TCP listener binds 0.0.0.0:PARENT (the parent's localhost and eth0). An accepted
 client becomes a flow the netstack opens towards the enclave (`TcpAccepted`); while no
-enclave link is up, clients are reset at once instead of waiting for a timeout.
+enclave link is up, clients are reset at once instead of waiting for a timeout (logged at
+most once per 10 s: anyone who can reach the port could flood the log).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from itertools import count
 from typing import Final
 
 from nitro_netd.netstack.events import SHELL_FLOW_BASE, HostEvent, TcpAccepted, UdpInbound, UdpReply
-from nitro_netd.parent.host import descriptor_hint
+from nitro_netd.parent.host import ThrottledWarning, descriptor_hint
+from nitro_netd.parent.lifecycle import running_as_root
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +119,9 @@ def bind_exposed(item: ExposeSpec) -> socket.socket:
         OSError: with a message naming the port (e.g. already in use).
     """
     tcp = item.protocol == "tcp"
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM)
-    try:
+    sock: socket.socket | None = None
+    try:  # a wide range can run out of descriptors at the socket itself
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM)
         if tcp:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((BIND_ADDRESS, item.parent_port))
@@ -126,7 +129,8 @@ def bind_exposed(item: ExposeSpec) -> socket.socket:
             sock.listen(BACKLOG)
         sock.setblocking(False)
     except OSError as exc:
-        sock.close()
+        if sock is not None:
+            sock.close()
         raise OSError(
             exc.errno,
             f"cannot expose {item.protocol} port {item.parent_port}: {exc.strerror}"
@@ -142,8 +146,9 @@ def _bind_hint(exc: OSError, item: ExposeSpec) -> str:
             " stop it or expose another parent port)"
         )
     if exc.errno == errno.EACCES and item.parent_port < 1024:
-        return " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
-    return ""
+        who = "" if running_as_root() else "root or "
+        return f" (ports below 1024 need {who}CAP_NET_BIND_SERVICE)"
+    return descriptor_hint(exc)
 
 
 def bind_all(items: Sequence[ExposeSpec], protocol: str) -> list[tuple[socket.socket, ExposeSpec]]:
@@ -182,6 +187,8 @@ class TcpExposer:
         self.listeners: dict[int, tuple[socket.socket, ExposeSpec]] = {}
         self._backoffs: dict[int, asyncio.TimerHandle] = {}
         """Listeners not watched for a while after running out of descriptors."""
+        self.no_link_log = ThrottledWarning(logger)
+        """Logs clients reset while no link is up (throttled: anyone can connect)."""
 
     def open(self, items: Sequence[ExposeSpec]) -> None:
         """Bind every TCP item (all or nothing) and start accepting.
@@ -232,7 +239,7 @@ class TcpExposer:
 
     def _hand_over(self, client: socket.socket, address: str, port: int, item: ExposeSpec) -> None:
         if not self._link_up():
-            logger.info(
+            self.no_link_log.warn(
                 "[tcp %s:%d→:%d] no enclave link: client reset", address, port, item.enclave_port
             )
             client.setsockopt(

@@ -17,27 +17,40 @@ the path's) and tries again.
 keeps the read end and blocks until the daemon writes ``pid N``, then ``ready`` (exit 0)
 or ``error MESSAGE`` (the message is printed, exit 1). End of file without either means
 the daemon died during start-up: the launcher says so and points at the log.
+
+*Reopening the log* (SIGHUP, for logrotate): the log file is opened again by name and the
+new descriptor put in place of the old ones with ``dup2`` (stdout and stderr of a
+daemonized daemon, the log handler's stream of a foreground ``--log-file``), by the same
+two helpers daemonizing uses (`open_log`, `redirect`). The path must be absolute: a
+daemon's working directory is ``/``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import logging
 import os
 import re
 import select
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_STATE_ROOT: Final = Path("/run/nitro-netd")
 DEFAULT_NAME: Final = "default"
 READY_TIMEOUT: Final = 60.0
 """How long the launcher waits for a daemonized child to report."""
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_LOG_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+_LOG_MODE: Final = 0o644
 
 
 class LifecycleError(Exception):
@@ -92,6 +105,30 @@ class StatePaths:
         return self.directory / "parent.log"
 
 
+def running_as_root() -> bool:
+    """Whether advice to "run as root" would be pointless (we already are)."""
+    return os.geteuid() == 0
+
+
+def create_state_dir(directory: Path) -> None:
+    """Create a state directory (and its parents) if missing.
+
+    Raises:
+        LifecycleError: it cannot be created (the message names it as the state directory).
+    """
+    try:
+        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except OSError as exc:
+        hint = ""
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            hint = " (pass --state-dir DIR to a directory you may write)"
+            if not running_as_root():
+                hint = " (run as root, or pass --state-dir DIR to a directory you may write)"
+        raise LifecycleError(
+            f"cannot create state directory {directory}: {exc.strerror or exc}{hint}"
+        ) from exc
+
+
 class PidLock:
     """An exclusive flock on the pidfile, holding this process's pid."""
 
@@ -107,7 +144,7 @@ class PidLock:
             AlreadyRunning: another live process holds the lock (message names its pid).
             OSError: the file cannot be created.
         """
-        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        create_state_dir(path.parent)
         for _ in range(10):
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
@@ -214,7 +251,7 @@ def daemonize(log_path: Path) -> Readiness | tuple[int, str]:
         OSError: the log file cannot be opened (raised before forking).
     """
     log_path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    log_fd = open_log(log_path)
     read_fd, write_fd = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -227,6 +264,57 @@ def daemonize(log_path: Path) -> Readiness | tuple[int, str]:
     os.close(log_fd)
     os.waitpid(child, 0)  # the first child exits as soon as it has forked again
     return wait_for_daemon(read_fd, log_path)
+
+
+DAEMON_OUTPUT: Final = (1, 2)
+"""The descriptors a daemonized daemon logs to (stdout, stderr: both the log file)."""
+
+
+def open_log(path: Path) -> int:
+    """Open `path` for appending (created 0644 if missing); return the descriptor.
+
+    Raises:
+        OSError: it cannot be opened.
+    """
+    return os.open(path, _LOG_FLAGS, _LOG_MODE)
+
+
+def redirect(fd: int, targets: Sequence[int]) -> None:
+    """Put `fd` in place of each of `targets` (``dup2``), then close `fd`.
+
+    Python's buffered ``sys.stdout``/``sys.stderr`` are flushed first, so what they hold
+    goes to the file it was written for.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    try:
+        for target in targets:
+            os.dup2(fd, target)
+    finally:
+        if fd not in targets:
+            os.close(fd)
+
+
+def reopen_log(path: Path | None, targets: Sequence[int]) -> None:
+    """SIGHUP: open the log file `path` again and redirect `targets` to it (logrotate
+    renamed the old one); with no log file (logging to stderr) just say so.
+
+    Never raises: a log that cannot be reopened is logged (to the old file) and kept.
+    """
+    if path is None:
+        logger.info("SIGHUP: logging to stderr, nothing to reopen")
+        return
+    try:
+        redirect(open_log(path), targets)
+    except OSError as exc:
+        logger.warning(
+            "SIGHUP: cannot reopen the log file %s: %s; still logging to the old one",
+            path,
+            exc.strerror or exc,
+        )
+        return
+    logger.info("SIGHUP: reopened the log file %s", path)
 
 
 def remove_new_log(log_path: Path, existed: bool) -> None:
@@ -245,11 +333,8 @@ def _become_daemon(log_fd: int, write_fd: int) -> None:
         os._exit(0)
     os.chdir("/")
     null_fd = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null_fd, 0)
-    os.dup2(log_fd, 1)
-    os.dup2(log_fd, 2)
-    os.close(null_fd)
-    os.close(log_fd)
+    redirect(null_fd, (0,))
+    redirect(log_fd, DAEMON_OUTPUT)
     os.write(write_fd, f"pid {os.getpid()}\n".encode())
 
 

@@ -2,7 +2,8 @@
 
 A deliberately tiny HTTP/1.0-style server on asyncio: it reads the request head, answers
 ``GET /metrics`` with text format 0.0.4 (404 for other paths, 405 for other methods) and
-closes. It shares `build_status` with the control socket, so both always agree.
+closes; ``HEAD`` gets the same headers and no body. It shares `build_status` with the
+control socket, so both always agree.
 """
 
 from __future__ import annotations
@@ -89,13 +90,20 @@ def render_metrics(status: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _response(status: str, body: str, content_type: str = "text/plain; charset=utf-8") -> bytes:
+def _response(
+    status: str,
+    body: str,
+    content_type: str = "text/plain; charset=utf-8",
+    *,
+    head_only: bool = False,
+) -> bytes:
+    """The response bytes; `head_only` (a HEAD request): the headers a GET gets, no body."""
     data = body.encode()
     head = (
         f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
         f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
     )
-    return head.encode() + data
+    return head.encode() + (b"" if head_only else data)
 
 
 class MetricsServer:
@@ -142,8 +150,10 @@ class MetricsServer:
         """The HTTP response to one request head."""
         method, _, rest = head.decode("latin-1").partition(" ")
         path = rest.partition(" ")[0]
+        head_only = method == "HEAD"
         if method not in ("GET", "HEAD"):
             return _response("405 Method Not Allowed", "use GET /metrics\n")
         if path.split("?")[0] != "/metrics":
-            return _response("404 Not Found", "try /metrics\n")
-        return _response("200 OK", render_metrics(self._get_status()), CONTENT_TYPE)
+            return _response("404 Not Found", "try /metrics\n", head_only=head_only)
+        body = render_metrics(self._get_status())
+        return _response("200 OK", body, CONTENT_TYPE, head_only=head_only)

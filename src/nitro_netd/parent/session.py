@@ -16,12 +16,17 @@ handshake begun and not completed within `HANDSHAKE_TIMEOUT` (a peer that has se
 nothing yet may be a quiet qemu-framed agent, which sends no request: it is checked
 again one timeout later; the owner bounds how many wait at once). A session goes live (`on_link_up`, replacing any other) only
 once its handshake is complete and its reply, if any, written.
+
+Anyone who can reach the link listener can open connections that never become the link
+(a port scanner, an HTTP probe): their end is logged through the owner's `not_live_log`,
+at most one line per 10 s with a count of the others.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Final, Protocol, cast
 
@@ -41,6 +46,7 @@ from nitro_netd.link import (
     parse_offloads,
 )
 from nitro_netd.netstack.output import Frame
+from nitro_netd.parent.host import ThrottledWarning
 from nitro_netd.parent.link_writer import LinkWriter
 
 logger = logging.getLogger(__name__)
@@ -52,6 +58,12 @@ LINK_READ_CAPACITY: Final = 4 << 20
 """The frame decoder's buffer: one read of the link takes up to this much, so a busy link
 is handled in batches of megabytes, which many flows share (one host write and one ACK
 per flow per batch: larger batches keep eight busy flows as cheap as one)."""
+
+
+def not_live_log(clock: Callable[[], float] = time.monotonic) -> ThrottledWarning:
+    """The throttled log for connections that end before becoming the link: one per
+    listener (the owner's), shared by its sessions."""
+    return ThrottledWarning(logger, clock=clock)
 
 
 class LinkOwner(Protocol):
@@ -85,8 +97,12 @@ class LinkOwner(Protocol):
 class LinkSession(asyncio.BufferedProtocol):
     """The daemon's side of one agent link."""
 
-    def __init__(self, owner: LinkOwner, *, max_frame: int) -> None:
+    def __init__(
+        self, owner: LinkOwner, *, max_frame: int, not_live: ThrottledWarning | None = None
+    ) -> None:
         self.owner = owner
+        self.not_live = not_live or not_live_log()
+        """Logs this session's end if it never went live (see the module docstring)."""
         self.max_frame = max_frame
         self.protocol: LinkProtocol | None = None
         self.peer = "?"
@@ -111,7 +127,7 @@ class LinkSession(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.peer = _describe_peer(transport)
-        logger.info("link from %s: connected", self.peer)
+        logger.debug("link from %s: connected", self.peer)
         self._handshake_timer = asyncio.get_running_loop().call_later(
             HANDSHAKE_TIMEOUT, self._handshake_timed_out
         )
@@ -253,7 +269,12 @@ class LinkSession(asyncio.BufferedProtocol):
             self._writer.close()
         if self.transport is not None:
             self.transport.abort()
-        logger.info("link from %s: down (%s)", self.peer, reason)
+        if self._up:
+            logger.info("link from %s: down (%s)", self.peer, reason)
+        else:
+            self.not_live.warn(
+                "link from %s: closed before it became the link (%s)", self.peer, reason
+            )
         if self.on_closed is not None:
             self.on_closed(self)
         if self._up:
