@@ -7,13 +7,16 @@ The daemon and the agent have their own commands, `nitro-netd-parent` and
 from __future__ import annotations
 
 import argparse
-import subprocess
+import functools
+import os
+import shutil
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Final
 
 from nitro_netd.cli import status as status_cmd
-from nitro_netd.cli.common import fail
+from nitro_netd.cli.common import fail, mtu_argument
 from nitro_netd.cli.demo import demo
 from nitro_netd.sim import (
     ENCLAVE_ADDRESS,
@@ -22,6 +25,7 @@ from nitro_netd.sim import (
     WORLD_ADDRESS,
     Role,
     SimError,
+    SimState,
     Simulator,
     cleanup_stale,
     describe,
@@ -29,18 +33,27 @@ from nitro_netd.sim import (
     list_states,
     load_state,
     require_host,
+    run_foreground,
 )
+from nitro_netd.sim.foreground import INTERRUPT_GRACE
+from nitro_netd.sim.state import STATE_DIR
 
 PROG: Final = "nitro-netd"
 LINK_TIMEOUT: Final = 15.0
+ROLE_NOTES: Final = {
+    Role.ENCLAVE: f"tap0 {ENCLAVE_ADDRESS}/24 (made by the agent), gateway {GATEWAY_ADDRESS}",
+    Role.PARENT: f"eth0 {PARENT_ADDRESS}, the daemon",
+    Role.WORLD: f"eth0 {WORLD_ADDRESS}, the internet",
+}
 
 EPILOG: Final = f"""\
 examples:
-  sudo nitro-netd demo                         build a simulator, ping through the bridge, clean up
-  sudo nitro-netd sim up --bridge              leave a simulator running with daemon and agent
-  sudo nitro-netd sim exec NAME enclave -- ping -c 3 {GATEWAY_ADDRESS}
+  sudo nitro-netd demo                     show the bridge at work in a simulator, clean up
+  sim=$(sudo nitro-netd sim up --bridge)   leave one running with daemon and agent: its name
+  sudo nitro-netd sim exec $sim enclave -- ping -c 3 {GATEWAY_ADDRESS}
+  sudo nitro-netd status --state-dir {STATE_DIR}/$sim
   sudo nitro-netd sim list
-  sudo nitro-netd sim down NAME                (or: sim down --all)
+  sudo nitro-netd sim down $sim            (or: sim down --all)
 
 The simulator is three network namespaces: "enclave" (the agent makes tap0 there,
 {ENCLAVE_ADDRESS}/24, gateway {GATEWAY_ADDRESS}), "parent" (the daemon; eth0 {PARENT_ADDRESS}) and
@@ -57,18 +70,29 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = commands.add_parser("demo", help="build a simulator, ping the gateway, tear down")
-    demo.add_argument("--mtu", type=int, help="link MTU for the daemon and the agent")
+    demo = commands.add_parser(
+        "demo", help="show the bridge at work in a simulator, then tear it down"
+    )
+    demo.add_argument("--mtu", type=mtu_argument, help="link MTU for the daemon and the agent")
     sim = commands.add_parser("sim", help="manage simulators").add_subparsers(
         dest="sim_command", required=True, metavar="SUBCOMMAND"
     )
-    up = sim.add_parser("up", help="build a simulator and leave it running")
-    up.add_argument("--bridge", action="store_true", help="also start the daemon and the agent")
+    up = sim.add_parser("up", help="build a simulator and leave it running; print its name")
+    up.add_argument(
+        "--bridge",
+        action="store_true",
+        help=f"also start the daemon (--state-dir {STATE_DIR}/NAME) and the agent, wait for the link",
+    )
+    up.add_argument("--mtu", type=mtu_argument, help="with --bridge: link MTU for both")
     down = sim.add_parser("down", help="remove a simulator")
     down.add_argument("name", nargs="?", help="simulator name (see `sim list`)")
     down.add_argument("--all", action="store_true", help="remove every detached or stale one")
     down.add_argument("--force", action="store_true", help="even if its owner process runs")
-    run = sim.add_parser("exec", help="run a command inside one of a simulator's namespaces")
+    run = sim.add_parser(
+        "exec",
+        help="run a command inside one of a simulator's namespaces "
+        f"(after Ctrl-C it has {INTERRUPT_GRACE:g} s to exit)",
+    )
     run.add_argument("name", help="simulator name (see `sim list`)")
     run.add_argument("role", choices=[role.value for role in Role])
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
@@ -105,22 +129,50 @@ def entry() -> None:
 
 
 def sim_up(args: argparse.Namespace) -> int:
-    """Build a simulator, optionally start the bridge, and leave it running."""
+    """Build a simulator, optionally start the bridge, and leave it running.
+
+    Only the name goes to stdout (`sim=$(nitro-netd sim up)`); what it is and how to use
+    it go to stderr.
+    """
+    if args.mtu and not args.bridge:
+        return fail(PROG, "--mtu is the daemon's and the agent's: it needs --bridge", 2)
     require_host()
     _report_stale(cleanup_stale())
     with Simulator() as sim:
         if args.bridge:
-            sim.start_parent()
-            sim.start_agent().wait_for_log("link up", LINK_TIMEOUT)
+            mtu_args = ["--mtu", str(args.mtu)] if args.mtu else []
+            sim.start_parent([*mtu_args, "--state-dir", str(sim.daemon_state_dir)])
+            sim.start_agent(mtu_args).wait_for_log("link up", LINK_TIMEOUT)
         state = sim.detach()
-    print(f"simulator {state.name} is up")
-    for role, netns in state.namespaces.items():
-        print(f"  {role.value:<8} netns {netns}")
-    print(f"  link     {state.link_url}")
-    print(f"  logs     {state.workdir}/logs/")
-    print(f"run in it: {PROG} sim exec {state.name} enclave -- ip addr")
-    print(f"remove it: {PROG} sim down {state.name}")
+    _describe_up(state, bridge=args.bridge)
+    print(state.name)
     return 0
+
+
+def _describe_up(state: SimState, *, bridge: bool) -> None:
+    me = _invocation()
+    say = functools.partial(print, file=sys.stderr)
+    say(f"simulator {state.name} is up" + (", with the daemon and the agent" if bridge else ""))
+    for role, netns in state.namespaces.items():
+        say(f"  {role.value:<8} netns {netns:<20} {ROLE_NOTES[role]}")
+    say(f"  link     {state.link_url}")
+    say(f"  logs     {state.workdir}/logs/")
+    if bridge:
+        say(f"status:    {me} status --state-dir {state.daemon_state_dir}")
+        say(f"run in it: {me} sim exec {state.name} enclave -- ping -c 3 {GATEWAY_ADDRESS}")
+    else:
+        say(f"run in it: {me} sim exec {state.name} enclave -- ip addr")
+    say(f"remove it: {me} sim down {state.name}")
+
+
+def _invocation() -> str:
+    """How a shell runs this command: `nitro-netd` if that is on PATH, else a full path."""
+    if shutil.which(PROG):
+        return PROG
+    script = Path(sys.executable).with_name(PROG)
+    if os.access(script, os.X_OK):
+        return str(script)
+    return f"{sys.executable} -m nitro_netd.cli.umbrella"
 
 
 def sim_down(args: argparse.Namespace) -> int:
@@ -140,7 +192,10 @@ def sim_down(args: argparse.Namespace) -> int:
 
 
 def sim_exec(args: argparse.Namespace) -> int:
-    """Run a command in a namespace of a simulator, passing its exit status through."""
+    """Run a command in a namespace of a simulator, passing its exit status through.
+
+    After Ctrl-C the command has 10 s to exit (`run_foreground`).
+    """
     require_host()
     command = list(args.argv)
     if command[:1] == ["--"]:
@@ -151,7 +206,7 @@ def sim_exec(args: argparse.Namespace) -> int:
     if state is None:
         return fail(PROG, f"no simulator named {args.name!r}: see `nitro-netd sim list`")
     netns = state.namespaces[Role(args.role)]
-    status = subprocess.run(["ip", "netns", "exec", netns, *command], check=False).returncode
+    status = run_foreground(["ip", "netns", "exec", netns, *command])
     return 128 - status if status < 0 else status
 
 
@@ -170,7 +225,7 @@ def sim_list(args: argparse.Namespace) -> int:
 
 def _report_stale(removed: list[str]) -> None:
     if removed:
-        print(f"(removed leftovers of dead simulators: {', '.join(removed)})")
+        print(f"(removed leftovers of dead simulators: {', '.join(removed)})", file=sys.stderr)
 
 
 if __name__ == "__main__":

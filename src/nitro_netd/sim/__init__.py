@@ -7,6 +7,7 @@ Used by `nitro-netd demo`, `nitro-netd sim ...` and the end-to-end tests. Needs 
 
 from __future__ import annotations
 
+from nitro_netd.sim.foreground import run_foreground
 from nitro_netd.sim.host import HostUnfit, SimError, host_problem, require_host
 from nitro_netd.sim.process import ManagedProcess
 from nitro_netd.sim.signals import SimulatorInterrupted
@@ -41,4 +42,5 @@ __all__ = [
     "list_states",
     "load_state",
     "require_host",
+    "run_foreground",
 ]

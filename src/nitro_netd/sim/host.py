@@ -23,6 +23,7 @@ APT_PACKAGES: Final = {
     "socat": "socat",
     "dig": "bind9-dnsutils",
     "getent": "libc-bin",
+    "setsid": "util-linux",
     "ss": "iproute2",
     "ssh": "openssh-client",
     "scp": "openssh-client",

@@ -163,6 +163,11 @@ class Simulator:
         return self.workdir / "link.sock"
 
     @property
+    def daemon_state_dir(self) -> Path:
+        """A `--state-dir` for a daemon `nitro-netd status` should find (removed on close)."""
+        return self.state.daemon_state_dir
+
+    @property
     def link_url(self) -> str:
         """`unix://<workdir>/link.sock`: the daemon's --listen and the agent's --parent."""
         return self.state.link_url

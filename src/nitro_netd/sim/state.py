@@ -3,7 +3,8 @@
 One JSON file per simulator, written before its first namespace exists and removed after
 its last trace is gone. It names the owner process (pid and start time, or none for a
 simulator left running by `nitro-netd sim up`), the work dir, and every process the
-simulator started; `cleanup_stale()` uses it to undo the simulators whose owner died.
+simulator started; `cleanup_stale()` uses it to undo the simulators whose owner died. Next
+to it, a dir of the same name holds the state of a daemon `sim up --bridge` started.
 """
 
 from __future__ import annotations
@@ -66,6 +67,12 @@ class SimState:
     def namespaces(self) -> dict[Role, str]:
         """Network namespace name for each role."""
         return {role: netns_name(self.name, role) for role in Role}
+
+    @property
+    def daemon_state_dir(self) -> Path:
+        """The `--state-dir` of the daemon `nitro-netd sim up --bridge` starts (holding
+        `default/control.sock` for `nitro-netd status`); removed with the simulator."""
+        return STATE_DIR / self.name
 
     @property
     def link_url(self) -> str:

@@ -23,7 +23,7 @@ import time
 from typing import Final
 
 from nitro_netd.sim.host import SimError, ip, is_alive, netns_pids
-from nitro_netd.sim.state import ETC_NETNS, NETNS_NAME, Role, SimState
+from nitro_netd.sim.state import ETC_NETNS, NETNS_NAME, SIM_NAME, Role, SimState
 
 PARENT_ADDRESS: Final = "198.18.0.1"
 WORLD_ADDRESS: Final = "198.18.0.2"
@@ -96,7 +96,7 @@ def _apply_sysctls(netns: str) -> None:
 
 def teardown(state: SimState) -> list[str]:
     """Stop the recorded processes and everything left in the namespaces, then remove the
-    namespaces, their /etc/netns dirs, the work dir and the state file.
+    namespaces, their /etc/netns dirs, the daemon's state dir, the work dir and the state file.
 
     Best effort: every step runs even if an earlier one failed.
 
@@ -110,6 +110,8 @@ def teardown(state: SimState) -> list[str]:
     stop_pids(pids)
     for netns in state.namespaces.values():
         problems.extend(remove_netns(netns))
+    if SIM_NAME.fullmatch(state.name):
+        shutil.rmtree(state.daemon_state_dir, ignore_errors=True)
     workdir = state.workdir
     if workdir and os.path.basename(workdir).startswith(state.name):
         shutil.rmtree(workdir, ignore_errors=True)
