@@ -146,12 +146,15 @@ def test_a_later_deadline_keeps_the_armed_timer_an_earlier_one_replaces_it(facto
         assert bridge._timer is not armed
         assert armed is not None
         assert armed.cancelled()
+        later = now + 0.01  # what the stack wants next: the early run must re-arm for it
+        bridge.stack.get_timer = lambda: later if not bridge.timer_runs[1:] else None  # type: ignore[method-assign]
         deadline = time.monotonic() + DEADLINE
-        while not bridge.timer_runs:
-            assert time.monotonic() < deadline, "the timer never ran"
+        while len(bridge.timer_runs) < 2:
+            assert time.monotonic() < deadline, "the kept timer ran early and never again"
             await asyncio.sleep(0.0005)
         assert bridge.timer_runs[0] >= now + 0.001
-        assert bridge._timer is None  # the stack had nothing due: nothing re-armed
+        assert bridge.timer_runs[1] >= later
+        assert bridge._timer is None  # then nothing was due: nothing re-armed
 
     run(factory, body)
 

@@ -17,12 +17,13 @@ from nitro_netd.netstack.events import (
     TcpData,
     TcpEof,
     TcpFailed,
+    TcpRelease,
     TcpSend,
     TcpWriteBlocked,
     TcpWriteUnblocked,
 )
 from nitro_netd.netstack.spans import HostSlice, HostSpan
-from nitro_netd.parent.host_tcp import HIGH_WATER, HostTcp
+from nitro_netd.parent.host_tcp import HIGH_WATER, STOP_AFTER, HostTcp
 from nitro_netd.parent.splice import SpliceBuffer
 
 LOOPBACK = IPv4Address("127.0.0.1")
@@ -157,7 +158,9 @@ async def test_a_bulk_flow_splices_after_a_large_read_and_its_spans_hold_the_str
 
 
 def take_out(buffer: SpliceBuffer, position: int, n: int, sink_r: int, sink_w: int) -> bytes:
-    """What the link writer does with a span's bytes: prepare them and splice them out."""
+    """What the link writer does with a span's bytes: queue and prepare them, and splice
+    them out."""
+    buffer.queued_slices += 1
     old, fresh = buffer.prepare(HostSlice(buffer, position, n, position)) or (b"?", -1)
     assert (old, fresh) == (None, n)
     out = bytearray()
@@ -211,41 +214,100 @@ class FlowStreams:
             os.close(fd)
 
 
-async def test_a_splicing_flow_goes_back_to_copying_for_good_when_another_turns_bulk() -> None:
-    """Splicing is for a lone download: once a second flow is bulk, the splicing one
-    copies from its next read on, for good, and no byte of it is lost or reordered
-    across the switch; the second does not splice while both are bulk."""
+class FakeClock:
+    """The splice policy's clock, moved by hand (no test waits for `splice_idle`)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def splicing_side(
+    clock: FakeClock,
+) -> tuple[socket.socket, HostTcp, Events, socket.socket, FlowStreams]:
+    """Flow 1 connected, a large download begun and splicing (`connected_flow`'s parts and
+    the streams)."""
     loop = asyncio.get_running_loop()
-    server, side, events, peer_a = await connected_flow(1)
-    side.splice_enabled, side.read_size = True, 1 << 20
+    server, side, events, peer = await connected_flow(1)
+    side.splice_enabled, side.read_size, side.clock = True, 1 << 20, clock
     streams = FlowStreams(events)
-    data = random.Random(2).randbytes(8 << 20)
-    await loop.sock_sendall(peer_a, data[: 2 << 20])
+    await loop.sock_sendall(peer, bytes(2 << 20))
     await streams.until(1, 2 << 20)
     assert streams.spans(1) > 0
+    return server, side, events, peer, streams
+
+
+async def second_flow(side: HostTcp, server: socket.socket, events: Events) -> socket.socket:
+    """Connect flow 2 to `server`; return the server's end."""
+    loop = asyncio.get_running_loop()
     side.execute(TcpConnect(2, LOOPBACK, server.getsockname()[1], 5.0))
-    peer_b, _ = await loop.sock_accept(server)
-    await events.wait_for(TcpConnected)
-    for round_ in (1, 2):
-        await loop.sock_sendall(peer_b, bytes(600 << 10))
-        await streams.until(2, round_ * 600 << 10)
+    peer, _ = await loop.sock_accept(server)
+    async with asyncio.timeout(10):
+        while TcpConnected(2) not in events.all:
+            await events.next_event()
+    return peer
+
+
+async def send_in_rounds(peer: socket.socket, streams: FlowStreams, flow: int, n: int) -> None:
+    """Send `n` more bytes from `peer` in 600 KiB rounds, each taken by the side in turn."""
+    loop = asyncio.get_running_loop()
+    have = len(streams.got.get(flow, b""))
+    for start in range(0, n, 600 << 10):
+        size = min(600 << 10, n - start)
+        await loop.sock_sendall(peer, bytes(size))
+        await streams.until(flow, have + start + size)
+
+
+async def test_a_splicing_flow_goes_back_to_copying_for_good_when_another_turns_bulk() -> None:
+    """Splicing is for a lone download: once a second flow has read `STOP_AFTER` bytes as
+    bulk, the splicing one copies from its next read on, for good, and no byte of it is
+    lost or reordered across the switch; the second does not splice while both are bulk.
+    Once the enclave has acknowledged the first's spans its pipes are closed."""
+    loop = asyncio.get_running_loop()
+    clock = FakeClock()
+    server, side, events, peer_a, streams = await splicing_side(clock)
+    peer_b = await second_flow(side, server, events)
+    await send_in_rounds(peer_b, streams, 2, STOP_AFTER + (600 << 10))
     assert side.bulk_flows() == 2
     assert streams.spans(2) == 0  # two bulk flows: it copies
-    sender = asyncio.create_task(loop.sock_sendall(peer_a, data[2 << 20 :]))
-    await streams.until(1, len(data))
+    data = random.Random(2).randbytes(6 << 20)
+    sender = asyncio.create_task(loop.sock_sendall(peer_a, data))
+    await streams.until(1, (2 << 20) + len(data))
     await sender
-    assert streams.got[1] == data
+    assert streams.got[1][2 << 20 :] == data
     kinds = streams.kinds[1]
     copying_again = kinds.index("bytes", kinds.index("span"))
     assert "span" not in kinds[copying_again:]
     assert side.splice_stops == 1
-    assert list(side.splice_buffers) == [1]  # kept for its spans until the stack closes it
+    assert list(side.splice_buffers) == [1]  # kept for its spans until acknowledged...
+    side.execute(TcpRelease(1, len(streams.got[1])))
+    assert side.splice_buffers == {}  # ...then closed
     side.execute(TcpClose(1, reset=True))
-    await loop.sock_sendall(peer_b, bytes(600 << 10))  # now the lone download...
-    await streams.until(2, 1800 << 10)
-    await loop.sock_sendall(peer_b, bytes(600 << 10))
-    await streams.until(2, 2400 << 10)
+    await send_in_rounds(peer_b, streams, 2, 1200 << 10)  # now the lone download...
     assert streams.spans(2) > 0  # ...splices
+    streams.close()
+    side.close_all()
+    for sock in (server, peer_a, peer_b):
+        sock.close()
+
+
+async def test_a_short_fetch_beside_a_splicing_download_does_not_stop_it() -> None:
+    """A second flow that reads less than `STOP_AFTER` as bulk (an image beside a large
+    download) does not splice itself, nor end the download's splicing for good."""
+    loop = asyncio.get_running_loop()
+    clock = FakeClock()
+    server, side, events, peer_a, streams = await splicing_side(clock)
+    peer_b = await second_flow(side, server, events)
+    await send_in_rounds(peer_b, streams, 2, 1200 << 10)
+    assert side.bulk_flows() == 2
+    spans_before = streams.spans(1)
+    await loop.sock_sendall(peer_a, bytes(2 << 20))
+    await streams.until(1, 4 << 20)
+    assert streams.spans(1) > spans_before
+    assert streams.spans(2) == 0
+    assert side.splice_stops == 0
     streams.close()
     side.close_all()
     for sock in (server, peer_a, peer_b):
@@ -255,22 +317,12 @@ async def test_a_splicing_flow_goes_back_to_copying_for_good_when_another_turns_
 async def test_a_bulk_flow_gone_idle_no_longer_keeps_others_from_splicing() -> None:
     """An idle keep-alive connection that once downloaded must not keep every later
     download from splicing: after `splice_idle` without a read it is no longer bulk."""
-    loop = asyncio.get_running_loop()
-    server, side, events, peer_a = await connected_flow(1)
-    side.splice_enabled, side.read_size, side.splice_idle = True, 1 << 20, 0.05
-    streams = FlowStreams(events)
-    await loop.sock_sendall(peer_a, bytes(2 << 20))
-    await streams.until(1, 2 << 20)
-    assert streams.spans(1) > 0
-    deadline = loop.time() + 5
-    while side.bulk_flows():  # idle for splice_idle: no longer bulk
-        assert loop.time() < deadline, "an idle bulk flow is still bulk"
-        await asyncio.sleep(0.01)
-    side.execute(TcpConnect(2, LOOPBACK, server.getsockname()[1], 5.0))
-    peer_b, _ = await loop.sock_accept(server)
-    for round_ in (1, 2):
-        await loop.sock_sendall(peer_b, bytes(600 << 10))
-        await streams.until(2, round_ * 600 << 10)
+    clock = FakeClock()
+    server, side, events, peer_a, streams = await splicing_side(clock)
+    clock.now += side.splice_idle + 0.1
+    assert side.bulk_flows() == 0
+    peer_b = await second_flow(side, server, events)
+    await send_in_rounds(peer_b, streams, 2, 1200 << 10)
     assert streams.spans(2) > 0
     streams.close()
     side.close_all()
@@ -278,30 +330,38 @@ async def test_a_bulk_flow_gone_idle_no_longer_keeps_others_from_splicing() -> N
         sock.close()
 
 
-async def test_a_splicing_flow_reading_little_at_a_time_stays_bulk() -> None:
-    """A splicing flow behind a slow link fills a little at a time (its pipe is full):
-    any read keeps a bulk flow bulk, or a second download would splice beside it."""
+async def test_a_splicing_flow_stays_bulk_on_small_reads_a_copying_one_does_not() -> None:
+    """A splicing flow behind a slow link fills a little at a time (its pipe is full): any
+    read keeps it bulk, or a second download would splice beside it; one paused for longer
+    than `splice_idle` is bulk again at its next read. A copying flow's small reads (a
+    chatty connection that once downloaded) do not keep it bulk."""
     loop = asyncio.get_running_loop()
-    server, side, events, peer_a = await connected_flow(1)
-    side.splice_enabled, side.read_size, side.splice_idle = True, 1 << 20, 0.3
-    streams = FlowStreams(events)
+    clock = FakeClock()
+    server, side, events, peer_a, streams = await splicing_side(clock)
     sent = 2 << 20
-    await loop.sock_sendall(peer_a, bytes(sent))
-    await streams.until(1, sent)
-    assert streams.spans(1) > 0
-    end = loop.time() + 3 * side.splice_idle
-    while loop.time() < end:  # small reads, each well within splice_idle of the last
+    for _ in range(5):  # 1.5 s of small reads, 0.3 s apart
+        clock.now += 0.3
         await loop.sock_sendall(peer_a, bytes(1000))
         sent += 1000
         await streams.until(1, sent)
-        await asyncio.sleep(side.splice_idle / 6)
     assert side.bulk_flows() == 1
-    side.execute(TcpConnect(2, LOOPBACK, server.getsockname()[1], 5.0))
-    peer_b, _ = await loop.sock_accept(server)
-    for round_ in (1, 2):
-        await loop.sock_sendall(peer_b, bytes(600 << 10))
-        await streams.until(2, round_ * 600 << 10)
-    assert streams.spans(2) == 0
+    clock.now += side.splice_idle + 0.1  # paused...
+    assert side.bulk_flows() == 0
+    await loop.sock_sendall(peer_a, bytes(1000))  # ...and reading again
+    await streams.until(1, sent + 1000)
+    assert side.bulk_flows() == 1
+    side.execute(TcpClose(1, reset=True))
+    peer_b = await second_flow(side, server, events)
+    side.splice_enabled = False  # a copying flow
+    await send_in_rounds(peer_b, streams, 2, 600 << 10)
+    assert side.bulk_flows() == 1
+    got = len(streams.got[2])
+    for _ in range(5):
+        clock.now += 0.3
+        await loop.sock_sendall(peer_b, bytes(1000))
+        got += 1000
+        await streams.until(2, got)
+    assert side.bulk_flows() == 0
     streams.close()
     side.close_all()
     for sock in (server, peer_a, peer_b):

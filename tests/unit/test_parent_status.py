@@ -59,7 +59,7 @@ def test_render_status_table() -> None:
         "  to enclave    12 frames, 2000 bytes",
         "  drops         bad_checksum 2",
         "  busy poll     50 µs windows, 1.250 s awake in 300 windows",
-        "  splice        while bulk flows <= 1; 4 flows (2 went back to copying), 123456 bytes so far",
+        "  splice        on for a lone download (at most 1 bulk flows); 4 flows spliced, 2 went back to copying, 123456 bytes so far",
     ]
 
 
@@ -75,7 +75,7 @@ def test_render_status_splice_off_and_absent() -> None:
     status = sample_status()
     status["splice"] = {"enabled": False, "limit": 0, "flows": 0, "bytes": 0}
     assert (
-        "  splice        off; 0 flows, 0 bytes so far"
+        "  splice        off; 0 flows spliced, 0 bytes so far"
         in render_status(status, now=NOW).splitlines()
     )
     del status["splice"]  # a daemon from before splicing

@@ -57,13 +57,12 @@ def test_the_suite_forbids_vsock_for_itself_and_what_it_starts(
     host)."""
     assert os.environ.get(NO_VSOCK_ENV)
     opened: list[object] = []
-    real_socket = socket.socket
 
-    def recording_socket(*args: Any, **kwargs: Any) -> socket.socket:
-        opened.append(args)
-        return real_socket(*args, **kwargs)
+    def refusing_socket(*args: Any, **kwargs: Any) -> socket.socket:
+        opened.append(args)  # (and never a real one: should the guard break, this fails)
+        raise AssertionError("a socket was opened")
 
-    monkeypatch.setattr(socket, "socket", recording_socket)
+    monkeypatch.setattr(socket, "socket", refusing_socket)
     with pytest.raises(OSError, match=NO_VSOCK_ENV) as info:
         connect(parse_endpoint("vsock://3:1024"))
     assert info.value.errno == errno.EPERM

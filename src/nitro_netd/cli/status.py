@@ -208,9 +208,12 @@ def _busy_poll_line(busy: dict[str, Any]) -> str:
 
 
 def _splice_line(splice: dict[str, Any]) -> str:
-    state = f"while bulk flows <= {splice['limit']}" if splice["enabled"] else "off"
-    stopped = f" ({splice['stopped']} went back to copying)" if splice.get("stopped") else ""
-    return f"{state}; {splice['flows']} flows{stopped}, {splice['bytes']} bytes so far"
+    if splice["enabled"]:
+        state = f"on for a lone download (at most {splice['limit']} bulk flows)"
+    else:
+        state = "off"
+    stopped = f", {splice['stopped']} went back to copying" if splice.get("stopped") else ""
+    return f"{state}; {splice['flows']} flows spliced{stopped}, {splice['bytes']} bytes so far"
 
 
 def render_status(status: dict[str, Any], *, now: float) -> str:
