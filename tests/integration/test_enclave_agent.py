@@ -835,6 +835,29 @@ def test_agent_tap_refusing_the_parents_mtu_drops_larger_frames_and_keeps_the_li
     ]
 
 
+def test_agent_tap_refusing_to_go_back_below_a_parents_larger_mtu_is_warned_about(
+    parent: FakeParent, make_agent: Callable[..., AgentRig], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An agent at 1500 gave its TAP a parent's 9000; the next parent states 1500, ours:
+    a TAP that refuses to go back keeps 9000, larger than the link's, and its larger
+    frames are lost. That must be a warning, not a debug line."""
+    tunsetmtu = FakeMtu()
+    rig = make_agent(reply_wait=30.0, set_mtu=tunsetmtu, mtu=1500)
+    for stated in ("9000", "1500"):
+        with parent.accept() as conn:
+            read_request(conn)
+            conn.sendall(build_connect_reply({HEADER_MTU: stated}))
+            wait_for(lambda: rig.link_ups, "link up")
+            rig.link_ups.clear()
+            tunsetmtu.refuse = True
+    assert tunsetmtu.calls == [9000, 1500]
+    assert rig.agent.mtu == 9000
+    assert mtu_warnings(caplog)[-1] == (
+        "the link's MTU is 1500, the TAP's 9000 (it refused 1500: Invalid argument; larger"
+        " frames from the enclave are dropped)"
+    )
+
+
 def test_agent_tap_keeps_its_own_mtu_when_the_parent_states_an_unusable_one(
     parent: FakeParent, make_agent: Callable[..., AgentRig], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -434,6 +434,11 @@ class Agent:
                 f"the parent's MTU is {stated} and ours (--mtu) {self.config.mtu}: the TAP "
                 f"uses {self.mtu} on links to it{failure}",
             )
+        elif failure:  # back to ours, refused: the TAP keeps a larger MTU than the link's
+            self._tell_mtu(
+                f"refused {link_mtu}",
+                f"the link's MTU is {link_mtu}, the TAP's {self.mtu}{failure}",
+            )
         return link_mtu
 
     def _change_tap_mtu(self, mtu: int) -> str:
@@ -445,9 +450,8 @@ class Agent:
             self._set_mtu(self.tap_fd, mtu)
         except OSError as exc:
             logger.debug("cannot set the TAP's MTU to %d: %s", mtu, _describe(exc))
-            return (
-                f" (it refused {mtu}: {_describe(exc)}; larger frames from the enclave are dropped)"
-            )
+            effect = "larger frames from the enclave are dropped" if mtu < self.mtu else "no harm"
+            return f" (it refused {mtu}: {_describe(exc)}; {effect})"
         logger.info("TAP mtu %d (was %d)", mtu, self.mtu)
         self.mtu = mtu
         return ""
