@@ -108,12 +108,34 @@ def test_a_failing_nitro_cli_is_warned_about_when_it_starts_then_every_10_minute
     assert caplog.messages == [
         "enclave app: nitro-cli exited 1: [ E39 ] failure 0",
         "enclave app: nitro-cli exited 1: [ E39 ] failure 200"
-        " (200 failed polls since the last warning)",
+        " (199 more failed polls since the last warning)",
     ]
     caplog.clear()
     watcher.update(EnclaveInfo("app", 16, "RUNNING"))
     assert watcher.error is None
+    now[0] += FAILURE_WARNING_INTERVAL
     watcher.failed("nitro-cli exited 1: [ E11 ] again")  # failing anew: warned at once
     assert [r.levelno for r in caplog.records] == [logging.INFO, logging.INFO, logging.WARNING]
     assert caplog.messages[0] == "enclave app: nitro-cli works again"
     assert caplog.messages[-1] == "enclave app: nitro-cli exited 1: [ E11 ] again"
+
+
+def test_a_nitro_cli_failing_and_working_by_turns_is_warned_about_once_per_10_minutes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [1000.0]
+    watcher = EnclaveWatcher("app", "/bin/false", clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="nitro_netd.parent.enclave_watch")
+    for _ in range(100):  # every other poll fails: 10 minutes
+        watcher.failed("nitro-cli exited 1: [ E39 ] busy")
+        now[0] += 3
+        watcher.update(EnclaveInfo("app", 16, "RUNNING"))
+        now[0] += 3
+    assert [m for m in caplog.messages if "nitro-cli" in m] == [
+        "enclave app: nitro-cli exited 1: [ E39 ] busy",
+        "enclave app: nitro-cli works again",
+    ]
+    watcher.failed("nitro-cli exited 1: [ E39 ] busy")  # 10 minutes on: warned again
+    assert caplog.messages[-1] == (
+        "enclave app: nitro-cli exited 1: [ E39 ] busy (99 more failed polls since the last warning)"
+    )

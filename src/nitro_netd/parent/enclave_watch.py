@@ -181,6 +181,8 @@ class EnclaveWatcher:
         self._failures = 0
         """Failed polls not yet warned about."""
         self._next_warning = 0.0
+        self._warned = False
+        """The current failure was warned about (so its end is logged)."""
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -217,23 +219,26 @@ class EnclaveWatcher:
 
     def failed(self, error: str) -> None:
         """Take in one failed poll: warn when nitro-cli starts failing, then at most every
-        `FAILURE_WARNING_INTERVAL` seconds."""
+        `FAILURE_WARNING_INTERVAL` seconds (also when it keeps failing and working by
+        turns: each turn is not news)."""
         now = self._clock()
-        starting = self.error is None
         self.error = error
         self._failures += 1
-        if not starting and now < self._next_warning:
+        if now < self._next_warning:
             return
         self._next_warning = now + FAILURE_WARNING_INTERVAL
-        since = "" if starting else f" ({self._failures} failed polls since the last warning)"
+        more = self._failures - 1
+        since = f" ({more} more failed polls since the last warning)" if more else ""
         self._failures = 0
+        self._warned = True
         logger.warning("enclave %s: %s%s", self.name, error, since)
 
     def update(self, found: EnclaveInfo | None) -> None:
         """Take in one poll's result (separate from polling so it can be tested)."""
         if self.error is not None:
-            logger.info("enclave %s: nitro-cli works again", self.name)
-            self.error, self._failures = None, 0
+            if self._warned:  # (a failure not warned about is not news either)
+                logger.info("enclave %s: nitro-cli works again", self.name)
+            self.error, self._warned = None, False
         old, self.current = self.current, found
         if found is not None and (old is None or old.cid != found.cid):
             logger.info(
