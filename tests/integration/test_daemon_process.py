@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -343,4 +344,36 @@ def test_sighup_when_logging_to_stderr_says_there_is_nothing_to_reopen(work: Wor
     finally:
         daemon.kill()
         daemon.wait()
+    assert not work.pidfile.exists()
+
+
+def test_sighup_on_a_terminal_stops_the_daemon_cleanly(work: Workdir) -> None:
+    """A foreground daemon logging to a terminal gets SIGHUP when the terminal hangs up
+    (an SSH session dropped): it stops as for SIGTERM (exit 0, state removed) instead of
+    running on with nowhere to log."""
+    controller, terminal = os.openpty()
+    try:
+        daemon = subprocess.Popen(work.argv(), stderr=terminal)
+    finally:
+        os.close(terminal)
+    output = bytearray()
+
+    def read_until(text: bytes) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while text not in output:
+            assert time.monotonic() < deadline, f"{text!r} not in {bytes(output)!r}"
+            with contextlib.suppress(OSError):  # EIO once the daemon closed the terminal
+                ready, _, _ = select.select([controller], [], [], 0.1)
+                if ready:
+                    output.extend(os.read(controller, 65536))
+
+    try:
+        read_until(b"ready")
+        daemon.send_signal(signal.SIGHUP)
+        read_until(b"SIGHUP: the terminal hung up: stopping")
+        assert daemon.wait(TIMEOUT) == 0
+    finally:
+        daemon.kill()
+        daemon.wait()
+        os.close(controller)
     assert not work.pidfile.exists()

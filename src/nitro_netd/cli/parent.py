@@ -312,8 +312,9 @@ def log_path(args: argparse.Namespace, config: DaemonConfig) -> Path:
 
 def _setup_logging(
     args: argparse.Namespace, config: DaemonConfig, daemonized: bool
-) -> Callable[[], None]:
-    """Log to stderr, or to --log-file in the foreground; return what SIGHUP does.
+) -> Callable[[], None] | None:
+    """Log to stderr, or to --log-file in the foreground; return what SIGHUP does (None:
+    logging to stderr, the daemon's default).
 
     Raises:
         OSError: the log file cannot be opened.
@@ -323,7 +324,7 @@ def _setup_logging(
         path = log_path(args, config)
         return lambda: reopen_log(path, DAEMON_OUTPUT)
     if args.log_file is None:
-        return lambda: reopen_log(None, ())
+        return None  # logging to stderr: the daemon's own SIGHUP handling
     root = logging.getLogger()
     stream = os.fdopen(open_log(args.log_file), "a", encoding="utf-8", errors="backslashreplace")
     handler = logging.StreamHandler(stream)
@@ -376,7 +377,9 @@ def _daemonize(args: argparse.Namespace, config: DaemonConfig) -> Readiness | in
     return fail(PROG, message)
 
 
-def _run(config: DaemonConfig, readiness: Readiness | None, on_sighup: Callable[[], None]) -> int:
+def _run(
+    config: DaemonConfig, readiness: Readiness | None, on_sighup: Callable[[], None] | None
+) -> int:
     try:
         return run(config, readiness, on_sighup)
     except (LifecycleError, OSError) as exc:

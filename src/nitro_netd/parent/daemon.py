@@ -11,8 +11,8 @@ live link and its flows are reset, the control and unix link sockets are removed
 pcap is flushed.
 
 `run()` is the process around it: the pidfile lock (single instance per name), signal
-handlers (SIGTERM/SIGINT stop it cleanly, exit 0; SIGHUP reopens the log, SIGUSR1 logs the
-flows; both are ignored before serving starts and after it ends, when their default action
+handlers (SIGTERM/SIGINT stop it cleanly, exit 0; SIGHUP reopens the log, or stops it
+like SIGTERM when it logs to a terminal that hung up; SIGUSR1 logs the flows; both are ignored before serving starts and after it ends, when their default action
 would kill the daemon without clean-up), readiness reporting to a launching process
 (`--daemonize`) and to systemd (``READY=1``/``STOPPING=1``). ``--exit-with-enclave`` stops
 it the same way once the followed enclave is gone.
@@ -30,6 +30,7 @@ import signal
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -242,7 +243,8 @@ async def serve(
     """Listen and bridge until `stop` is set; call `on_ready` once everything is bound.
 
     While serving, SIGUSR1 logs the flows and SIGHUP calls `on_sighup` (the CLI's
-    `lifecycle.reopen_log`; None: only logged).
+    `lifecycle.reopen_log`; None, logging to stderr: a terminal that hung up stops the
+    daemon, as SIGTERM; otherwise only logged).
 
     Raises:
         OSError: a listener cannot be opened (message names it); nothing stays open.
@@ -251,7 +253,7 @@ async def serve(
     await daemon.start()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGUSR1, _log_flows, daemon)
-    loop.add_signal_handler(signal.SIGHUP, on_sighup or _sighup_not_handled)
+    loop.add_signal_handler(signal.SIGHUP, on_sighup or partial(_sighup_on_stderr, stop))
     try:
         if on_ready is not None:
             on_ready()
@@ -271,8 +273,21 @@ def _ignore_signal(signum: int, frame: object) -> None:
     """A signal that is not acted on now (reset to the default in programs we run)."""
 
 
-def _sighup_not_handled() -> None:
-    logger.info("SIGHUP: no log file to reopen here")
+def _sighup_on_stderr(stop: asyncio.Event) -> None:
+    """SIGHUP while logging to stderr: on a terminal, it hung up (the session that
+    started a foreground daemon ended): stop cleanly; otherwise there is nothing to do."""
+    if _stderr_is_a_terminal():
+        logger.info("SIGHUP: the terminal hung up: stopping")
+        stop.set()
+    else:
+        logger.info("SIGHUP: logging to stderr, nothing to reopen")
+
+
+def _stderr_is_a_terminal() -> bool:
+    try:
+        return os.isatty(2)
+    except OSError:
+        return False
 
 
 def _log_flows(daemon: Daemon) -> None:

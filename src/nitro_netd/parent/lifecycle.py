@@ -289,22 +289,19 @@ def redirect(fd: int, targets: Sequence[int]) -> None:
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
     try:
-        for target in targets:
-            os.dup2(fd, target)
+        for target in targets:  # (a log handler's own descriptor stays close-on-exec)
+            os.dup2(fd, target, inheritable=target <= 2)
     finally:
         if fd not in targets:
             os.close(fd)
 
 
-def reopen_log(path: Path | None, targets: Sequence[int]) -> None:
+def reopen_log(path: Path, targets: Sequence[int]) -> None:
     """SIGHUP: open the log file `path` again and redirect `targets` to it (logrotate
-    renamed the old one); with no log file (logging to stderr) just say so.
+    renamed the old one).
 
     Never raises: a log that cannot be reopened is logged (to the old file) and kept.
     """
-    if path is None:
-        logger.info("SIGHUP: logging to stderr, nothing to reopen")
-        return
     try:
         redirect(open_log(path), targets)
     except OSError as exc:
