@@ -152,8 +152,8 @@ def test_a_later_deadline_keeps_the_armed_timer_an_earlier_one_replaces_it(facto
         while len(bridge.timer_runs) < 2:
             assert time.monotonic() < deadline, "the kept timer ran early and never again"
             await asyncio.sleep(0.0005)
-        assert bridge.timer_runs[0] >= now + 0.001
-        assert bridge.timer_runs[1] >= later
+        assert bridge.timer_runs[0] >= now + 0.001 - 1e-9  # (uvloop: whole milliseconds)
+        assert bridge.timer_runs[1] >= later - 1e-9
         assert bridge._timer is None  # then nothing was due: nothing re-armed
 
     run(factory, body)
