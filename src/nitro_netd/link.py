@@ -61,6 +61,7 @@ larger than the MTU, up to the framing's limit, in both directions. The agent le
 hand it such super-segments and has the enclave's kernel take the daemon's as GSO packets,
 whose segments are at most the MTU."""
 
+
 _LE16: Final = struct.Struct("<H")
 _BE32: Final = struct.Struct(">I")
 
@@ -90,6 +91,14 @@ class LinkProtocol(enum.Enum):
 
 class LinkError(Exception):
     """The peer broke the link protocol; the link must be closed."""
+
+
+def parse_mtu(text: str) -> int | None:
+    """Return the MTU `text` gives (ASCII digits, `MIN_MTU`..`MAX_MTU`), or None."""
+    value = text.strip()
+    if not (value.isascii() and value.isdigit()) or not MIN_MTU <= int(value) <= MAX_MTU:
+        return None
+    return int(value)
 
 
 def pack_length(

@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import Final
 
-from nitro_netd.link import MAX_MTU, MIN_MTU
+from nitro_netd.link import MAX_MTU, MIN_MTU, parse_mtu
 
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
@@ -21,13 +21,13 @@ def mtu_argument(text: str) -> int:
     Raises:
         argparse.ArgumentTypeError: anything else, with the one message all commands give.
     """
-    value = text.strip()
-    if not (value.isascii() and value.isdigit()) or not MIN_MTU <= int(value) <= MAX_MTU:
+    mtu = parse_mtu(text)
+    if mtu is None:
         raise argparse.ArgumentTypeError(
             f"invalid MTU {text!r}: give a whole number from {MIN_MTU} to {MAX_MTU} "
             "(MTU + 14 must fit the link's 2-byte frame length)"
         )
-    return int(value)
+    return mtu
 
 
 def setup_logging(prog: str, level: str) -> None:

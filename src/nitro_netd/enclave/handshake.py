@@ -45,6 +45,7 @@ from nitro_netd.link import (
     build_connect_request,
     check_connect_reply,
     format_offloads,
+    parse_mtu,
     parse_offloads,
 )
 
@@ -90,10 +91,12 @@ def stated_mtu(reply: HttpHead | None) -> int | None:
     text = reply.get(HEADER_MTU) if reply is not None else None
     if text is None:
         return None
-    value = text.strip()
-    if not value.isdigit() or not MIN_MTU <= int(value) <= MAX_MTU:
-        raise LinkError(f"the parent states MTU {value[:20]!r}, outside {MIN_MTU}..{MAX_MTU}")
-    return int(value)
+    mtu = parse_mtu(text)
+    if mtu is None:
+        raise LinkError(
+            f"the parent states MTU {text.strip()[:20]!r}, outside {MIN_MTU}..{MAX_MTU}"
+        )
+    return mtu
 
 
 class PeerKind(enum.Enum):
