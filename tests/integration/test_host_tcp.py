@@ -23,7 +23,7 @@ from nitro_netd.netstack.events import (
     TcpWriteUnblocked,
 )
 from nitro_netd.netstack.spans import HostSlice, HostSpan
-from nitro_netd.parent.host_tcp import HIGH_WATER, STOP_AFTER, HostTcp
+from nitro_netd.parent.host_tcp import HIGH_WATER, SPLICE_AFTER, STOP_AFTER, HostTcp
 from nitro_netd.parent.splice import SpliceBuffer
 
 LOOPBACK = IPv4Address("127.0.0.1")
@@ -182,6 +182,8 @@ class FlowStreams:
         self.done = 0
         self.got: dict[int, bytearray] = {}
         self.kinds: dict[int, list[str]] = {}
+        self.last_span: dict[int, tuple[SpliceBuffer, int, int]] = {}
+        """Each flow's latest span: its buffer, stream position and length."""
         self._sink_r, self._sink_w = os.pipe()
 
     def take(self) -> None:
@@ -191,6 +193,7 @@ class FlowStreams:
                 kinds = self.kinds.setdefault(event.flow, [])
                 if isinstance(event.data, HostSpan):
                     n = len(event.data)
+                    self.last_span[event.flow] = (event.data.source, len(got), n)
                     got += take_out(event.data.source, len(got), n, self._sink_r, self._sink_w)
                     kinds.append("span")
                 else:
@@ -366,3 +369,70 @@ async def test_a_splicing_flow_stays_bulk_on_small_reads_a_copying_one_does_not(
     side.close_all()
     for sock in (server, peer_a, peer_b):
         sock.close()
+
+
+async def test_a_stopped_flows_pipes_close_once_they_hold_nothing() -> None:
+    """The stack says `TcpRelease` once, when the enclave has acknowledged every span:
+    told while the flow still splices, the buffer is closed when the flow stops; told
+    while a frame of it is still queued in the link writer, once that frame went."""
+    loop = asyncio.get_running_loop()
+    clock = FakeClock()
+    server, side, events, peer_a, streams = await splicing_side(clock)
+    side.execute(TcpRelease(1, len(streams.got[1])))  # all acknowledged, still splicing
+    assert list(side.splice_buffers) == [1]
+    peer_b = await second_flow(side, server, events)
+    await send_in_rounds(peer_b, streams, 2, STOP_AFTER + (600 << 10))
+    await loop.sock_sendall(peer_a, bytes(1000))  # its next read: it stops...
+    await streams.until(1, (2 << 20) + 1000)
+    assert side.splice_stops == 1
+    assert side.splice_buffers == {}  # ...and holds nothing: closed at once
+    streams.close()
+    side.close_all()
+    for sock in (server, peer_a, peer_b):
+        sock.close()
+
+
+async def test_a_stopped_flows_pipes_outlive_a_queued_resend_then_close() -> None:
+    clock = FakeClock()
+    server, side, events, peer_a, streams = await splicing_side(clock)
+    peer_b = await second_flow(side, server, events)
+    await send_in_rounds(peer_b, streams, 2, STOP_AFTER + (600 << 10))
+    await send_in_rounds(peer_a, streams, 1, 600 << 10)  # it stops, copying from here
+    assert side.splice_stops == 1
+    buffer, position, n = streams.last_span[1]
+    buffer.queued_slices += 1  # a resend of its last span, queued in the link writer
+    side.execute(TcpRelease(1, position + n))
+    assert side.splice_buffers == {1: buffer}  # the queued frame may still need it
+    prepared = buffer.prepare(HostSlice(buffer, position, n, position))
+    assert prepared is not None
+    assert prepared[1] == 0  # (all of it sent before: served from the kept pipes)
+    await asyncio.sleep(0)  # (closed just after the writer's prepare, not inside it)
+    assert side.splice_buffers == {}
+    assert buffer.closed
+    streams.close()
+    side.close_all()
+    for sock in (server, peer_a, peer_b):
+        sock.close()
+
+
+async def test_settled_bulk_flows_are_counted_until_they_end_or_go_idle() -> None:
+    """`settled` counts the bulk flows that read `STOP_AFTER`: a leak would stop every
+    later lone download's splicing beside any short fetch."""
+    loop = asyncio.get_running_loop()
+    side = HostTcp(loop, Events().post)
+    clock = FakeClock()
+    side.clock = clock
+    side.note_read(1, STOP_AFTER, splicing=False)
+    side.note_read(2, SPLICE_AFTER, splicing=False)
+    assert (side.bulk_flows(), side.settled) == (2, 1)
+    side.forget_bulk(1)  # end of stream or closed
+    side.forget_bulk(1)
+    assert (side.bulk_flows(), side.settled) == (1, 0)
+    side.note_read(2, STOP_AFTER, splicing=False)
+    side.note_read(3, STOP_AFTER, splicing=False)
+    assert side.settled == 2
+    clock.now += side.splice_idle + 0.1  # both idle
+    assert (side.bulk_flows(), side.settled) == (0, 0)
+    side.note_read(4, STOP_AFTER, splicing=False)
+    side.close_all()
+    assert (side.bulk_flows(), side.settled) == (0, 0)

@@ -145,6 +145,16 @@ class SpliceBuffer:
         """Where `release` asked to let go up to while frames were queued."""
         self.on_refused: Callable[[DropReason], None] | None = None
         """A slice could not be served (the flow ended, or a bug): its frame is dropped."""
+        self.on_drained: Callable[[], None] | None = None
+        """Called when the last queued frame was prepared (and a release waiting for it
+        done): an owner waiting for `holds_nothing` looks again."""
+
+    @property
+    def holds_nothing(self) -> bool:
+        """Every byte read was let go and no queued frame needs the buffer."""
+        return (
+            not self.queued_slices and self._release_wanted < 0 and self.store_pos >= self.read_pos
+        )
 
     @property
     def store_end(self) -> int:
@@ -219,6 +229,8 @@ class SpliceBuffer:
         except OSError as exc:
             self._break(exc)
             return None
+        if not self.queued_slices and self.on_drained is not None:
+            self.on_drained()
         return old, fresh
 
     def release(self, upto: int) -> None:
