@@ -96,7 +96,9 @@ class LinkError(Exception):
 def parse_mtu(text: str) -> int | None:
     """Return the MTU `text` gives (ASCII digits, `MIN_MTU`..`MAX_MTU`), or None."""
     value = text.strip()
-    if not (value.isascii() and value.isdigit()) or not MIN_MTU <= int(value) <= MAX_MTU:
+    if len(value) > 5 or not (value.isascii() and value.isdigit()):
+        return None  # (int() of thousands of digits would raise: the text is the peer's)
+    if not MIN_MTU <= int(value) <= MAX_MTU:
         return None
     return int(value)
 

@@ -331,8 +331,13 @@ def test_handshake_stated_mtu_without_a_reply_is_none() -> None:
     assert stated_mtu(None) is None
 
 
-@pytest.mark.parametrize("value", ["575", "65522", "1500.0", "-1500", "big", ""])
+@pytest.mark.parametrize(
+    "value", ["575", "65522", "1500.0", "-1500", "big", "", "\u0661\u0665\u0660\u0660", "9" * 5000]
+)
 def test_handshake_stated_mtu_the_link_cannot_carry_is_a_link_error(value: str) -> None:
+    """Anything else is a `LinkError` (the agent then keeps its own MTU): also non-ASCII
+    digits, and thousands of digits, which `int()` refuses with a ValueError that would
+    have ended the agent."""
     reply = HttpHead("HTTP/1.1 200 OK", {"nitro-netd-mtu": value})
     with pytest.raises(LinkError, match=r"outside 576\.\.65521"):
         stated_mtu(reply)
