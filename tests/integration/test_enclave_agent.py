@@ -858,6 +858,27 @@ def test_agent_tap_refusing_to_go_back_below_a_parents_larger_mtu_is_warned_abou
     )
 
 
+def test_agent_tap_refusing_an_mtu_it_took_before_is_warned_about_again(
+    parent: FakeParent, make_agent: Callable[..., AgentRig], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Warnings are once per message, not per stated MTU: a parent's 4000, taken, then
+    refused after another parent's 9000 (its larger frames now lost), is news."""
+    tunsetmtu = FakeMtu()
+    rig = make_agent(reply_wait=30.0, set_mtu=tunsetmtu, mtu=1500)
+    for stated in ("4000", "9000", "4000"):
+        with parent.accept() as conn:
+            read_request(conn)
+            conn.sendall(build_connect_reply({HEADER_MTU: stated}))
+            wait_for(lambda: rig.link_ups, "link up")
+            rig.link_ups.clear()
+            tunsetmtu.refuse = stated == "9000"  # (from the third link on)
+    assert tunsetmtu.calls == [4000, 9000, 4000]
+    assert mtu_warnings(caplog)[-1] == (
+        "the parent's MTU is 4000 and ours (--mtu) 1500: the TAP uses 9000 on links to it"
+        " (it refused 4000: Invalid argument; larger frames from the enclave are dropped)"
+    )
+
+
 def test_agent_tap_keeps_its_own_mtu_when_the_parent_states_an_unusable_one(
     parent: FakeParent, make_agent: Callable[..., AgentRig], caplog: pytest.LogCaptureFixture
 ) -> None:

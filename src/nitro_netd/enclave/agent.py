@@ -427,17 +427,16 @@ class Agent:
         link_mtu = self.config.mtu if stated is None else stated
         failure = self._change_tap_mtu(link_mtu)
         if unusable is not None:
-            self._tell_mtu(unusable, f"{unusable}: the TAP uses ours, {self.mtu}{failure}")
+            self._tell_mtu(f"{unusable}: the TAP uses ours, {self.mtu}{failure}")
         elif stated is not None and stated != self.config.mtu:
             self._tell_mtu(
-                str(stated),
                 f"the parent's MTU is {stated} and ours (--mtu) {self.config.mtu}: the TAP "
-                f"uses {self.mtu} on links to it{failure}",
+                f"uses {self.mtu} on links to it{failure}"
             )
-        elif failure:  # back to ours, refused: the TAP keeps a larger MTU than the link's
+        elif failure:  # back to ours, refused
             self._tell_mtu(
-                f"refused {link_mtu}",
                 f"the link's MTU is {link_mtu}, the TAP's {self.mtu}{failure}",
+                harmless=self.mtu < link_mtu,
             )
         return link_mtu
 
@@ -456,10 +455,14 @@ class Agent:
         self.mtu = mtu
         return ""
 
-    def _tell_mtu(self, key: str, message: str) -> None:
-        """Warn about a parent's MTU once per distinct stated value (`key`); debug after."""
-        level = logging.DEBUG if key in self._mtus_told else logging.WARNING
-        self._mtus_told.add(key)
+    def _tell_mtu(self, message: str, *, harmless: bool = False) -> None:
+        """Warn about a link's MTU (log a `harmless` case) once per distinct message (a
+        parent's MTU, and whether the TAP took it); debug after."""
+        if message in self._mtus_told:
+            level = logging.DEBUG
+        else:
+            level = logging.INFO if harmless else logging.WARNING
+        self._mtus_told.add(message)
         logger.log(level, "%s", message)
 
     def _describe_offload(self, result: HandshakeResult) -> str:
