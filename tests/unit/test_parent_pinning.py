@@ -8,6 +8,7 @@ import pytest
 
 from nitro_netd.parent.enclave_watch import (
     FAILURE_WARNING_INTERVAL,
+    WORKED_FOR,
     EnclaveInfo,
     EnclaveWatcher,
     NitroCliError,
@@ -113,7 +114,7 @@ def test_a_failing_nitro_cli_is_warned_about_when_it_starts_then_every_10_minute
     caplog.clear()
     watcher.update(EnclaveInfo("app", 16, "RUNNING"))
     assert watcher.error is None
-    now[0] += FAILURE_WARNING_INTERVAL
+    now[0] += WORKED_FOR
     watcher.failed("nitro-cli exited 1: [ E11 ] again")  # failing anew: warned at once
     assert [r.levelno for r in caplog.records] == [logging.INFO, logging.INFO, logging.WARNING]
     assert caplog.messages[0] == "enclave app: nitro-cli works again"

@@ -26,6 +26,7 @@ import contextlib
 import enum
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable
@@ -39,6 +40,8 @@ CLI_TIMEOUT: Final = 10.0
 RUNNING: Final = "RUNNING"
 FAILURE_WARNING_INTERVAL: Final = 600.0
 """Seconds between two warnings that nitro-cli keeps failing."""
+WORKED_FOR: Final = 60.0
+"""A failure after nitro-cli worked this long is news: warned about at once."""
 _ERROR_CODE_LINE: Final = re.compile(r"^\[\s*E\d+\s*\]")
 """nitro-cli's error lines: ``[ E39 ] Enclave process connection failure. ...``."""
 
@@ -183,6 +186,7 @@ class EnclaveWatcher:
         self._next_warning = 0.0
         self._warned = False
         """The current failure was warned about (so its end is logged)."""
+        self._last_failure = -math.inf
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -218,13 +222,16 @@ class EnclaveWatcher:
         self.update(find_running(enclaves, self.name))
 
     def failed(self, error: str) -> None:
-        """Take in one failed poll: warn when nitro-cli starts failing, then at most every
-        `FAILURE_WARNING_INTERVAL` seconds (also when it keeps failing and working by
-        turns: each turn is not news)."""
+        """Take in one failed poll: warn when nitro-cli starts failing after working for
+        `WORKED_FOR` seconds, and otherwise at most every `FAILURE_WARNING_INTERVAL`
+        seconds (a nitro-cli failing and working by turns is one story, not news at every
+        turn)."""
         now = self._clock()
+        news = self.error is None and now - self._last_failure >= WORKED_FOR
         self.error = error
         self._failures += 1
-        if now < self._next_warning:
+        self._last_failure = now
+        if now < self._next_warning and not news:
             return
         self._next_warning = now + FAILURE_WARNING_INTERVAL
         more = self._failures - 1
