@@ -253,7 +253,10 @@ async def serve(
     await daemon.start()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGUSR1, _log_flows, daemon)
-    loop.add_signal_handler(signal.SIGHUP, on_sighup or partial(_sighup_on_stderr, stop))
+    on_terminal = _stderr_is_a_terminal()  # (not once it hung up: isatty then fails)
+    loop.add_signal_handler(
+        signal.SIGHUP, on_sighup or partial(_sighup_on_stderr, stop, on_terminal=on_terminal)
+    )
     try:
         if on_ready is not None:
             on_ready()
@@ -273,10 +276,10 @@ def _ignore_signal(signum: int, frame: object) -> None:
     """A signal that is not acted on now (reset to the default in programs we run)."""
 
 
-def _sighup_on_stderr(stop: asyncio.Event) -> None:
+def _sighup_on_stderr(stop: asyncio.Event, *, on_terminal: bool) -> None:
     """SIGHUP while logging to stderr: on a terminal, it hung up (the session that
     started a foreground daemon ended): stop cleanly; otherwise there is nothing to do."""
-    if _stderr_is_a_terminal():
+    if on_terminal:
         logger.info("SIGHUP: the terminal hung up: stopping")
         stop.set()
     else:
