@@ -28,13 +28,14 @@ One non-blocking socket per flow, driven by `loop.add_reader` / `add_writer` cal
   A splicing flow that finds more than that, the others having read `STOP_AFTER` bytes as
   bulk (a short fetch beside it does not count), goes back to copying for good
   (`splice_stops`); its spans already queued stay ahead of the copied bytes and its
-  buffer serves them until acknowledged (then it is closed, `close_if_released`). Otherwise the
-  buffer outlives the socket until the stack closes the flow (`TcpClose`): a failed host
-  socket's last bytes still go out. `bulk` is kept in the order of the flows' last reads,
-  so forgetting idle ones costs nothing per read. Measured: one spliced stream costs the daemon a fifth less CPU per byte at the
-  same speed; with eight bulk streams, one splicing among seven copying cost the sum 5 %
-  and eight splicing 10-15 % (the pages they pin until acknowledged go cold in the
-  agent's copy). Where no pipes can be had a flow keeps copying.
+  buffer serves them until acknowledged, then it is closed (`close_if_released`).
+  Otherwise the buffer outlives the socket until the stack closes the flow (`TcpClose`):
+  a failed host socket's last bytes still go out. `bulk` is kept in the order of the
+  flows' last reads, so forgetting idle ones costs nothing per read. Measured: one
+  spliced stream costs the daemon a fifth less CPU per byte at the same speed; with eight
+  bulk streams, one splicing among seven copying cost the sum 5 % and eight splicing
+  10-15 % (the pages they pin until acknowledged go cold in the agent's copy). Where no
+  pipes can be had a flow keeps copying.
 
 Events caused by a command are posted with `call_soon`, never from inside `execute()`,
 so the stack is never re-entered while the bridge is draining it.
