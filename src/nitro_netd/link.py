@@ -98,9 +98,8 @@ def parse_mtu(text: str) -> int | None:
     value = text.strip()
     if len(value) > 5 or not (value.isascii() and value.isdigit()):
         return None  # (int() of thousands of digits would raise: the text is the peer's)
-    if not MIN_MTU <= int(value) <= MAX_MTU:
-        return None
-    return int(value)
+    mtu = int(value)
+    return mtu if MIN_MTU <= mtu <= MAX_MTU else None
 
 
 def pack_length(

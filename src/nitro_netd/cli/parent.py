@@ -31,7 +31,7 @@ from nitro_netd.parent.lifecycle import (
     open_log,
     remove_new_log,
     reopen_log,
-    running_as_root,
+    state_dir_advice,
 )
 from nitro_netd.parent.metrics import parse_metrics_listen
 from nitro_netd.parent.pcap import DEFAULT_MAX_BYTES as DEFAULT_PCAP_MAX_BYTES
@@ -397,8 +397,7 @@ def _describe_os_error(exc: OSError) -> str:
         return str(exc.strerror or exc)
     message = f"{exc.filename}: {exc.strerror or exc}"
     if isinstance(exc, PermissionError):
-        root = "" if running_as_root() else "run as root, or "
-        message += f" ({root}pass --state-dir DIR to a directory you may write)"
+        message += state_dir_advice()
     return message
 
 

@@ -162,7 +162,7 @@ class Agent:
         self._set_offload = set_offload
         self._set_mtu = set_mtu
         self._mtus_told: set[str] = set()
-        """MTUs stated by parents that the operator was warned about (once each)."""
+        """MTU messages the operator was told (each once; `_tell_mtu`)."""
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._last_failure = ""
         self._quiet = False
@@ -416,8 +416,9 @@ class Agent:
         framing) or an unusable one. A frame larger than the daemon's MTU would make it
         close the link, and the agent reconnect, for ever. If the TAP refuses the MTU, the
         pump still reads at most the link's MTU from it: a larger frame is dropped there
-        and counted, and the link stays up. One warning per distinct stated MTU that
-        differs from ours says what the TAP really uses.
+        and counted, and the link stays up. A stated MTU that differs from ours, an
+        unusable one, or a refusal is logged once per distinct message (`_tell_mtu`),
+        saying what the TAP really uses.
         """
         try:
             stated = stated_mtu(result.reply)

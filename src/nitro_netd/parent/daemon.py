@@ -12,8 +12,9 @@ pcap is flushed.
 
 `run()` is the process around it: the pidfile lock (single instance per name), signal
 handlers (SIGTERM/SIGINT stop it cleanly, exit 0; SIGHUP reopens the log, or stops it
-like SIGTERM when it logs to a terminal that hung up; SIGUSR1 logs the flows; both are ignored before serving starts and after it ends, when their default action
-would kill the daemon without clean-up), readiness reporting to a launching process
+like SIGTERM when it logs to a terminal that hung up; SIGUSR1 logs the flows; both are
+ignored before serving starts and after it ends, when their default action would kill the
+daemon without clean-up), readiness reporting to a launching process
 (`--daemonize`) and to systemd (``READY=1``/``STOPPING=1``). ``--exit-with-enclave`` stops
 it the same way once the followed enclave is gone.
 """

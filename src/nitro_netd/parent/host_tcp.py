@@ -553,13 +553,18 @@ class HostTcp:
 
     def bulk_flows(self) -> int:
         """How many flows are bulk now (forgetting those gone idle)."""
+        self._forget_idle_bulk()
+        return len(self.bulk)
+
+    def _forget_idle_bulk(self) -> None:
+        """Forget the flows that read nothing for `splice_idle` (oldest first: `bulk` is
+        in order of last read); each is bulk again at its next large read."""
         since = self.clock() - self.splice_idle
         while self.bulk:
             flow, reads = next(iter(self.bulk.items()))
             if reads.last >= since:
                 break
-            self.forget_bulk(flow)  # (bulk again at its next large read)
-        return len(self.bulk)
+            self.forget_bulk(flow)
 
     def may_splice(self) -> bool:
         """Whether a bulk flow that just read may begin splicing."""
@@ -570,7 +575,7 @@ class HostTcp:
         are bulk, the others settled (a short fetch beside a download does not count)."""
         if len(self.bulk) <= self.splice_limit:
             return False
-        self.bulk_flows()
+        self._forget_idle_bulk()
         reads = self.bulk.get(flow)
         others = self.settled - (reads is not None and reads.bytes >= STOP_AFTER)
         return others + 1 > self.splice_limit

@@ -110,6 +110,12 @@ def running_as_root() -> bool:
     return os.geteuid() == 0
 
 
+def state_dir_advice() -> str:
+    """What to do about state that may not be written (no "run as root" to root)."""
+    root = "" if running_as_root() else "run as root, or "
+    return f" ({root}pass --state-dir DIR to a directory you may write)"
+
+
 def create_state_dir(directory: Path) -> None:
     """Create a state directory (and its parents) if missing.
 
@@ -119,11 +125,7 @@ def create_state_dir(directory: Path) -> None:
     try:
         directory.mkdir(mode=0o755, parents=True, exist_ok=True)
     except OSError as exc:
-        hint = ""
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            hint = " (pass --state-dir DIR to a directory you may write)"
-            if not running_as_root():
-                hint = " (run as root, or pass --state-dir DIR to a directory you may write)"
+        hint = state_dir_advice() if exc.errno in (errno.EACCES, errno.EPERM) else ""
         raise LifecycleError(
             f"cannot create state directory {directory}: {exc.strerror or exc}{hint}"
         ) from exc
