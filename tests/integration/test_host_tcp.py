@@ -105,6 +105,40 @@ async def test_host_tcp_connect_refused_becomes_tcp_failed_econnrefused() -> Non
     assert side.flows == {}
 
 
+async def test_host_tcp_connect_done_inside_connect_is_not_waited_for() -> None:
+    """A peer on this machine (the parent's loopback) is connected by the time connect()
+    returns: the flow is told at the next loop turn, with no writability watch and no
+    timeout timer armed (a connection's set-up cost: crr through the bridge)."""
+    loop = asyncio.get_running_loop()
+    server = socket.create_server(("127.0.0.1", 0))
+    events = Events()
+    side = HostTcp(loop, events.post)
+    side.execute(TcpConnect(3, LOOPBACK, server.getsockname()[1], 5.0))
+    flow = side.flows[3]
+    assert (flow.writing, flow.timer, events.all) == (False, None, [])
+    assert await events.wait_for(TcpConnected) == TcpConnected(3)
+    assert flow.reading
+    side.execute(TcpClose(3, reset=True))
+    server.close()
+
+
+async def test_host_tcp_flow_closed_before_its_connect_is_told_stays_silent() -> None:
+    loop = asyncio.get_running_loop()
+    server = socket.create_server(("127.0.0.1", 0))
+    events = Events()
+    side = HostTcp(loop, events.post)
+    side.execute(TcpConnect(4, LOOPBACK, server.getsockname()[1], 5.0))
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    side.execute(TcpClose(4, reset=True))  # the enclave reset it in the same batch
+    for _ in range(3):
+        await asyncio.sleep(0)  # loop turns (not time): the connect's callback ran
+    loop.set_exception_handler(None)
+    assert (events.all, errors) == ([], [])
+    assert side.flows == {}
+    server.close()
+
+
 async def test_host_sockets_probe_a_silent_peer_with_keepalives() -> None:
     """Without keepalive a world peer that vanished held its flow, socket and the
     enclave's connection for ever; each host socket now fails about two minutes after

@@ -36,7 +36,7 @@ from nitro_netd.netstack import (
 )
 from nitro_netd.netstack.output import TSO_MAX_PAYLOAD
 from nitro_netd.netstack.spans import HostSpan
-from nitro_netd.netstack.tcp.connection import TcpConnection
+from nitro_netd.netstack.tcp.connection import ACK_DELAY, TcpConnection
 from nitro_netd.netstack.tcp.seq import seq_add, seq_diff, seq_le
 from tests.support.tcp_peer import FakeHost, Segment, TcpPeer
 
@@ -141,17 +141,43 @@ def test_tcp_ipv4_enclave_fin_first_then_host_eof_closes_gracefully() -> None:
     flow = peer.establish(host)
     peer.send(ACK | TcpFlags.FIN)
     assert TcpShutdown(flow) in host.take(stack)
-    [(ack, _)] = peer.receive()
-    assert ack.ack == peer.snd_nxt
-    stack.handle_host_event(TcpData(flow, b"bye"), now=1.0)
-    stack.handle_host_event(TcpEof(flow), now=1.0)
+    assert peer.receive() == []  # the FIN's ACK waits for our FIN to ride on
+    stack.handle_host_event(TcpData(flow, b"bye"), now=1.0002)
+    stack.handle_host_event(TcpEof(flow), now=1.0002)
     segments = peer.receive()
     assert segments[-1][0].flags & TcpFlags.FIN
+    assert all(s.ack == peer.snd_nxt and (data or s.flags & TcpFlags.FIN) for s, data in segments)
     peer.accept(segments)
     assert peer.received == b"bye"
     peer.send(ACK)
     assert TcpClose(flow, reset=False) in host.take(stack)
     assert stack.tcp.flows == {}
+
+
+def test_tcp_ipv4_enclave_fin_is_acked_after_the_delay_while_the_host_stays_open() -> None:
+    stack, peer, host = make()
+    flow = peer.establish(host)
+    peer.send(ACK | TcpFlags.FIN, now=1.0)
+    assert TcpShutdown(flow) in host.take(stack)
+    assert peer.receive() == []
+    deadline = stack.get_timer()
+    assert deadline is not None
+    assert deadline <= 1.0 + ACK_DELAY
+    stack.handle_timer(now=deadline)
+    [(ack, _)] = peer.receive()
+    assert (ack.flags, ack.ack) == (ACK, peer.snd_nxt)
+    stack.handle_host_event(TcpData(flow, b"more"), now=2.0)  # the host may still talk
+    [(segment, data)] = peer.receive()
+    assert (data, segment.ack) == (b"more", peer.snd_nxt)
+
+
+def test_tcp_ipv4_enclave_fin_sent_again_is_acked_at_once() -> None:
+    _, peer, host = make()
+    peer.establish(host)
+    peer.send(ACK | TcpFlags.FIN)
+    peer.send(ACK | TcpFlags.FIN, seq=seq_add(peer.snd_nxt, -1))  # its FIN, again
+    [(ack, _)] = peer.receive()
+    assert ack.ack == peer.snd_nxt
 
 
 def test_tcp_ipv4_host_eof_first_keeps_enclave_direction_open() -> None:

@@ -6,7 +6,9 @@ One non-blocking socket per flow, driven by `loop.add_reader` / `add_writer` cal
 (no task per flow, no stream objects: a flow costs a socket and a small object).
 
 * connect: `connect_ex`, then wait for writability or the flow's timeout; the outcome is
-  `TcpConnected` or `TcpFailed(errno)`.
+  `TcpConnected` or `TcpFailed(errno)`. A peer on this machine (the parent's loopback)
+  is usually connected, or refused, inside `connect_ex` already: a zero-timeout poll sees
+  it and the outcome is posted at the next loop turn, with no watch or timer to set up.
 * enclave -> host: `TcpSend` chunks are written at once where the kernel takes them (one
   ``sendmsg``, straight from the enclave's frames: they are views valid only during this
   flush); the rest is copied into the flow's `pending` buffer until the socket is
@@ -47,6 +49,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import select
 import socket
 import struct
 from collections.abc import Callable
@@ -139,13 +142,21 @@ class HostTcpFlow:
 
     def start_connect(self, address: str, port: int, timeout: float) -> None:
         err = self.sock.connect_ex((address, port))
-        if err in (0, errno.EINPROGRESS):
+        if err not in (0, errno.EINPROGRESS):
+            self.owner.post_soon(TcpFailed(self.flow, err))
+            self.abort()
+        elif _connect_ended(self.fd):
+            # A peer on this machine (the parent's loopback, a local namespace): the kernel
+            # ran the whole handshake inside connect(), so the outcome is known already.
+            self.owner.loop.call_soon(self._on_connect_ended_at_once)
+        else:
             self.owner.loop.add_writer(self.fd, self._on_connect_ready)
             self.writing = True
             self.timer = self.owner.loop.call_later(timeout, self._on_connect_timeout)
-        else:
-            self.owner.post_soon(TcpFailed(self.flow, err))
-            self.abort()
+
+    def _on_connect_ended_at_once(self) -> None:
+        if not self.closed:  # (the stack may have closed the flow in the meantime)
+            self._on_connect_ready()
 
     def _on_connect_ready(self) -> None:
         self._stop_writing()
@@ -595,6 +606,13 @@ class HostTcp:
         self.splice_buffers.clear()
         self.bulk.clear()
         self.settled = 0
+
+
+def _connect_ended(fd: int) -> bool:
+    """True when a non-blocking connect on `fd` has already succeeded or failed."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return bool(poller.poll(0))
 
 
 def tune_host_socket(sock: socket.socket) -> None:

@@ -10,8 +10,9 @@ its TAP queue overflows). Per flow we track:
 * the enclave's sending side: `rcv_nxt` (next byte we expect) and the right edge of the
   window we advertised. Bytes at `rcv_nxt` are collected and, at the end of the batch
   (`flush_ack`), handed to the host as one `TcpSend` and acknowledged once; when only a
-  small segment came in, the ACK waits up to `ACK_DELAY` so a reply can carry it (a
-  delayed ACK; duplicates, FINs, probes and window updates are answered at once).
+  small segment or a FIN came in, the ACK waits up to `ACK_DELAY` so a reply (or our own
+  FIN, as the host side closes in turn) can carry it (a delayed ACK; duplicates, probes
+  and window updates are answered at once).
   The window is `tcp_buffer` bytes;
   when the shell says its host socket is backed up (`TcpWriteBlocked`) the right edge
   stops moving, so the advertised window shrinks to zero as bytes arrive — a slow world
@@ -413,7 +414,10 @@ class TcpConnection:
             self._send_ack()  # a gap: ask again for rcv_nxt
             return
         new = payload[offset:] if offset < len(payload) else payload[:0]
-        self._owe_ack(now_please=not new or fin)
+        # A new FIN's ACK may wait like a small segment's: the host side's close usually
+        # follows within `ACK_DELAY`, and our FIN then carries it (a frame fewer per
+        # connection). Only a segment with nothing new (a duplicate) is answered at once.
+        self._owe_ack(now_please=not new and not fin)
         room = seq_diff(self._right_edge(), self.rcv_nxt)
         if len(new) > room:
             self.output.stats.count_drop(DropReason.OUT_OF_WINDOW)
