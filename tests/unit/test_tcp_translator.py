@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import random
 from ipaddress import IPv4Address
@@ -178,6 +179,15 @@ def test_tcp_ipv4_enclave_fin_sent_again_is_acked_at_once() -> None:
     peer.send(ACK | TcpFlags.FIN, seq=seq_add(peer.snd_nxt, -1))  # its FIN, again
     [(ack, _)] = peer.receive()
     assert ack.ack == peer.snd_nxt
+
+
+def test_tcp_ipv4_flow_log_lines_name_the_flow(caplog: pytest.LogCaptureFixture) -> None:
+    _, peer, host = make()
+    peer.establish(host)
+    with caplog.at_level(logging.INFO, logger="nitro_netd.netstack.tcp"):
+        peer.send(TcpFlags.RST | ACK)
+    [message] = [r.getMessage() for r in caplog.records if "reset by enclave" in r.getMessage()]
+    assert message == "[tcp 192.168.127.2:40000→198.18.0.2:80] reset by enclave"
 
 
 def test_tcp_ipv4_host_eof_first_keeps_enclave_direction_open() -> None:
