@@ -174,3 +174,63 @@ def test_agent_turns_ipv6_off_on_tap0(sim: Simulator) -> None:
     assert setting.stdout.strip() == "1", sim.logs_tail()
     assert_exit(sim, addresses, 0, "ip -6 address show dev tap0")
     assert addresses.stdout.strip() == "", addresses.stdout
+
+
+def give_enclave_an_uplink(sim: Simulator) -> None:
+    """A veth pair with a default route via 10.99.0.1, as on a machine that is not an
+    enclave (one that has a NIC)."""
+    script = (
+        "ip link add v0 type veth peer name v1 && ip addr add 10.99.0.2/24 dev v0"
+        " && ip link set v0 up && ip link set v1 up && ip route add default via 10.99.0.1"
+    )
+    assert_exit(sim, sim.run("enclave", ["sh", "-c", script]), 0, "the enclave's uplink")
+
+
+def default_routes(sim: Simulator) -> list[str]:
+    """The enclave's IPv4 default routes as "default via GATEWAY dev NAME"."""
+    shown = sim.run("enclave", ["ip", "-4", "route", "show", "default"]).stdout
+    return [" ".join(line.split()[:5]) for line in shown.splitlines()]
+
+
+def test_agent_puts_back_the_default_route_it_replaced(sim: Simulator) -> None:
+    """Run anywhere but in an enclave, the agent used to leave the machine with no default
+    route: its own went with the TAP, and the one it replaced was never put back."""
+    give_enclave_an_uplink(sim)
+    sim.start_parent()
+    agent = sim.start_agent()
+    wait_for_log(sim, agent, "link up", LINK_TIMEOUT)
+    assert default_routes(sim) == [f"default via {GATEWAY_ADDRESS} dev tap0"]
+
+    assert agent.stop(signal.SIGTERM) == 0, sim.logs_tail()
+
+    assert default_routes(sim) == ["default via 10.99.0.1 dev v0"], sim.logs_tail()
+    assert "restored the default route via 10.99.0.1" in agent.log_text()
+
+
+def test_agent_leaves_a_default_route_set_by_someone_else_meanwhile(sim: Simulator) -> None:
+    give_enclave_an_uplink(sim)
+    sim.start_parent()
+    agent = sim.start_agent()
+    wait_for_log(sim, agent, "link up", LINK_TIMEOUT)
+    change = ["ip", "route", "replace", "default", "via", "10.99.0.9", "dev", "v0"]
+    assert_exit(sim, sim.run("enclave", change), 0, "someone else's default route")
+
+    assert agent.stop(signal.SIGTERM) == 0, sim.logs_tail()
+
+    assert default_routes(sim) == ["default via 10.99.0.9 dev v0"], sim.logs_tail()
+    assert "left the default route as it is" in agent.log_text()
+
+
+def test_agent_with_a_directory_as_resolv_conf_fails_with_nothing_changed(
+    sim: Simulator,
+) -> None:
+    give_enclave_an_uplink(sim)
+    agent = sim.start_agent(["--resolv-conf", "/tmp"])
+
+    wait_until(sim, lambda: not agent.is_alive(), LINK_TIMEOUT, "the agent's exit")
+
+    assert agent.returncode == 1, sim.logs_tail()
+    assert "cannot write /tmp: it is a directory" in agent.log_text()
+    assert default_routes(sim) == ["default via 10.99.0.1 dev v0"]
+    links = sim.run("enclave", ["ip", "-o", "link", "show"]).stdout
+    assert "tap0" not in links, links

@@ -63,6 +63,7 @@ def fake_tap(monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
         return os.dup(agent_end.fileno())
 
     monkeypatch.setattr(cli, "bring_up_network", bring_up)
+    monkeypatch.setattr(cli, "_default_routes_to_keep", lambda plan: [])  # no netlink here
     yield test_end
     agent_end.close()
     test_end.close()
@@ -139,6 +140,7 @@ AGENT_SCRIPT = textwrap.dedent(
     from nitro_netd.cli import enclave as cli
     agent_end, test_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     cli.bring_up_network = lambda plan, resolv_conf, **kw: os.dup(agent_end.fileno())
+    cli._default_routes_to_keep = lambda plan: []
     sys.exit(cli.main(sys.argv[1:]))
     """
 )

@@ -66,6 +66,29 @@ def test_resolv_conf_in_a_missing_directory_is_an_error_and_makes_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("kind", ["empty", "directory", "link to a directory"])
+def test_resolv_conf_path_that_cannot_be_a_file_is_an_error_before_anything(
+    tmp_path: Path, kind: str
+) -> None:
+    """These used to fail only when written, after the TAP and the default route were set
+    up (which replaced a default route the agent then did not put back)."""
+    path = {"empty": "", "directory": str(tmp_path), "link to a directory": str(tmp_path / "l")}
+    (tmp_path / "l").symlink_to(tmp_path)
+    with pytest.raises(ResolvConfError, match="--no-resolv-conf") as info:
+        check_resolv_conf(path[kind])
+    assert ("a file's path" if kind == "empty" else "it is a directory") in str(info.value)
+
+
+def test_resolv_conf_that_nothing_may_write_is_an_error_before_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(Root may write anywhere but on a read-only mount, which `access` reports: the test
+    stands one in by answering `access` itself.)"""
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(ResolvConfError, match="permission denied"):
+        check_resolv_conf(str(tmp_path / "resolv.conf"))
+
+
 def test_resolv_conf_relative_symlink_is_followed(tmp_path: Path) -> None:
     (tmp_path / "etc").mkdir()
     link = tmp_path / "etc" / "resolv.conf"

@@ -80,7 +80,7 @@ def test_tap_set_mtu_on_a_non_tap_raises_oserror() -> None:
         set_mtu(left.fileno(), 1500)
 
 
-@pytest.mark.parametrize("name", ["", "a" * 16, "tâp", "a/b"])
+@pytest.mark.parametrize("name", ["", "a" * 16, "tâp", "a/b", "a b", "a:b", "tap\t0", ".", ".."])
 def test_tap_ifreq_rejects_bad_names(name: str) -> None:
     with pytest.raises(TapError, match="interface name"):
         build_ifreq(name)

@@ -24,7 +24,13 @@ from typing import Final
 from nitro_netd.cli.common import LOG_LEVELS, fail, mtu_argument, setup_logging
 from nitro_netd.enclave import _process
 from nitro_netd.enclave.agent import Agent, AgentConfig, AgentError
-from nitro_netd.enclave.netconfig import InterfacePlan, NetConfigError
+from nitro_netd.enclave.netconfig import (
+    DefaultRoute,
+    InterfacePlan,
+    NetConfigError,
+    read_default_routes,
+    restore_default_routes,
+)
 from nitro_netd.enclave.resolv import (
     DEFAULT_RESOLV_CONF,
     ResolvConfError,
@@ -58,13 +64,16 @@ EPILOG: Final = """\
 examples:
   nitro-netd-enclave                         # in the enclave: tap0, link to vsock://3:1024
   nitro-netd-enclave --mtu 9001 --log-level debug
-  nitro-netd-enclave --parent unix:///run/nitro-netd/sim.sock --resolv-conf /tmp/resolv.conf
   nitro-netd-enclave run -- python3 app.py   # network up, then run the app; exit with its status
   nitro-netd-enclave run --link-timeout 10 -- curl -sS https://example.com
 
 The agent reconnects forever (backoff 0.05 s doubling to 2 s), keeping the TAP and its
 address 192.168.127.2/24 (gateway and DNS 192.168.127.1). "link up: ..." in the log marks
 each new link. Needs root and /dev/net/tun.
+
+It is meant for an enclave, which has no other network. Anywhere else it replaces the
+default route and /etc/resolv.conf while it runs (both are put back when it exits, unless
+killed with SIGKILL); to try it on one machine, use the simulator: `nitro-netd sim up --bridge`.
 """
 
 
@@ -102,6 +111,7 @@ def _main(options: EnclaveOptions) -> int:
     original_resolv_conf = read_resolv_conf(options.resolv_conf) if options.resolv_conf else None
     tap_fd: int | None = None
     restore = options.resolv_conf is not None
+    previous_routes = _default_routes_to_keep(options.plan)
     try:
         try:
             tap_fd = bring_up_network(options.plan, options.resolv_conf, tap_opener=open_tap)
@@ -116,9 +126,35 @@ def _main(options: EnclaveOptions) -> int:
         return exc.status
     finally:
         if tap_fd is not None:
-            os.close(tap_fd)
+            os.close(tap_fd)  # the TAP goes, and the default route through it
         if restore:  # also after an interrupted set-up
             _restore_resolv_conf(options, original_resolv_conf)
+        if previous_routes:  # also after a failed or interrupted set-up
+            _restore_default_routes(options, previous_routes)
+
+
+def _default_routes_to_keep(plan: InterfacePlan) -> list[DefaultRoute]:
+    """The default routes (not through the gateway) that the TAP's own is about to
+    replace: none in an enclave; elsewhere, they are put back when the agent exits."""
+    try:
+        routes = read_default_routes()
+    except NetConfigError as exc:
+        logger.warning("%s: it will not be put back when the agent exits", exc)
+        return []
+    kept = [route for route in routes if route.gateway != str(plan.gateway)]
+    if kept:
+        logger.info(
+            "replacing the default route %s (put back when the agent exits)",
+            ", ".join(route.describe() for route in kept),
+        )
+    return kept
+
+
+def _restore_default_routes(options: EnclaveOptions, previous: list[DefaultRoute]) -> None:
+    try:
+        logger.info("%s", restore_default_routes(previous, options.plan.gateway))
+    except NetConfigError as exc:
+        logger.warning("%s", exc)
 
 
 def _restore_resolv_conf(options: EnclaveOptions, original: bytes | None) -> None:

@@ -7,6 +7,12 @@ refuses an address change while it is up.
 IPv6 is turned off on the TAP (`disable_ipv6`, through ``/proc/sys``, before the link comes
 up): the bridge carries IPv4 only, and the kernel's IPv6 link-local chatter (router and
 neighbour solicitations, MLD reports) would only be dropped by the parent.
+
+The default route through the gateway replaces any IPv4 default route already there. An
+enclave has none (it has no NIC), but the agent may be started elsewhere (a test VM, a
+namespace with its own uplink): `read_default_routes` notes the routes before the TAP
+exists and `restore_default_routes` puts them back once it is gone (the kernel removes the
+route through the TAP with it), unless someone set another default route meanwhile.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import errno
 import ipaddress
 import logging
 import os
+import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -30,6 +38,7 @@ NAMESERVER: Final = GATEWAY
 TXQUEUELEN: Final = 10000
 """The TAP drops instead of pushing back: its queue is the only buffer (PERF-NOTES.md)."""
 PROC_SYS: Final = "/proc/sys"
+MAIN_TABLE: Final = 254
 
 logger = logging.getLogger("nitro_netd.enclave")
 
@@ -132,6 +141,92 @@ def _ensure_address(ipr: Any, index: int, address: ipaddress.IPv4Interface) -> N
 
 def _ensure_default_route(ipr: Any, index: int, gateway: ipaddress.IPv4Address) -> None:
     ipr.route("replace", dst="0.0.0.0/0", gateway=str(gateway), oif=index)
+
+
+@dataclass(frozen=True, slots=True)
+class DefaultRoute:
+    """An IPv4 default route of the main table, as it was before the agent's own."""
+
+    gateway: str | None
+    oif: int | None
+    priority: int | None
+    proto: int
+    scope: int
+
+    def describe(self) -> str:
+        """`via GATEWAY`, `dev INDEX`, or both, for the log."""
+        parts = [f"via {self.gateway}"] if self.gateway else []
+        if self.oif is not None:
+            parts.append(f"dev #{self.oif}")
+        return " ".join(parts) or "(no gateway, no device)"
+
+
+def read_default_routes() -> list[DefaultRoute]:
+    """The IPv4 default routes of the main table, in this process's network namespace.
+
+    Raises:
+        NetConfigError: netlink refused to list them.
+    """
+    try:
+        with IPRoute() as ipr:
+            return [_default_route(msg) for msg in _main_defaults(ipr)]
+    except NetlinkError as exc:
+        raise NetConfigError(f"cannot read the default route: {exc}") from exc
+
+
+def restore_default_routes(previous: Sequence[DefaultRoute], gateway: ipaddress.IPv4Address) -> str:
+    """Put back the default routes the agent's replaced (after its TAP is gone), unless the
+    default route now is someone else's; return what was done, for the log.
+
+    Raises:
+        NetConfigError: netlink refused a change (the device of an old route is gone, say).
+    """
+    try:
+        with IPRoute() as ipr:
+            current = [_default_route(msg) for msg in _main_defaults(ipr)]
+            if any(route.gateway != str(gateway) for route in current):
+                return "left the default route as it is: it changed since the agent started"
+            for route in current:  # ours, if the TAP outlived the agent (another holder)
+                ipr.route("del", dst="0.0.0.0/0", gateway=route.gateway, table=MAIN_TABLE)
+            for route in previous:
+                ipr.route("replace", **_route_fields(route))
+    except NetlinkError as exc:
+        raise NetConfigError(f"cannot restore the default route: {exc}") from exc
+    return "restored the default route " + ", ".join(route.describe() for route in previous)
+
+
+def _main_defaults(ipr: Any) -> list[Any]:
+    return [
+        msg
+        for msg in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE)
+        if msg["dst_len"] == 0 and msg.get_attr("RTA_TABLE", MAIN_TABLE) == MAIN_TABLE
+    ]
+
+
+def _default_route(msg: Any) -> DefaultRoute:
+    return DefaultRoute(
+        gateway=msg.get_attr("RTA_GATEWAY"),
+        oif=msg.get_attr("RTA_OIF"),
+        priority=msg.get_attr("RTA_PRIORITY"),
+        proto=int(msg["proto"]),
+        scope=int(msg["scope"]),
+    )
+
+
+def _route_fields(route: DefaultRoute) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "dst": "0.0.0.0/0",
+        "table": MAIN_TABLE,
+        "proto": route.proto,
+        "scope": route.scope,
+    }
+    if route.gateway:
+        fields["gateway"] = route.gateway
+    if route.oif is not None:
+        fields["oif"] = route.oif
+    if route.priority is not None:
+        fields["priority"] = route.priority
+    return fields
 
 
 def _describe(exc: NetlinkError, name: str) -> str:

@@ -38,18 +38,30 @@ def check_resolv_conf(path: str) -> str:
     """Return the file writing resolv.conf at `path` writes: the target of a symlink (whose
     directory is made when written, if missing), else `path` itself.
 
+    This runs before anything is set up, so that a bad path fails with nothing done; a
+    write can still fail later (a full disk), and is then an error too.
+
     Raises:
-        ResolvConfError: `path` is not a symlink and its directory does not exist.
+        ResolvConfError: `path` is empty or a directory, or it is not a symlink and its
+            directory does not exist, or neither it nor its directory can be written.
     """
+    advice = "pass --resolv-conf PATH or --no-resolv-conf"
+    if not path:
+        raise ResolvConfError(f"--resolv-conf needs a file's path; {advice}")
+    target = os.path.realpath(path)
+    if os.path.isdir(target):
+        raise ResolvConfError(f"cannot write {path}: it is a directory; {advice}")
     if os.path.islink(path):
-        return os.path.realpath(path)
-    directory = os.path.dirname(os.path.abspath(path))
+        return target
+    directory = os.path.dirname(target)
     if not os.path.isdir(directory):
         raise ResolvConfError(
             f"cannot write {path}: the directory {directory} does not exist, so no resolver"
-            " would read it; pass --resolv-conf PATH or --no-resolv-conf"
+            f" would read it; {advice}"
         )
-    return os.path.realpath(path)
+    if not os.access(directory, os.W_OK) and not os.access(target, os.W_OK):
+        raise ResolvConfError(f"cannot write {path}: permission denied (or read-only); {advice}")
+    return target
 
 
 def write_resolv_conf(path: str = DEFAULT_RESOLV_CONF, nameserver: str = DEFAULT_NAMESERVER) -> str:

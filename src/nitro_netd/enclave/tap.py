@@ -55,14 +55,19 @@ def build_ifreq(name: str, flags: int = TAP_FLAGS) -> bytes:
     """Return a ``struct ifreq`` naming the interface and carrying TUN flags.
 
     Raises:
-        TapError: the name is empty, not ASCII, or longer than 15 bytes.
+        TapError: the name is not one the kernel takes (`dev_valid_name`): empty, longer
+            than 15 bytes, "." or "..", or with a "/", ":" or white space; or not ASCII.
     """
     try:
         raw = name.encode("ascii")
     except UnicodeEncodeError:
         raise TapError(f"interface name {name!r} must be ASCII") from None
-    if not raw or len(raw) >= IFNAMSIZ or b"/" in raw or raw.isspace():
+    if not raw or len(raw) >= IFNAMSIZ:
         raise TapError(f"interface name {name!r} must be 1..{IFNAMSIZ - 1} characters")
+    if raw in (b".", b"..") or any(c in b"/: \t\n\v\f\r" for c in raw):
+        raise TapError(
+            f'interface name {name!r} must not be "." or "..", nor hold "/", ":" or spaces'
+        )
     return struct.pack("16sH22x", raw, flags)
 
 
