@@ -143,6 +143,57 @@ def test_second_daemon_for_a_name_is_refused_naming_the_first_pid(work: Workdir)
     assert work.control.exists()
 
 
+def test_daemonize_refuses_a_log_file_in_a_missing_directory_as_the_foreground_does(
+    work: Workdir,
+) -> None:
+    missing = work.root / "missing" / "parent.log"
+    result = work.daemonize("--log-file", str(missing))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"nitro-netd-parent: error: cannot open --log-file {missing}: No such file or directory"
+    ]
+    assert not missing.parent.exists()
+    assert not work.pidfile.exists()
+
+
+def status(work: Workdir) -> subprocess.CompletedProcess[str]:
+    """`nitro-netd status --state-dir STATE` (no name)."""
+    argv = [sys.executable, "-m", "nitro_netd.cli.status", "--state-dir", str(work.state)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+
+def daemonize_named(work: Workdir, name: str) -> int:
+    """Start a daemon for `name` on its own link socket; return its pid."""
+    link = f"unix://{work.root}/{name}.sock"
+    result = work.daemonize("--enclave-name", name, "--listen", link)
+    assert result.returncode == 0, result.stderr
+    pid = read_pid(work.state / name / "parent.pid")
+    assert pid is not None
+    work.pids.append(pid)
+    return pid
+
+
+def test_status_without_a_name_shows_the_one_live_daemon_not_a_killed_one(
+    work: Workdir,
+) -> None:
+    killed, live = daemonize_named(work, "a"), daemonize_named(work, "b")
+    os.kill(killed, signal.SIGKILL)  # leaves a/parent.pid and a/control.sock behind
+    wait_until(lambda: not alive(killed), "daemon a dies")
+
+    shown = status(work)
+    assert (shown.returncode, shown.stderr) == (0, "")
+    assert shown.stdout.splitlines()[0] == "nitro-netd-parent b"
+
+    os.kill(live, signal.SIGTERM)
+    wait_until(lambda: not alive(live), "daemon b stops")
+    none = status(work)
+    assert none.returncode == 1
+    assert none.stderr.strip() == (
+        f"nitro-netd status: error: no nitro-netd-parent is running under {work.state}"
+        " (a: left by a daemon that died)"
+    )
+
+
 def test_daemonize_failure_prints_the_error_and_leaves_nothing(work: Workdir) -> None:
     with socket.socket() as blocker:
         blocker.bind(("0.0.0.0", 0))

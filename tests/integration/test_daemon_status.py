@@ -13,7 +13,13 @@ from typing import Any, cast
 
 import pytest
 
-from nitro_netd.cli.status import StatusError, query_status, render_status
+from nitro_netd.cli.status import (
+    StatusError,
+    daemon_running,
+    query_status,
+    render_status,
+    resolve_name,
+)
 from nitro_netd.link import LinkProtocol
 from nitro_netd.parent import DaemonConfig
 from nitro_netd.parent.daemon import Daemon
@@ -209,3 +215,46 @@ async def test_status_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
         os.close(write_end)
     for result in results:
         assert (result.returncode, result.stderr) == (0, "")
+
+
+async def test_status_of_an_unnamed_daemon_says_where_its_state_is(tmp_path: Path) -> None:
+    state = StatePaths(tmp_path / "state", "default")
+    config = DaemonConfig(listen=parse_endpoint(f"unix://{tmp_path}/link.sock"), state=state)
+    async with running(config):
+        assert await asyncio.to_thread(resolve_name, state.root, None) == "default"
+        status = await asyncio.to_thread(query_status, state)
+    assert status["name"] is None
+    assert status["state_dir"] == str(state.directory)
+    assert render_status(status, now=status["time"]).splitlines()[0] == (
+        f"nitro-netd-parent (no --enclave-name; state in {state.directory})"
+    )
+
+
+async def test_a_liveness_probe_gets_no_reply_and_the_daemon_still_answers(
+    tmp_path: Path,
+) -> None:
+    config = make_config(tmp_path)
+    assert config.state is not None
+    async with running(config):
+        assert await asyncio.to_thread(daemon_running, config.state)
+        reader, writer = await asyncio.open_unix_connection(str(config.state.control))
+        writer.write_eof()  # what the probe does: connect, send nothing, close
+        async with asyncio.timeout(TIMEOUT):
+            reply = await reader.read()
+        writer.close()
+        status = await asyncio.to_thread(query_status, config.state)
+    assert reply == b""
+    assert status["name"] == "app"
+
+
+def test_a_dead_pid_or_a_plain_file_for_a_socket_is_not_a_running_daemon(
+    tmp_path: Path,
+) -> None:
+    paths = StatePaths(tmp_path, "app")
+    paths.directory.mkdir()
+    paths.control.touch()  # a plain file: connect(2) is refused
+    assert not daemon_running(paths)
+    paths.pidfile.write_text(f"{2**22 + 1}\n")  # above any pid_max: no such process
+    assert not daemon_running(paths)
+    paths.control.unlink()
+    assert not daemon_running(paths)

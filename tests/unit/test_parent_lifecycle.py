@@ -18,6 +18,7 @@ from nitro_netd.parent.lifecycle import (
     StatePaths,
     check_name,
     create_state_dir,
+    pid_alive,
     read_pid,
 )
 from nitro_netd.transport import Scheme
@@ -82,6 +83,7 @@ def test_lifecycle_flags_are_parsed(tmp_path: Path) -> None:
         (("--enclave-name", "a", "--nitro-cli", "/nope"), "not an executable"),
         (("--enclave-name", "a/b"), "--enclave-name 'a/b'"),
         (("--enclave-name", ".hidden"), "starting with a letter or digit"),
+        (("--enclave-name", ""), "--enclave-name '': use 1-64 letters"),
         (("--enclave-poll", "0"), "--enclave-poll must be a number of seconds above 0"),
         (("--connect-timeout", "inf"), "--connect-timeout must be a number of seconds"),
         (("--udp-timeout", "1e308"), "--udp-timeout must be a number of seconds"),
@@ -165,6 +167,12 @@ def test_pidlock_takes_over_a_stale_pidfile(tmp_path: Path) -> None:
     lock = PidLock.acquire(path, "app")
     assert read_pid(path) == os.getpid()
     lock.release()
+
+
+def test_pid_alive_is_false_only_for_a_missing_process() -> None:
+    assert pid_alive(os.getpid())
+    assert pid_alive(1)  # init: alive, whoever we are
+    assert not pid_alive(2**22 + 1)  # above the kernel's largest pid_max
 
 
 def test_read_pid_of_missing_or_garbage_file_is_none(tmp_path: Path) -> None:

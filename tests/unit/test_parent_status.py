@@ -28,6 +28,7 @@ def sample_status(**link: Any) -> dict[str, Any]:
     return {
         "version": 1,
         "name": "app",
+        "state_dir": "/run/nitro-netd/app",
         "pid": 4242,
         "started": NOW - 3725,
         "uptime": 3725.4,
@@ -224,14 +225,49 @@ def test_flow_count_by_duck_typing() -> None:
     assert flow_count(object()) == 0
 
 
+def make_state(root: Path, *names: str) -> None:
+    for name in names:
+        (root / name).mkdir()
+        (root / name / "control.sock").touch()
+
+
 def test_resolve_name_picks_the_only_daemon(tmp_path: Path) -> None:
+    def everyone(paths: StatePaths) -> bool:
+        return True
+
     with pytest.raises(StatusError, match="no nitro-netd-parent is running under"):
-        resolve_name(tmp_path, None)
-    (tmp_path / "app").mkdir()
-    (tmp_path / "app" / "control.sock").touch()
-    assert resolve_name(tmp_path, None) == "app"
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "control.sock").touch()
+        resolve_name(tmp_path, None, everyone)
+    make_state(tmp_path, "app")
+    assert resolve_name(tmp_path, None, everyone) == "app"
+    make_state(tmp_path, "b")
     with pytest.raises(StatusError, match=r"several daemons run .*\(app, b\)"):
-        resolve_name(tmp_path, None)
-    assert resolve_name(tmp_path, "b") == "b"
+        resolve_name(tmp_path, None, everyone)
+    assert resolve_name(tmp_path, "b", everyone) == "b"
+
+
+def test_resolve_name_counts_only_live_daemons(tmp_path: Path) -> None:
+    make_state(tmp_path, "a", "b", "c")
+    assert resolve_name(tmp_path, None, lambda paths: paths.name == "b") == "b"
+    with pytest.raises(StatusError, match=r"several daemons run .*\(a, c\): name one"):
+        resolve_name(tmp_path, None, lambda paths: paths.name != "b")
+
+
+def test_resolve_name_with_only_dead_daemons_says_none_runs(tmp_path: Path) -> None:
+    make_state(tmp_path, "a", "b")
+    with pytest.raises(StatusError) as raised:
+        resolve_name(tmp_path, None, lambda paths: False)
+    assert str(raised.value) == (
+        f"no nitro-netd-parent is running under {tmp_path} (a, b: left by daemons that died)"
+    )
+
+
+def test_the_title_of_an_unnamed_daemon_says_where_its_state_is() -> None:
+    status = sample_status()
+    status["name"] = status["enclave"]["name"] = None
+    status["state_dir"] = "/run/nitro-netd/default"
+    title = render_status(status, now=NOW).splitlines()[0]
+    assert title == "nitro-netd-parent (no --enclave-name; state in /run/nitro-netd/default)"
+    del status["state_dir"]  # a daemon from before
+    assert render_status(status, now=NOW).splitlines()[0] == (
+        "nitro-netd-parent (no --enclave-name)"
+    )

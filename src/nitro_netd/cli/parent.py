@@ -255,7 +255,7 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
     stack = StackConfig(
         mtu=args.mtu, connect_timeout=args.connect_timeout, udp_idle_timeout=args.udp_timeout
     )
-    enclave = check_name(args.enclave_name) if args.enclave_name else None
+    enclave = None if args.enclave_name is None else check_name(args.enclave_name)
     return DaemonConfig(
         listen=parse_endpoint(args.listen),
         stack=stack,
@@ -349,8 +349,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         on_sighup = _setup_logging(args, config, readiness is not None)
     except OSError as exc:
-        return fail(PROG, f"cannot open --log-file {args.log_file}: {exc.strerror or exc}", 2)
+        return _log_file_failure(args.log_file, exc)
     return _run(config, readiness, on_sighup)
+
+
+def _log_file_failure(path: Path, exc: OSError) -> int:
+    """Report a --log-file that cannot be opened (its directory is never made); exit 2."""
+    return fail(PROG, f"cannot open --log-file {path}: {exc.strerror or exc}", 2)
 
 
 def _daemonize(args: argparse.Namespace, config: DaemonConfig) -> Readiness | int:
@@ -366,6 +371,8 @@ def _daemonize(args: argparse.Namespace, config: DaemonConfig) -> Readiness | in
     except LifecycleError as exc:
         return fail(PROG, str(exc))
     except OSError as exc:
+        if args.log_file is not None:  # refused as in the foreground, before forking
+            return _log_file_failure(args.log_file, exc)
         return fail(PROG, f"cannot open the log file {exc.filename}: {exc.strerror}")
     if not isinstance(outcome, tuple):
         return outcome

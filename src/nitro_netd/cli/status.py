@@ -2,8 +2,8 @@
 
 It connects to ``STATE_DIR/NAME/control.sock``, sends ``status`` and prints the reply as a
 table (or, with ``--json``, as the daemon's JSON object, for scripts). Without NAME it
-picks the only daemon running under STATE_DIR. Also runnable as
-``python -m nitro_netd.cli.status``.
+picks the only daemon running under STATE_DIR (state left by one that died does not
+count). Also runnable as ``python -m nitro_netd.cli.status``.
 """
 
 from __future__ import annotations
@@ -14,12 +14,18 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
 from nitro_netd.cli.common import fail
-from nitro_netd.parent.lifecycle import DEFAULT_STATE_ROOT, StatePaths, running_as_root
+from nitro_netd.parent.lifecycle import (
+    DEFAULT_STATE_ROOT,
+    StatePaths,
+    pid_alive,
+    read_pid,
+    running_as_root,
+)
 
 PROG: Final = "nitro-netd status"
 QUERY_TIMEOUT: Final = 5.0
@@ -83,23 +89,56 @@ def print_output(text: str) -> int:
     return 0
 
 
-def resolve_name(root: Path, name: str | None) -> str:
-    """`name`, or the one daemon with a control socket under `root`.
+def daemon_running(paths: StatePaths) -> bool:
+    """Whether a live daemon owns `paths`: the pid in its pidfile (if any) exists and
+    its control socket takes a connection. Permission denied or no quick answer count
+    as live: the status query then says what is wrong."""
+    pid = read_pid(paths.pidfile)
+    if pid is not None and not pid_alive(pid):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(QUERY_TIMEOUT)
+        try:
+            sock.connect(str(paths.control))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+        except OSError:
+            return True
+    return True
+
+
+def resolve_name(
+    root: Path, name: str | None, running: Callable[[StatePaths], bool] = daemon_running
+) -> str:
+    """`name`, or the one live daemon under `root` (as `running` judges). State left by
+    daemons that died does not count.
 
     Raises:
-        StatusError: no name given and none or several daemons found.
+        StatusError: no name given and none or several live daemons found.
     """
     if name is not None:
         return name
+    found = _state_names(root)
+    live = [n for n in found if running(StatePaths(root, n))]
+    if len(live) == 1:
+        return live[0]
+    if live:
+        raise StatusError(f"several daemons run under {root} ({', '.join(live)}): name one")
+    if found:
+        who = "a daemon" if len(found) == 1 else "daemons"
+        raise StatusError(
+            f"no nitro-netd-parent is running under {root} ({', '.join(found)}: "
+            f"left by {who} that died)"
+        )
+    raise StatusError(f"no nitro-netd-parent is running under {root} (no control socket)")
+
+
+def _state_names(root: Path) -> list[str]:
+    """The names under `root` with a control socket file, live or not."""
     try:
-        names = sorted(d.name for d in root.iterdir() if (d / "control.sock").exists())
+        return sorted(d.name for d in root.iterdir() if (d / "control.sock").exists())
     except OSError:
-        names = []
-    if len(names) == 1:
-        return names[0]
-    if not names:
-        raise StatusError(f"no nitro-netd-parent is running under {root} (no control socket)")
-    raise StatusError(f"several daemons run under {root} ({', '.join(names)}): name one")
+        return []
 
 
 def query_status(paths: StatePaths, timeout: float = QUERY_TIMEOUT) -> dict[str, Any]:
@@ -244,8 +283,16 @@ def render_status(status: dict[str, Any], *, now: float) -> str:
     if splice := status.get("splice"):  # absent from older daemons' status
         rows.append(("splice", _splice_line(splice)))
     width = max(len(label) for label, _ in rows)
-    title = f"nitro-netd-parent {status['name'] or '(unnamed)'}"
+    title = _title(status)
     return "\n".join([title, *(f"  {label:<{width}}  {value}" for label, value in rows)])
+
+
+def _title(status: dict[str, Any]) -> str:
+    """``nitro-netd-parent NAME``; for a daemon without a name, where its state is."""
+    if status["name"]:
+        return f"nitro-netd-parent {status['name']}"
+    state = status.get("state_dir")  # absent from older daemons' status
+    return f"nitro-netd-parent (no --enclave-name{f'; state in {state}' if state else ''})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,8 @@ protocol is one request line and one reply line, then the daemon closes:
     -> status\\n
     <- {"ok": true, "status": {...}}\\n          (an unknown request: {"ok": false, "error": ...})
 
+A client that closes without a request line (a liveness probe) gets no reply.
+
 The status object (`build_status`, ``"version": 1``) is plain JSON: daemon identity and
 uptime, the link (up, peer, CID, since), the followed enclave (with ``error``: why the
 last ``nitro-cli`` run failed, None while it works), exposed ports, flow counts
@@ -60,6 +62,8 @@ class StatusInputs:
     """Wall-clock start time."""
     started_monotonic: float = 0.0
     host_tcp: HostTcp | None = None
+    state_dir: str | None = None
+    """``STATE_DIR/NAME`` (``.../default`` without --enclave-name); None: no state."""
 
 
 def flow_count(layer: object) -> int:
@@ -89,6 +93,7 @@ def build_status(inputs: StatusInputs, *, now: float, monotonic: float) -> Statu
     return {
         "version": STATUS_VERSION,
         "name": inputs.name,
+        "state_dir": inputs.state_dir,
         "pid": os.getpid(),
         "started": inputs.started,
         "uptime": round(monotonic - inputs.started_monotonic, 3),
@@ -187,18 +192,23 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
-                try:
-                    line = await reader.readline()
-                except (ValueError, asyncio.LimitOverrunError):  # no newline within the limit
-                    answer: dict[str, Any] = {"ok": False, "error": "request line too long"}
-                else:
-                    answer = self.answer(line[:MAX_REQUEST])
-            writer.write(json.dumps(answer).encode() + b"\n")
-            await writer.drain()
+                answer = await self._read_request(reader)
+            if answer is not None:
+                writer.write(json.dumps(answer).encode() + b"\n")
+                await writer.drain()
         except (OSError, TimeoutError) as exc:
             logger.debug("control client: %s", exc)
         finally:
             writer.close()
+
+    async def _read_request(self, reader: asyncio.StreamReader) -> dict[str, Any] | None:
+        """The answer to the client's request line; None for a client that closed without
+        one (`nitro-netd status` checking that a daemon is alive)."""
+        try:
+            line = await reader.readline()
+        except (ValueError, asyncio.LimitOverrunError):  # no newline within the limit
+            return {"ok": False, "error": "request line too long"}
+        return self.answer(line[:MAX_REQUEST]) if line else None
 
     def answer(self, line: bytes) -> dict[str, Any]:
         """The reply to one request line."""

@@ -120,7 +120,7 @@ class Daemon:
         self.inputs = StatusInputs(
             self.bridge, str(config.listen), config.name, config.exposes, self.watcher,
             str(config.pcap) if config.pcap else None, time.time(), time.monotonic(),
-            self.host_tcp,
+            self.host_tcp, str(config.state.directory) if config.state else None,
         )  # fmt: skip
         self.status = status_getter(self.inputs)
         self.pcap: PcapWriter | None = None

@@ -199,6 +199,17 @@ def read_pid(path: Path) -> int | None:
         return None
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (also when it is another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _running_message(path: Path, name: str) -> str:
     pid = read_pid(path)
     who = f"pid {pid}" if pid is not None else "another process"
@@ -250,9 +261,9 @@ def daemonize(log_path: Path) -> Readiness | tuple[int, str]:
         In the daemon: its `Readiness`, to report on. In the launching process (once the
         daemon reported or died): the exit status and, on failure, the one-line error.
     Raises:
-        OSError: the log file cannot be opened (raised before forking).
+        OSError: the log file cannot be opened, its directory missing included (raised
+            before forking; the caller makes a state dir it logs into).
     """
-    log_path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     log_fd = open_log(log_path)
     read_fd, write_fd = os.pipe()
     sys.stdout.flush()
