@@ -234,3 +234,61 @@ def test_sim_exec_passes_the_terminals_ctrl_c_once(sim: Simulator, tmp_path: Pat
     assert marker.exists(), "the command was killed before it had cleaned up"
     assert marker.read_text() == str(SI_KERNEL), "SIGINT from the terminal, and only that"
     assert status == 7
+
+
+STARTS_A_STUBBORN_CHILD = """
+trap '' INT
+sleep 60 &
+echo $! > "$1.tmp" && mv "$1.tmp" "$1"
+wait
+"""
+"""Ignores SIGINT, starts `sleep 60` (SIGINT ignored too) and writes its pid to $1."""
+
+
+def _alive(pid: int) -> bool:
+    """True if `pid` runs (a zombie, or no process, counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_sim_exec_kills_what_the_command_started_when_the_grace_is_over(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "child.pid"
+    argv = [
+        sys.executable, "-c", WRAPPER, "sim", "exec", sim.name, "world", "--",
+        "sh", "-c", STARTS_A_STUBBORN_CHILD, "sh", str(pid_file),
+    ]  # fmt: skip
+    child = subprocess.Popen(argv, start_new_session=True)
+    try:
+        wait_until(sim, pid_file.exists, 10, "the command in the world namespace started")
+        child.send_signal(signal.SIGINT)
+    finally:
+        status = _finish(child)
+    stray = int(pid_file.read_text())
+    try:
+        wait_until(sim, lambda: not _alive(stray), 5, "the command's child was killed")
+    finally:
+        if _alive(stray):
+            os.kill(stray, signal.SIGKILL)
+
+    assert status == 128 + signal.SIGKILL
+
+
+@pytest.mark.parametrize(
+    ("command", "status", "message"),
+    [
+        ("/nonexistent/cmd", 127, "/nonexistent/cmd: command not found"),
+        ("nitro-netd-no-such-command", 127, "nitro-netd-no-such-command: command not found"),
+        ("/etc/passwd", 126, "/etc/passwd: permission denied"),
+    ],
+    ids=["missing-path", "not-on-path", "not-executable"],
+)
+def test_sim_exec_exits_like_a_shell_for_a_command_it_cannot_run(
+    sim: Simulator, capsys: pytest.CaptureFixture[str], command: str, status: int, message: str
+) -> None:
+    assert main(["sim", "exec", sim.name, "enclave", "--", command]) == status
+    assert capsys.readouterr().err == f"nitro-netd: error: {message}\n"

@@ -1,12 +1,19 @@
 """`run_foreground` (behind `nitro-netd sim exec`): SIGINT is passed on, the command gets a
-grace period, then it is killed. Real processes, no root, no namespaces."""
+grace period, then it is killed, and what it started with it; at a terminal, the command
+has the terminal. Real processes, no root, no namespaces."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import select
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
@@ -71,3 +78,139 @@ def test_run_foreground_kills_the_command_when_the_grace_is_over(tmp_path: Path)
 
     assert status == -signal.SIGKILL
     assert 0.5 <= seconds < 10
+
+
+STARTS_A_STUBBORN_CHILD: Final = """
+trap '' INT
+sleep 60 &
+echo $! > "$1.tmp" && mv "$1.tmp" "$1"
+wait
+"""
+"""Ignores SIGINT, starts `sleep 60` (SIGINT ignored too) and writes its pid to $1."""
+
+needs_setsid = pytest.mark.skipif(
+    shutil.which("setsid") is None, reason="needs setsid (util-linux) to give a terminal"
+)
+
+
+def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:g} s"
+        time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    """True if `pid` runs (a zombie, or no process, counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.fixture
+def child_pid_file(tmp_path: Path) -> Iterator[Path]:
+    """Where the command writes its child's pid; that child is killed afterwards if alive."""
+    pid_file = tmp_path / "child.pid"
+    yield pid_file
+    if pid_file.exists() and _alive(pid := int(pid_file.read_text())):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _stubborn_argv(pid_file: Path) -> list[str]:
+    return ["sh", "-c", STARTS_A_STUBBORN_CHILD, "sh", str(pid_file)]
+
+
+def test_run_foreground_kills_what_the_command_started_when_the_grace_is_over(
+    child_pid_file: Path,
+) -> None:
+    argv = [sys.executable, "-c", RUNNER, "0.5", *_stubborn_argv(child_pid_file)]
+    runner = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        _wait_for(child_pid_file.exists, "the command started its child")
+        runner.send_signal(signal.SIGINT)
+        out, _ = runner.communicate(timeout=30)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.communicate()
+
+    assert int(out) == -signal.SIGKILL
+    child = int(child_pid_file.read_text())
+    _wait_for(lambda: not _alive(child), "the command's child was killed", timeout=5)
+
+
+LOGIN_SHELL: Final = """trap '' INT; "$@"; read _"""
+"""Runs the runner, then waits for a line: as a login shell does, it survives Ctrl-C and
+keeps the session (and the terminal) alive after the runner, so the kernel does not hang
+up on what the runner left."""
+
+
+class _Terminal:
+    """The runner under a shell that leads a session with a pseudo-terminal as its
+    controlling tty, the runner in the terminal's foreground."""
+
+    def __init__(self, grace: float, argv: list[str]) -> None:
+        self.controller, tty = os.openpty()
+        self.output = ""
+        runner = [sys.executable, "-c", RUNNER, str(grace), *argv]
+        session = ["setsid", "--ctty", "sh", "-c", LOGIN_SHELL, "sh", *runner]
+        self.session = subprocess.Popen(session, stdin=tty, stdout=tty, stderr=tty)
+        os.close(tty)
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.controller, keys)
+
+    def wait_for_status(self, timeout: float = 30) -> int:
+        """Wait for the status the runner prints as it exits (after the terminal's echo,
+        such as `^C`); return it."""
+        deadline = time.monotonic() + timeout
+        while (match := re.search(r"(-?\d+)\r?\n\Z", self.output)) is None:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"the runner printed no status: {self.output!r}"
+            if select.select([self.controller], [], [], remaining)[0]:
+                self.output += os.read(self.controller, 4096).decode(errors="replace")
+        return int(match[1])
+
+    def close(self) -> None:
+        """End the session: the shell's line, or a kill."""
+        with contextlib.suppress(OSError):
+            self.type(b"\n")
+        try:
+            self.session.wait(timeout=10)
+        finally:
+            if self.session.poll() is None:
+                self.session.kill()
+                self.session.wait()
+            os.close(self.controller)
+
+
+@needs_setsid
+def test_run_foreground_at_a_terminal_lets_the_command_read_it() -> None:
+    terminal = _Terminal(10.0, ["sh", "-c", 'read line && echo "got:$line"'])
+    try:
+        terminal.type(b"hello\n")
+        status = terminal.wait_for_status()
+    finally:
+        terminal.close()
+
+    assert "got:hello" in terminal.output
+    assert status == 0, terminal.output
+
+
+@needs_setsid
+def test_run_foreground_at_a_terminal_kills_the_group_after_ctrl_c(
+    child_pid_file: Path,
+) -> None:
+    terminal = _Terminal(0.5, _stubborn_argv(child_pid_file))
+    try:
+        _wait_for(child_pid_file.exists, "the command started its child")
+        terminal.type(b"\x03")
+        status = terminal.wait_for_status()
+        child = int(child_pid_file.read_text())
+        _wait_for(lambda: not _alive(child), "the command's child was killed", timeout=5)
+    finally:
+        terminal.close()
+
+    assert status == -signal.SIGKILL, terminal.output

@@ -35,7 +35,7 @@ from nitro_netd.sim import (
     require_host,
     run_foreground,
 )
-from nitro_netd.sim.foreground import INTERRUPT_GRACE
+from nitro_netd.sim.foreground import INTERRUPT_GRACE, command_problem
 from nitro_netd.sim.state import STATE_DIR
 
 PROG: Final = "nitro-netd"
@@ -194,7 +194,9 @@ def sim_down(args: argparse.Namespace) -> int:
 def sim_exec(args: argparse.Namespace) -> int:
     """Run a command in a namespace of a simulator, passing its exit status through.
 
-    After Ctrl-C the command has 10 s to exit (`run_foreground`).
+    After Ctrl-C the command has 10 s to exit, then it is killed, and what it started with
+    it (`run_foreground`). A command that cannot be found exits 127, one that cannot be run
+    126, as in a shell.
     """
     require_host()
     command = list(args.argv)
@@ -205,6 +207,9 @@ def sim_exec(args: argparse.Namespace) -> int:
     state = load_state(args.name)
     if state is None:
         return fail(PROG, f"no simulator named {args.name!r}: see `nitro-netd sim list`")
+    problem = command_problem(command[0])
+    if problem is not None:
+        return fail(PROG, *problem)
     netns = state.namespaces[Role(args.role)]
     status = run_foreground(["ip", "netns", "exec", netns, *command])
     return 128 - status if status < 0 else status
