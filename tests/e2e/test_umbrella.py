@@ -18,6 +18,7 @@ from nitro_netd.sim import GATEWAY_ADDRESS, Simulator, destroy, load_state
 from nitro_netd.sim.foreground import INTERRUPT_GRACE, SI_KERNEL
 from nitro_netd.sim.host import list_netns
 from nitro_netd.sim.state import STATE_DIR
+from tests.support.stubborn import alive, stubborn_argv
 
 from .helpers import wait_until
 
@@ -236,31 +237,13 @@ def test_sim_exec_passes_the_terminals_ctrl_c_once(sim: Simulator, tmp_path: Pat
     assert status == 7
 
 
-STARTS_A_STUBBORN_CHILD = """
-trap '' INT
-sleep 60 &
-echo $! > "$1.tmp" && mv "$1.tmp" "$1"
-wait
-"""
-"""Ignores SIGINT, starts `sleep 60` (SIGINT ignored too) and writes its pid to $1."""
-
-
-def _alive(pid: int) -> bool:
-    """True if `pid` runs (a zombie, or no process, counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def test_sim_exec_kills_what_the_command_started_when_the_grace_is_over(
     sim: Simulator, tmp_path: Path
 ) -> None:
     pid_file = tmp_path / "child.pid"
     argv = [
         sys.executable, "-c", WRAPPER, "sim", "exec", sim.name, "world", "--",
-        "sh", "-c", STARTS_A_STUBBORN_CHILD, "sh", str(pid_file),
+        *stubborn_argv(pid_file),
     ]  # fmt: skip
     child = subprocess.Popen(argv, start_new_session=True)
     try:
@@ -270,9 +253,9 @@ def test_sim_exec_kills_what_the_command_started_when_the_grace_is_over(
         status = _finish(child)
     stray = int(pid_file.read_text())
     try:
-        wait_until(sim, lambda: not _alive(stray), 5, "the command's child was killed")
+        wait_until(sim, lambda: not alive(stray), 5, "the command's child was killed")
     finally:
-        if _alive(stray):
+        if alive(stray):
             os.kill(stray, signal.SIGKILL)
 
     assert status == 128 + signal.SIGKILL

@@ -19,6 +19,8 @@ from typing import Final
 
 import pytest
 
+from tests.support.stubborn import alive, stubborn_argv
+
 pytestmark = pytest.mark.timeout(60)
 
 RUNNER: Final = """
@@ -80,14 +82,6 @@ def test_run_foreground_kills_the_command_when_the_grace_is_over(tmp_path: Path)
     assert 0.5 <= seconds < 10
 
 
-STARTS_A_STUBBORN_CHILD: Final = """
-trap '' INT
-sleep 60 &
-echo $! > "$1.tmp" && mv "$1.tmp" "$1"
-wait
-"""
-"""Ignores SIGINT, starts `sleep 60` (SIGINT ignored too) and writes its pid to $1."""
-
 needs_setsid = pytest.mark.skipif(
     shutil.which("setsid") is None, reason="needs setsid (util-linux) to give a terminal"
 )
@@ -100,32 +94,19 @@ def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20) -> 
         time.sleep(0.02)
 
 
-def _alive(pid: int) -> bool:
-    """True if `pid` runs (a zombie, or no process, counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 @pytest.fixture
 def child_pid_file(tmp_path: Path) -> Iterator[Path]:
     """Where the command writes its child's pid; that child is killed afterwards if alive."""
     pid_file = tmp_path / "child.pid"
     yield pid_file
-    if pid_file.exists() and _alive(pid := int(pid_file.read_text())):
+    if pid_file.exists() and alive(pid := int(pid_file.read_text())):
         os.kill(pid, signal.SIGKILL)
-
-
-def _stubborn_argv(pid_file: Path) -> list[str]:
-    return ["sh", "-c", STARTS_A_STUBBORN_CHILD, "sh", str(pid_file)]
 
 
 def test_run_foreground_kills_what_the_command_started_when_the_grace_is_over(
     child_pid_file: Path,
 ) -> None:
-    argv = [sys.executable, "-c", RUNNER, "0.5", *_stubborn_argv(child_pid_file)]
+    argv = [sys.executable, "-c", RUNNER, "0.5", *stubborn_argv(child_pid_file)]
     runner = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     try:
         _wait_for(child_pid_file.exists, "the command started its child")
@@ -138,7 +119,7 @@ def test_run_foreground_kills_what_the_command_started_when_the_grace_is_over(
 
     assert int(out) == -signal.SIGKILL
     child = int(child_pid_file.read_text())
-    _wait_for(lambda: not _alive(child), "the command's child was killed", timeout=5)
+    _wait_for(lambda: not alive(child), "the command's child was killed", timeout=5)
 
 
 LOGIN_SHELL: Final = """trap '' INT; "$@"; read _"""
@@ -203,13 +184,13 @@ def test_run_foreground_at_a_terminal_lets_the_command_read_it() -> None:
 def test_run_foreground_at_a_terminal_kills_the_group_after_ctrl_c(
     child_pid_file: Path,
 ) -> None:
-    terminal = _Terminal(0.5, _stubborn_argv(child_pid_file))
+    terminal = _Terminal(0.5, stubborn_argv(child_pid_file))
     try:
         _wait_for(child_pid_file.exists, "the command started its child")
         terminal.type(b"\x03")
         status = terminal.wait_for_status()
         child = int(child_pid_file.read_text())
-        _wait_for(lambda: not _alive(child), "the command's child was killed", timeout=5)
+        _wait_for(lambda: not alive(child), "the command's child was killed", timeout=5)
     finally:
         terminal.close()
 
