@@ -175,8 +175,8 @@ def read_default_routes() -> list[DefaultRoute]:
 
 
 def restore_default_routes(previous: Sequence[DefaultRoute], gateway: ipaddress.IPv4Address) -> str:
-    """Put back the default routes the agent's replaced (after its TAP is gone), unless the
-    default route now is someone else's; return what was done, for the log.
+    """Put back the default routes that the agent's own replaced (after its TAP is gone),
+    unless the default route now is someone else's; return what was done, for the log.
 
     Raises:
         NetConfigError: netlink refused a change (the device of an old route is gone, say).
