@@ -197,7 +197,7 @@ def test_agent_puts_back_the_default_route_it_replaced(sim: Simulator) -> None:
     route: its own went with the TAP, and the one it replaced was never put back."""
     give_enclave_an_uplink(sim)
     sim.start_parent()
-    agent = sim.start_agent()
+    agent = sim.start_agent(["--replace-default-route"])
     wait_for_log(sim, agent, "link up", LINK_TIMEOUT)
     assert default_routes(sim) == [f"default via {GATEWAY_ADDRESS} dev tap0"]
 
@@ -210,7 +210,7 @@ def test_agent_puts_back_the_default_route_it_replaced(sim: Simulator) -> None:
 def test_agent_leaves_a_default_route_set_by_someone_else_meanwhile(sim: Simulator) -> None:
     give_enclave_an_uplink(sim)
     sim.start_parent()
-    agent = sim.start_agent()
+    agent = sim.start_agent(["--replace-default-route"])
     wait_for_log(sim, agent, "link up", LINK_TIMEOUT)
     change = ["ip", "route", "replace", "default", "via", "10.99.0.9", "dev", "v0"]
     assert_exit(sim, sim.run("enclave", change), 0, "someone else's default route")
@@ -231,6 +231,24 @@ def test_agent_with_a_directory_as_resolv_conf_fails_with_nothing_changed(
 
     assert agent.returncode == 1, sim.logs_tail()
     assert "cannot write /tmp: it is a directory" in agent.log_text()
+    assert default_routes(sim) == ["default via 10.99.0.1 dev v0"]
+    links = sim.run("enclave", ["ip", "-o", "link", "show"]).stdout
+    assert "tap0" not in links, links
+
+
+def test_agent_refuses_to_take_over_a_namespace_with_a_default_route(sim: Simulator) -> None:
+    """Where a default route exists the agent is not in an enclave: taking the route over
+    cut this machine off twice (and would drop the SSH session of whoever tried it on a
+    VM). It says so and stops, with nothing set up."""
+    give_enclave_an_uplink(sim)
+    agent = sim.start_agent()
+
+    wait_until(sim, lambda: not agent.is_alive(), LINK_TIMEOUT, "the agent's exit")
+
+    assert agent.returncode == 1, sim.logs_tail()
+    log = agent.log_text()
+    assert "has a default route already (via 10.99.0.1" in log, log
+    assert "--replace-default-route" in log
     assert default_routes(sim) == ["default via 10.99.0.1 dev v0"]
     links = sim.run("enclave", ["ip", "-o", "link", "show"]).stdout
     assert "tap0" not in links, links

@@ -192,3 +192,10 @@ def test_cli_unix_parent_path_too_long_for_a_socket_is_refused(
     error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(error_lines) == 1
     assert "121 bytes, longer than the 107" in error_lines[0]
+
+
+def test_cli_replacing_a_default_route_is_asked_for_explicitly() -> None:
+    assert cli.parse_args([]).replace_default_route is False
+    assert cli.parse_args(["--replace-default-route"]).replace_default_route is True
+    run = cli.parse_args(["run", "--replace-default-route", "--", "true"])
+    assert (run.replace_default_route, run.command) == (True, ("true",))

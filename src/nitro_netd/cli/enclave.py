@@ -71,9 +71,11 @@ The agent reconnects forever (backoff 0.05 s doubling to 2 s), keeping the TAP a
 address 192.168.127.2/24 (gateway and DNS 192.168.127.1). "link up: ..." in the log marks
 each new link. Needs root and /dev/net/tun.
 
-It is meant for an enclave, which has no other network. Anywhere else it replaces the
-default route and /etc/resolv.conf while it runs (both are put back when it exits, unless
-killed with SIGKILL); to try it on one machine, use the simulator: `nitro-netd sim up --bridge`.
+It is meant for an enclave, which has no other network: where a default route exists
+already it refuses to start unless given --replace-default-route (the route and
+/etc/resolv.conf are then taken over while it runs and put back when it exits, unless it is
+killed with SIGKILL). To try the bridge on one machine, use the simulator:
+`nitro-netd sim up --bridge`.
 """
 
 
@@ -89,6 +91,8 @@ class EnclaveOptions:
     """For ``run``: the command to start once the link is up; None for the plain agent."""
     link_timeout: float = DEFAULT_LINK_TIMEOUT
     link_up_fd: int | None = None
+    replace_default_route: bool = False
+    """Start even where another default route exists (it is put back on exit)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -112,6 +116,13 @@ def _main(options: EnclaveOptions) -> int:
     tap_fd: int | None = None
     restore = options.resolv_conf is not None
     previous_routes = _default_routes_to_keep(options.plan)
+    if previous_routes and not options.replace_default_route:
+        return fail(PROG, _not_an_enclave(previous_routes))
+    if previous_routes:
+        logger.info(
+            "replacing the default route %s (put back when the agent exits)",
+            ", ".join(route.describe() for route in previous_routes),
+        )
     try:
         try:
             tap_fd = bring_up_network(options.plan, options.resolv_conf, tap_opener=open_tap)
@@ -133,6 +144,16 @@ def _main(options: EnclaveOptions) -> int:
             _restore_default_routes(options, previous_routes)
 
 
+def _not_an_enclave(routes: list[DefaultRoute]) -> str:
+    shown = ", ".join(route.describe() for route in routes)
+    return (
+        f"this network namespace has a default route already ({shown}), so it is not an "
+        "enclave's: the agent would take it over. Pass --replace-default-route to do so "
+        "anyway (it is put back when the agent exits), or try the bridge in the simulator: "
+        "nitro-netd sim up --bridge"
+    )
+
+
 def _default_routes_to_keep(plan: InterfacePlan) -> list[DefaultRoute]:
     """The default routes (not through the gateway) that the TAP's own is about to
     replace: none in an enclave; elsewhere, they are put back when the agent exits."""
@@ -141,13 +162,7 @@ def _default_routes_to_keep(plan: InterfacePlan) -> list[DefaultRoute]:
     except NetConfigError as exc:
         logger.warning("%s: it will not be put back when the agent exits", exc)
         return []
-    kept = [route for route in routes if route.gateway != str(plan.gateway)]
-    if kept:
-        logger.info(
-            "replacing the default route %s (put back when the agent exits)",
-            ", ".join(route.describe() for route in kept),
-        )
-    return kept
+    return [route for route in routes if route.gateway != str(plan.gateway)]
 
 
 def _restore_default_routes(options: EnclaveOptions, previous: list[DefaultRoute]) -> None:
@@ -310,6 +325,9 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
         "(for supervisors)")  # fmt: skip
     add("--log-level", choices=LOG_LEVELS, default="info",
         help="log verbosity (default: %(default)s)")  # fmt: skip
+    add("--replace-default-route", action="store_true",
+        help="start even where a default route exists already (not in an enclave, which "
+        "has none): replace it while the agent runs, put it back when it exits")  # fmt: skip
 
 
 def _options(ns: argparse.Namespace, command: tuple[str, ...] | None) -> EnclaveOptions:
@@ -328,6 +346,7 @@ def _options(ns: argparse.Namespace, command: tuple[str, ...] | None) -> Enclave
         command=command,
         link_timeout=getattr(ns, "link_timeout", DEFAULT_LINK_TIMEOUT),
         link_up_fd=ns.link_up_fd,
+        replace_default_route=ns.replace_default_route,
     )
 
 
