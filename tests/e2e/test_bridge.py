@@ -218,7 +218,7 @@ def test_agent_leaves_a_default_route_set_by_someone_else_meanwhile(sim: Simulat
     assert agent.stop(signal.SIGTERM) == 0, sim.logs_tail()
 
     assert default_routes(sim) == ["default via 10.99.0.9 dev v0"], sim.logs_tail()
-    assert "left the default route as it is" in agent.log_text()
+    assert "left the default routes as they are" in agent.log_text()
 
 
 def test_agent_with_a_directory_as_resolv_conf_fails_with_nothing_changed(
@@ -252,3 +252,39 @@ def test_agent_refuses_to_take_over_a_namespace_with_a_default_route(sim: Simula
     assert default_routes(sim) == ["default via 10.99.0.1 dev v0"]
     links = sim.run("enclave", ["ip", "-o", "link", "show"]).stdout
     assert "tap0" not in links, links
+
+
+@pytest.mark.parametrize(
+    ("routes", "expected"),
+    [
+        (
+            ["ip route replace default via 10.99.0.1 dev v0",
+             "ip route add default via 10.99.0.7 dev v0 metric 600"],
+            ["default via 10.99.0.1 dev v0", "default via 10.99.0.7 dev v0"],
+        ),
+        (
+            ["ip route replace default via 10.50.0.1 dev v0 onlink src 10.99.0.2"],
+            ["default via 10.50.0.1 dev v0"],
+        ),
+    ],
+    ids=["two-metrics", "onlink"],
+)  # fmt: skip
+def test_agent_puts_back_default_routes_as_they_were(
+    sim: Simulator, routes: list[str], expected: list[str]
+) -> None:
+    """The agent's route replaced only the metric-0 one, and the other one made the restore
+    think someone had changed the routes; an onlink route came back without its flag (and
+    so not at all)."""
+    give_enclave_an_uplink(sim)
+    for route in routes:
+        assert_exit(sim, sim.run("enclave", route.split()), 0, route)
+    before = sim.run("enclave", ["ip", "-4", "route", "show", "default"]).stdout
+    sim.start_parent()
+    agent = sim.start_agent(["--replace-default-route"])
+    wait_for_log(sim, agent, "link up", LINK_TIMEOUT)
+
+    assert agent.stop(signal.SIGTERM) == 0, sim.logs_tail()
+
+    assert default_routes(sim) == expected, agent.log_text()
+    after = sim.run("enclave", ["ip", "-4", "route", "show", "default"]).stdout
+    assert sorted(after.splitlines()) == sorted(before.splitlines()), agent.log_text()

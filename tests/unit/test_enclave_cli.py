@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from nitro_netd.cli import enclave as cli
+from nitro_netd.enclave.netconfig import NetConfigError
 from nitro_netd.link import DEFAULT_MTU, LinkProtocol
 from nitro_netd.transport import Scheme
 
@@ -199,3 +200,19 @@ def test_cli_replacing_a_default_route_is_asked_for_explicitly() -> None:
     assert cli.parse_args(["--replace-default-route"]).replace_default_route is True
     run = cli.parse_args(["run", "--replace-default-route", "--", "true"])
     assert (run.replace_default_route, run.command) == (True, ("true",))
+
+
+def test_cli_default_routes_that_cannot_be_read_keep_the_agent_from_starting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Unknown routes count as present: the agent must not take them over unasked."""
+
+    def unreadable() -> list[object]:
+        raise NetConfigError("cannot read the default routes: EPERM")
+
+    monkeypatch.setattr(cli, "read_default_routes", unreadable)
+    refused = cli._routes_to_put_back(cli.parse_args([]))
+    assert isinstance(refused, str)
+    assert "cannot read the default routes" in refused
+    assert "--replace-default-route" in refused
+    assert cli._routes_to_put_back(cli.parse_args(["--replace-default-route"])) == []

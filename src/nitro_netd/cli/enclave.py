@@ -115,14 +115,9 @@ def _main(options: EnclaveOptions) -> int:
     original_resolv_conf = read_resolv_conf(options.resolv_conf) if options.resolv_conf else None
     tap_fd: int | None = None
     restore = options.resolv_conf is not None
-    previous_routes = _default_routes_to_keep(options.plan)
-    if previous_routes and not options.replace_default_route:
-        return fail(PROG, _not_an_enclave(previous_routes))
-    if previous_routes:
-        logger.info(
-            "replacing the default route %s (put back when the agent exits)",
-            ", ".join(route.describe() for route in previous_routes),
-        )
+    previous_routes = _routes_to_put_back(options)
+    if isinstance(previous_routes, str):
+        return fail(PROG, previous_routes)
     try:
         try:
             tap_fd = bring_up_network(options.plan, options.resolv_conf, tap_opener=open_tap)
@@ -144,6 +139,32 @@ def _main(options: EnclaveOptions) -> int:
             _restore_default_routes(options, previous_routes)
 
 
+def _routes_to_put_back(options: EnclaveOptions) -> list[DefaultRoute] | str:
+    """The default routes the agent's own will replace, to put back on exit (none in an
+    enclave), or why it must not start: a namespace with a default route is not an
+    enclave's, unless the user says so (--replace-default-route)."""
+    try:
+        routes = _default_routes_to_keep(options.plan)
+    except NetConfigError as exc:
+        if not options.replace_default_route:  # unknown: as if one were there
+            return f"{exc}; pass --replace-default-route to start all the same"
+        logger.warning("%s: none will be put back when the agent exits", exc)
+        return []
+    if routes and not options.replace_default_route:
+        return _not_an_enclave(routes)
+    if any(route.multipath for route in routes):
+        return (
+            "the default route is a multipath one, which the agent could not put back: "
+            "give it a network namespace of its own"
+        )
+    if routes:
+        logger.info(
+            "replacing the default route %s (put back when the agent exits)",
+            ", ".join(route.describe() for route in routes),
+        )
+    return routes
+
+
 def _not_an_enclave(routes: list[DefaultRoute]) -> str:
     shown = ", ".join(route.describe() for route in routes)
     return (
@@ -156,13 +177,12 @@ def _not_an_enclave(routes: list[DefaultRoute]) -> str:
 
 def _default_routes_to_keep(plan: InterfacePlan) -> list[DefaultRoute]:
     """The default routes (not through the gateway) that the TAP's own is about to
-    replace: none in an enclave; elsewhere, they are put back when the agent exits."""
-    try:
-        routes = read_default_routes()
-    except NetConfigError as exc:
-        logger.warning("%s: it will not be put back when the agent exits", exc)
-        return []
-    return [route for route in routes if route.gateway != str(plan.gateway)]
+    replace: none in an enclave; elsewhere, they are put back when the agent exits.
+
+    Raises:
+        NetConfigError: they cannot be read.
+    """
+    return [route for route in read_default_routes() if route.gateway != str(plan.gateway)]
 
 
 def _restore_default_routes(options: EnclaveOptions, previous: list[DefaultRoute]) -> None:

@@ -371,7 +371,7 @@ def _daemonize(args: argparse.Namespace, config: DaemonConfig) -> Readiness | in
     except LifecycleError as exc:
         return fail(PROG, str(exc))
     except OSError as exc:
-        if args.log_file is not None:  # refused as in the foreground, before forking
+        if args.log_file is not None and str(exc.filename) == str(log):  # as in the foreground
             return _log_file_failure(args.log_file, exc)
         return fail(PROG, f"cannot open the log file {exc.filename}: {exc.strerror}")
     if not isinstance(outcome, tuple):

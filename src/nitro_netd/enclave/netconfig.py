@@ -145,20 +145,31 @@ def _ensure_default_route(ipr: Any, index: int, gateway: ipaddress.IPv4Address) 
 
 @dataclass(frozen=True, slots=True)
 class DefaultRoute:
-    """An IPv4 default route of the main table, as it was before the agent's own."""
+    """An IPv4 default route of the main table, as it was before the agent's own: enough
+    to add it again as it was (type, flags such as onlink, preferred source, metric)."""
 
     gateway: str | None
     oif: int | None
     priority: int | None
     proto: int
     scope: int
+    type: int = 1
+    """RTN_UNICAST; others (blackhole, unreachable) have no gateway."""
+    flags: int = 0
+    prefsrc: str | None = None
+    multipath: bool = False
+    """A multipath route (RTA_MULTIPATH): not rebuilt by the agent."""
 
     def describe(self) -> str:
-        """`via GATEWAY`, `dev INDEX`, or both, for the log."""
+        """`via GATEWAY`, `dev #INDEX`, or both, for the log."""
         parts = [f"via {self.gateway}"] if self.gateway else []
         if self.oif is not None:
             parts.append(f"dev #{self.oif}")
-        return " ".join(parts) or "(no gateway, no device)"
+        if self.priority:
+            parts.append(f"metric {self.priority}")
+        if self.multipath:
+            parts.append("multipath")
+        return " ".join(parts) or f"type {self.type}"
 
 
 def read_default_routes() -> list[DefaultRoute]:
@@ -170,29 +181,52 @@ def read_default_routes() -> list[DefaultRoute]:
     try:
         with IPRoute() as ipr:
             return [_default_route(msg) for msg in _main_defaults(ipr)]
-    except NetlinkError as exc:
-        raise NetConfigError(f"cannot read the default route: {exc}") from exc
+    except (NetlinkError, OSError) as exc:
+        raise NetConfigError(f"cannot read the default routes: {exc}") from exc
 
 
 def restore_default_routes(previous: Sequence[DefaultRoute], gateway: ipaddress.IPv4Address) -> str:
-    """Put back the default routes that the agent's own replaced (after its TAP is gone),
-    unless the default route now is someone else's; return what was done, for the log.
+    """Put back those of `previous` that are gone (the agent's own route, through the
+    gateway, replaced one of them), after removing the agent's own if its TAP outlived it;
+    unless a default route appeared that is neither ours nor one of `previous`: someone
+    changed the routes meanwhile, and they are left alone. Return what was done, for the
+    log.
 
     Raises:
-        NetConfigError: netlink refused a change (the device of an old route is gone, say).
+        NetConfigError: netlink refused a change (each route is tried; all are named).
     """
+    ours = str(gateway)
+    failures: list[str] = []
     try:
         with IPRoute() as ipr:
             current = [_default_route(msg) for msg in _main_defaults(ipr)]
-            if any(route.gateway != str(gateway) for route in current):
-                return "left the default route as it is: it changed since the agent started"
-            for route in current:  # ours, if the TAP outlived the agent (another holder)
-                ipr.route("del", dst="0.0.0.0/0", gateway=route.gateway, table=MAIN_TABLE)
-            for route in previous:
-                ipr.route("replace", **_route_fields(route))
+            foreign = [r for r in current if r.gateway != ours and r not in previous]
+            if foreign:
+                return "left the default routes as they are: they changed since the agent started"
+            for route in current:
+                if route.gateway == ours:  # the TAP outlived the agent (another holder)
+                    _try(failures, f"remove ours {route.describe()}", ipr.route, "del",
+                         dst="0.0.0.0/0", gateway=ours, table=MAIN_TABLE)  # fmt: skip
+            missing = [route for route in previous if route not in current]
+            for route in missing:
+                _try(failures, f"restore {route.describe()}", ipr.route, "replace",
+                     **_route_fields(route))  # fmt: skip
+    except (NetlinkError, OSError) as exc:
+        raise NetConfigError(f"cannot restore the default routes: {exc}") from exc
+    if failures:
+        raise NetConfigError("cannot " + "; cannot ".join(failures))
+    if not missing:
+        return "the default routes needed no restoring"
+    return "restored the default route " + ", ".join(route.describe() for route in missing)
+
+
+def _try(failures: list[str], what: str, call: Any, *args: Any, **kwargs: Any) -> None:
+    """Run one netlink change; note a failure (a vanished route is no failure)."""
+    try:
+        call(*args, **kwargs)
     except NetlinkError as exc:
-        raise NetConfigError(f"cannot restore the default route: {exc}") from exc
-    return "restored the default route " + ", ".join(route.describe() for route in previous)
+        if exc.code != errno.ESRCH:
+            failures.append(f"{what} ({exc})")
 
 
 def _main_defaults(ipr: Any) -> list[Any]:
@@ -210,6 +244,10 @@ def _default_route(msg: Any) -> DefaultRoute:
         priority=msg.get_attr("RTA_PRIORITY"),
         proto=int(msg["proto"]),
         scope=int(msg["scope"]),
+        type=int(msg["type"]),
+        flags=int(msg["flags"]),
+        prefsrc=msg.get_attr("RTA_PREFSRC"),
+        multipath=msg.get_attr("RTA_MULTIPATH") is not None,
     )
 
 
@@ -219,13 +257,12 @@ def _route_fields(route: DefaultRoute) -> dict[str, Any]:
         "table": MAIN_TABLE,
         "proto": route.proto,
         "scope": route.scope,
+        "type": route.type,
+        "flags": route.flags,
     }
-    if route.gateway:
-        fields["gateway"] = route.gateway
-    if route.oif is not None:
-        fields["oif"] = route.oif
-    if route.priority is not None:
-        fields["priority"] = route.priority
+    optional = {"gateway": route.gateway, "oif": route.oif, "priority": route.priority,
+                "prefsrc": route.prefsrc}  # fmt: skip
+    fields.update({key: value for key, value in optional.items() if value is not None})
     return fields
 
 
