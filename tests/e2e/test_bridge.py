@@ -266,8 +266,9 @@ def test_agent_refuses_to_take_over_a_namespace_with_a_default_route(sim: Simula
             ["ip route replace default via 10.50.0.1 dev v0 onlink src 10.99.0.2"],
             ["default via 10.50.0.1 dev v0"],
         ),
+        (["ip link set v1 down"], ["default via 10.99.0.1 dev v0"]),  # its link is down
     ],
-    ids=["two-metrics", "onlink"],
+    ids=["two-metrics", "onlink", "linkdown"],
 )  # fmt: skip
 def test_agent_puts_back_default_routes_as_they_were(
     sim: Simulator, routes: list[str], expected: list[str]

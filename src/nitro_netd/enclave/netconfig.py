@@ -39,6 +39,9 @@ TXQUEUELEN: Final = 10000
 """The TAP drops instead of pushing back: its queue is the only buffer (PERF-NOTES.md)."""
 PROC_SYS: Final = "/proc/sys"
 MAIN_TABLE: Final = 254
+_SETTABLE_ROUTE_FLAGS: Final = 0x2 | 0x4
+"""RTNH_F_PERVASIVE | RTNH_F_ONLINK: the route flags one may set (DEAD and LINKDOWN are
+the kernel's, and refused when given)."""
 
 logger = logging.getLogger("nitro_netd.enclave")
 
@@ -245,7 +248,7 @@ def _default_route(msg: Any) -> DefaultRoute:
         proto=int(msg["proto"]),
         scope=int(msg["scope"]),
         type=int(msg["type"]),
-        flags=int(msg["flags"]),
+        flags=int(msg["flags"]) & _SETTABLE_ROUTE_FLAGS,
         prefsrc=msg.get_attr("RTA_PREFSRC"),
         multipath=msg.get_attr("RTA_MULTIPATH") is not None,
     )
