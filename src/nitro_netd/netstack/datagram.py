@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Hashable, MutableMapping
+from collections.abc import Hashable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
-from typing import Any, Final, Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 from nitro_netd.frames.errors import DropReason
 from nitro_netd.frames.ipv4 import IpProto
@@ -28,20 +28,6 @@ logger = logging.getLogger(__name__)
 
 UDP_OVERHEAD: Final = 28
 """IPv4 and UDP headers around a UDP payload."""
-
-
-class FlowLogger(logging.LoggerAdapter[logging.Logger]):
-    """Prefixes every line with the flow, e.g. `[udp 192.168.127.2:5353→198.18.0.2:53]`."""
-
-    def process(
-        self, msg: Any, kwargs: MutableMapping[str, Any]
-    ) -> tuple[Any, MutableMapping[str, Any]]:
-        return f"[{self.extra['flow'] if self.extra else '?'}] {msg}", kwargs
-
-
-def flow_logger(logger: logging.Logger, name: str) -> FlowLogger:
-    """A logger adapter for the flow called `name`."""
-    return FlowLogger(logger, {"flow": name})
 
 
 class FlowBudget:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nitro_netd.frames.errors import DropReason, FrameError
-from nitro_netd.netstack.datagram import FlowBudget, FlowLogger, flow_logger, send_udp
+from nitro_netd.netstack.datagram import FlowBudget, send_udp
 from nitro_netd.netstack.dns import (
     DNS_PORT,
     DnsQuery,
@@ -43,6 +43,7 @@ from nitro_netd.netstack.events import (
     UdpInbound,
     UdpSend,
 )
+from nitro_netd.netstack.flowlog import FlowLogger, flow_logger
 from nitro_netd.netstack.output import StackOutput
 
 logger = logging.getLogger(__name__)

@@ -31,11 +31,10 @@ from nitro_netd.frames.ipv4 import IpProto, IPv4Header, build_ipv4_header
 from nitro_netd.netstack.datagram import (
     DatagramFlow,
     FlowBudget,
-    FlowLogger,
     IdleTable,
-    flow_logger,
 )
 from nitro_netd.netstack.events import HostEvent, PingClose, PingFailed, PingReply, PingSend
+from nitro_netd.netstack.flowlog import FlowLogger, flow_logger
 from nitro_netd.netstack.nat import nat_from_enclave
 from nitro_netd.netstack.output import StackOutput
 

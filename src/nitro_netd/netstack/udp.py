@@ -32,9 +32,7 @@ from nitro_netd.frames.udp import UdpHeader, parse_udp
 from nitro_netd.netstack.datagram import (
     DatagramFlow,
     FlowBudget,
-    FlowLogger,
     IdleTable,
-    flow_logger,
     send_udp,
 )
 from nitro_netd.netstack.dns import DNS_PORT
@@ -49,6 +47,7 @@ from nitro_netd.netstack.events import (
     UdpReply,
     UdpSend,
 )
+from nitro_netd.netstack.flowlog import FlowLogger, flow_logger
 from nitro_netd.netstack.icmp import UNREACHABLE_FOR_ERRNO, build_unreachable
 from nitro_netd.netstack.nat import nat_from_enclave, nat_from_host
 from nitro_netd.netstack.output import StackOutput

@@ -64,6 +64,7 @@ from nitro_netd.netstack.events import (
     TcpSend,
     TcpShutdown,
 )
+from nitro_netd.netstack.flowlog import FlowLogger
 from nitro_netd.netstack.output import StackOutput
 from nitro_netd.netstack.spans import HostSpan
 from nitro_netd.netstack.tcp.segments import SegmentBuilder
@@ -116,23 +117,6 @@ def window_scale_for(buffer: int) -> int:
     return shift
 
 
-class FlowLog(logging.LoggerAdapter[logging.Logger]):
-    """Prefixes every line with the flow, e.g. `[tcp 192.168.127.2:41234→198.18.0.2:80]`.
-
-    The prefix is made when the flow logs its first line: most flows log none (at the
-    default level), and formatting addresses for each would cost every connection."""
-
-    def __init__(self, logger: logging.Logger, describe: Callable[[], str]) -> None:
-        super().__init__(logger)
-        self._describe = describe
-        self._prefix: str | None = None
-
-    def process(self, msg: object, kwargs: object) -> tuple[str, object]:  # type: ignore[override]
-        if self._prefix is None:
-            self._prefix = self._describe()
-        return f"[{self._prefix}] {msg}", kwargs
-
-
 class TcpConnection:
     """The state of one flow. See the module docstring for the theory of operation."""
 
@@ -153,7 +137,7 @@ class TcpConnection:
         self.output = output
         self.builder = builder
         self.state = TcpState.CONNECTING
-        self.log = FlowLog(logger, self._describe)
+        self.log = FlowLogger(logger, self._describe)
         self._on_timer_change = on_timer_change
         self.buffer = buffer
         self.our_mss = mss
