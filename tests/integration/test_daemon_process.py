@@ -16,6 +16,7 @@ import termios
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,6 +41,13 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def stop_cleanly(daemon: subprocess.Popen[Any]) -> None:
+    """The daemon still runs, and SIGTERM stops it with status 0."""
+    assert daemon.poll() is None, f"the daemon died: {daemon.returncode}"
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(TIMEOUT) == 0
 
 
 class Workdir:
@@ -307,9 +315,7 @@ def signal_while_starting(work: Workdir, signum: signal.Signals) -> None:
         daemon.send_signal(signum)
         go.touch()
         wait_until(work.control.exists, "daemon ready")
-        assert daemon.poll() is None, f"the daemon died: {daemon.returncode}"
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(TIMEOUT) == 0
+        stop_cleanly(daemon)
     finally:
         daemon.kill()
         daemon.wait()
@@ -373,8 +379,7 @@ def test_sighup_reopens_a_foreground_log_file_after_logrotate(work: Workdir) -> 
     try:
         wait_for_text(log, "ready")
         rotated = rotate_and_hup(log, daemon.pid)
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(TIMEOUT) == 0
+        stop_cleanly(daemon)
     finally:
         daemon.kill()
         daemon.wait()
@@ -391,9 +396,7 @@ def test_sighup_when_logging_to_stderr_says_there_is_nothing_to_reopen(work: Wor
         wait_for_text(stderr, "ready")
         daemon.send_signal(signal.SIGHUP)
         wait_for_text(stderr, "SIGHUP: logging to stderr, nothing to reopen")
-        assert daemon.poll() is None, f"the daemon died: {daemon.returncode}"
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(TIMEOUT) == 0
+        stop_cleanly(daemon)
     finally:
         daemon.kill()
         daemon.wait()

@@ -8,6 +8,7 @@ virtio-net headers both ways) and ``TUNSETOFFLOAD`` is replaced by a recorder.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -762,6 +763,16 @@ GIANT = b"\x5b" * (9000 + 14)
 """A frame of a TAP at a larger MTU: a parent at MTU 1500 would close the link for it."""
 
 
+@contextlib.contextmanager
+def link_from_a_parent_at_mtu_1500(parent: FakeParent, rig: AgentRig) -> Iterator[socket.socket]:
+    """The next link of `rig`'s agent, from a parent stating MTU 1500, once it is up."""
+    with parent.accept() as conn:
+        read_request(conn)
+        conn.sendall(MTU_1500_REPLY)
+        wait_for(lambda: rig.link_ups, "link up")
+        yield conn
+
+
 def mtu_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage()
@@ -779,10 +790,7 @@ def test_agent_tap_takes_the_mtu_the_parent_states_and_its_own_again_for_a_stock
     tunsetmtu = FakeMtu()
     rig = make_agent(reply_wait=0.2, set_mtu=tunsetmtu)
     for _ in range(2):  # the same parent twice: the MTU is already right, no second warning
-        with parent.accept() as conn:
-            read_request(conn)
-            conn.sendall(MTU_1500_REPLY)
-            wait_for(lambda: rig.link_ups, "link up")
+        with link_from_a_parent_at_mtu_1500(parent, rig) as conn:
             # The pump reads at most the link's MTU: a giant still queued in the TAP from
             # before the change is dropped there, and the link carries on.
             rig.tap.send(GIANT)
@@ -807,10 +815,7 @@ def test_agent_tap_keeps_its_mtu_for_a_parent_stating_the_same(
 ) -> None:
     tunsetmtu = FakeMtu()
     rig = make_agent(reply_wait=30.0, set_mtu=tunsetmtu, mtu=1500)
-    with parent.accept() as conn:
-        read_request(conn)
-        conn.sendall(MTU_1500_REPLY)
-        wait_for(lambda: rig.link_ups, "link up")
+    with link_from_a_parent_at_mtu_1500(parent, rig) as conn:
         rig.tap.send(ETHERNET_1500)
         assert read_frames(conn, LinkProtocol.GVPROXY, 1) == [ETHERNET_1500]
     assert tunsetmtu.calls == []
@@ -821,10 +826,7 @@ def test_agent_tap_refusing_the_parents_mtu_drops_larger_frames_and_keeps_the_li
     parent: FakeParent, make_agent: Callable[..., AgentRig], caplog: pytest.LogCaptureFixture
 ) -> None:
     rig = make_agent(reply_wait=30.0, set_mtu=FakeMtu(refuse=True))
-    with parent.accept() as conn:
-        read_request(conn)
-        conn.sendall(MTU_1500_REPLY)
-        wait_for(lambda: rig.link_ups, "link up")
+    with link_from_a_parent_at_mtu_1500(parent, rig) as conn:
         rig.tap.send(GIANT)
         rig.tap.send(ETHERNET_1500)
         assert read_frames(conn, LinkProtocol.GVPROXY, 1) == [ETHERNET_1500]

@@ -95,12 +95,20 @@ def test_a_failed_nitro_cli_run_is_summed_up_by_its_error_code_line() -> None:
     assert summarize_stderr("") == "no output"
 
 
+def watcher_on_a_fake_clock(
+    caplog: pytest.LogCaptureFixture,
+) -> tuple[EnclaveWatcher, list[float]]:
+    """A watcher of enclave "app" whose clock reads `now[0]` (the test moves it), its log
+    captured."""
+    now = [1000.0]
+    caplog.set_level(logging.INFO, logger="nitro_netd.parent.enclave_watch")
+    return EnclaveWatcher("app", "/bin/false", clock=lambda: now[0]), now
+
+
 def test_a_failing_nitro_cli_is_warned_about_when_it_starts_then_every_10_minutes(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    now = [1000.0]
-    watcher = EnclaveWatcher("app", "/bin/false", clock=lambda: now[0])
-    caplog.set_level(logging.INFO, logger="nitro_netd.parent.enclave_watch")
+    watcher, now = watcher_on_a_fake_clock(caplog)
     for poll in range(200):  # polled every 3 s: 10 minutes
         watcher.failed(f"nitro-cli exited 1: [ E39 ] failure {poll}")
         now[0] += FAILURE_WARNING_INTERVAL / 200
@@ -124,9 +132,7 @@ def test_a_failing_nitro_cli_is_warned_about_when_it_starts_then_every_10_minute
 def test_a_nitro_cli_failing_and_working_by_turns_is_warned_about_once_per_10_minutes(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    now = [1000.0]
-    watcher = EnclaveWatcher("app", "/bin/false", clock=lambda: now[0])
-    caplog.set_level(logging.INFO, logger="nitro_netd.parent.enclave_watch")
+    watcher, now = watcher_on_a_fake_clock(caplog)
     for _ in range(100):  # every other poll fails: 10 minutes
         watcher.failed("nitro-cli exited 1: [ E39 ] busy")
         now[0] += 3
