@@ -49,6 +49,7 @@ from nitro_netd.sim import (
     host_problem,
 )
 from nitro_netd.sim.host import ip
+from nitro_netd.sim.topology import spread_flows
 
 BENCH_DIR: Final = Path(__file__).resolve().parent
 NETTOOL: Final = str(BENCH_DIR / "nettool.py")
@@ -190,8 +191,12 @@ def start_kernel(sim: Simulator) -> Session:
     ip("-n", enclave, "route", "add", "default", "via", GATEWAY_ADDRESS)
     ip("-n", parent, "addr", "add", f"{GATEWAY_ADDRESS}/24", "dev", "enc0")
     ip("-n", parent, "link", "set", "enc0", "up")
-    checked(sim.run("parent", ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]), "ip_forward")
     session = Session()
+    for netns, device in ((enclave, "eth0"), (parent, "enc0")):  # as the world's veth has
+        problem = spread_flows(netns, device)
+        if problem is not None:
+            session.notes.append(problem)
+    checked(sim.run("parent", ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]), "ip_forward")
     if shutil.which("nft"):
         ruleset = (
             "table ip nndbench {\n"
@@ -282,7 +287,7 @@ def build_peers(names: Sequence[str], mtus: Sequence[int]) -> tuple[list[Peer], 
             peers.append(
                 Peer(
                     "kernel",
-                    "veth enclave⇄parent (MTU 1500, GSO/GRO), kernel forwarding + nft masquerade",
+                    "veth enclave⇄parent (MTU 1500, GSO/GRO, RPS), kernel forwarding + nft masquerade",
                     start_kernel,
                 )
             )
@@ -940,9 +945,19 @@ def machine_info() -> dict[str, str]:
         "python": platform.python_version(),
         "iperf3": version(["iperf3", "--version"]),
         "passt": passt_version,
+        "tcp_congestion_control": congestion_control(),
         "source": source_version(),
         "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
+
+
+def congestion_control() -> str:
+    """The machine's default TCP congestion control (every sender in the simulator uses it:
+    a namespace inherits it)."""
+    try:
+        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    except OSError:
+        return "unknown"
 
 
 def source_version() -> str:
@@ -997,6 +1012,7 @@ def render_markdown(
         f"- machine: {meta['machine']['nproc']} cores ({meta['machine']['cpu']}), "
         f"kernel {meta['machine']['kernel']}, Python {meta['machine']['python']}, "
         f"{meta['machine']['iperf3']}, passt {meta['machine']['passt']}, "
+        f"TCP congestion control {meta['machine'].get('tcp_congestion_control', '?')}, "
         f"load average before {meta['machine']['load_before']}",
         f"- runs per figure: {settings.runs} (interleaved: every peer once per run, order "
         f"rotated); iperf3 -t {settings.seconds}; {settings.rr_rounds} round trips; "
@@ -1025,6 +1041,10 @@ def render_markdown(
         "",
         "- All processes share the machine's 2 cores: iperf3 client and server, the parent "
         "engine and the agent's two pump processes compete for them.",
+        "- The world's veth, and the kernel peer's, spreads flows over the CPUs by hash "
+        "(RPS), as a real NIC does: without it a sender moving between the 2 CPUs had its "
+        "packets reordered, and retransmitted spuriously (hundreds of times per 1-stream "
+        "run).",
         "- Latency: a Python client/server (bench/nettool.py) doing 1-byte round trips over one "
         "TCP connection with TCP_NODELAY, because sockperf is not packaged in Debian 12; the "
         "Python overhead is included and is the same for every peer.",
