@@ -66,17 +66,6 @@ def test_simulator_connects_parent_to_world_and_leaves_enclave_bare(sim: Simulat
     assert sim.link_url == f"unix://{sim.workdir}/link.sock"
 
 
-def test_simulator_veth_keeps_each_flow_on_one_cpu_at_both_ends(sim: Simulator) -> None:
-    script = "cat /sys/class/net/eth0/queues/rx-*/rps_cpus"
-    masks = {
-        role: sim.run(role, ["sh", "-c", script]).stdout.split() for role in ("parent", "world")
-    }
-
-    for role, found in masks.items():
-        assert found, f"{role}: no receive queue"
-        assert all(int(mask.replace(",", ""), 16) for mask in found), f"{role}: RPS off {found}"
-
-
 def test_simulator_cleanup_removes_namespaces_and_processes() -> None:
     with Simulator() as sim:
         pids = _start_sleepers(sim)

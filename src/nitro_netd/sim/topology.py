@@ -6,9 +6,6 @@
                       default via 198.18.0.2
 ```
 
-Each end of the veth spreads received flows over the CPUs by flow hash (RPS), as a real
-NIC's receive-side scaling does, so no flow is reordered on its way (`spread_flows`).
-
 Addresses come from the benchmarking range 198.18.0.0/15 (RFC 2544), so nothing in the
 simulator can be mistaken for, or leak towards, a real outside address. Every namespace has
 its own `/etc/netns/NAME/{resolv.conf,hosts}`, which `ip netns exec` bind-mounts over the
@@ -18,7 +15,6 @@ machine's files: the machine's `/etc/resolv.conf` is never written.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import signal
@@ -56,8 +52,6 @@ RESOLV_CONF: Final = {
 }
 STOP_GRACE_SECONDS: Final = 3.0
 
-logger = logging.getLogger(__name__)
-
 
 def build(state: SimState) -> None:
     """Create the namespaces, their /etc files, the veth pair, addresses and routes.
@@ -76,48 +70,7 @@ def build(state: SimState) -> None:
     for netns, address in ((parent, PARENT_ADDRESS), (world, WORLD_ADDRESS)):
         ip("-n", netns, "addr", "add", f"{address}/{PREFIX_LENGTH}", "dev", "eth0")
         ip("-n", netns, "link", "set", "eth0", "up")
-        problem = spread_flows(netns, "eth0")
-        if problem is not None:
-            logger.warning("%s (flows between parent and world may be reordered)", problem)
     ip("-n", parent, "route", "add", "default", "via", WORLD_ADDRESS)
-
-
-def spread_flows(netns: str, device: str) -> str | None:
-    """Give each flow received on a veth one CPU, chosen by its hash (RPS over every CPU).
-
-    A veth otherwise hands each packet to the CPU its sender is running on. A sender that
-    moves to the other CPU mid-stream, as one does on a busy 2-core machine, has its
-    packets taken in by two CPUs at once and overtaking each other. Its peer's duplicate
-    ACKs then bring spurious retransmissions: 500-1,900 per 5 s of one iperf3 stream from
-    the world, each halving a cubic sender's window (a fifth of its speed). A real NIC
-    keeps a flow on one queue (receive-side scaling), so it is not reordered.
-
-    Returns:
-        None, or why it could not be done (only performance suffers: callers warn).
-    """
-    mask = rps_mask(os.cpu_count() or 1)
-    script = f"for q in /sys/class/net/{device}/queues/rx-*/rps_cpus; do echo {mask} > $q; done"
-    proc = subprocess.run(
-        ["ip", "netns", "exec", netns, "sh", "-ec", script],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        detail = proc.stderr.strip() or f"exit status {proc.returncode}"
-        return f"cannot spread {device}'s flows over the CPUs in {netns}: {detail}"
-    return None
-
-
-def rps_mask(cpus: int) -> str:
-    """The CPU mask `rps_cpus` takes for CPUs 0 to `cpus` - 1: hex, in comma-separated
-    32-bit groups, the most significant first."""
-    mask = (1 << cpus) - 1
-    groups = [f"{mask & 0xFFFFFFFF:x}"]
-    while mask := mask >> 32:
-        groups[-1] = groups[-1].zfill(8)
-        groups.append(f"{mask & 0xFFFFFFFF:x}")
-    return ",".join(reversed(groups))
 
 
 def _write_etc(netns: str, role: Role) -> None:
