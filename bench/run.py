@@ -1040,7 +1040,7 @@ def render_markdown(
         "moving between the 2 CPUs has its packets reordered, and retransmits spuriously "
         "(hundreds of times per 1-stream world→enclave run, for every peer; a cubic sender "
         "loses more speed to that than a bbr one). Spreading flows by hash (RPS) prevents "
-        "it, but cost every peer more here (up to a third) than the reordering does.",
+        "it, but cost every peer more here (up to half) than the reordering does.",
         "- Latency: a Python client/server (bench/nettool.py) doing 1-byte round trips over one "
         "TCP connection with TCP_NODELAY, because sockperf is not packaged in Debian 12; the "
         "Python overhead is included and is the same for every peer.",
