@@ -756,7 +756,6 @@ def test_agent_a_failed_fork_is_a_failed_session_and_retries(
 
 # --- the MTU the parent states --------------------------------------------------------
 
-MTU_1500_REPLY = build_connect_reply({HEADER_MTU: "1500"})
 ETHERNET_1500 = b"\x5a" * (1500 + 14)
 """The largest frame a parent at MTU 1500 takes without segmentation offload."""
 GIANT = b"\x5b" * (9000 + 14)
@@ -764,11 +763,13 @@ GIANT = b"\x5b" * (9000 + 14)
 
 
 @contextlib.contextmanager
-def link_from_a_parent_at_mtu_1500(parent: FakeParent, rig: AgentRig) -> Iterator[socket.socket]:
-    """The next link of `rig`'s agent, from a parent stating MTU 1500, once it is up."""
+def link_from_a_parent_stating(
+    parent: FakeParent, rig: AgentRig, mtu: str = "1500"
+) -> Iterator[socket.socket]:
+    """The next link of `rig`'s agent, from a parent stating `mtu`, once it is up."""
     with parent.accept() as conn:
         read_request(conn)
-        conn.sendall(MTU_1500_REPLY)
+        conn.sendall(build_connect_reply({HEADER_MTU: mtu}))
         wait_for(lambda: rig.link_ups, "link up")
         yield conn
 
@@ -790,7 +791,7 @@ def test_agent_tap_takes_the_mtu_the_parent_states_and_its_own_again_for_a_stock
     tunsetmtu = FakeMtu()
     rig = make_agent(reply_wait=0.2, set_mtu=tunsetmtu)
     for _ in range(2):  # the same parent twice: the MTU is already right, no second warning
-        with link_from_a_parent_at_mtu_1500(parent, rig) as conn:
+        with link_from_a_parent_stating(parent, rig) as conn:
             # The pump reads at most the link's MTU: a giant still queued in the TAP from
             # before the change is dropped there, and the link carries on.
             rig.tap.send(GIANT)
@@ -815,7 +816,7 @@ def test_agent_tap_keeps_its_mtu_for_a_parent_stating_the_same(
 ) -> None:
     tunsetmtu = FakeMtu()
     rig = make_agent(reply_wait=30.0, set_mtu=tunsetmtu, mtu=1500)
-    with link_from_a_parent_at_mtu_1500(parent, rig) as conn:
+    with link_from_a_parent_stating(parent, rig) as conn:
         rig.tap.send(ETHERNET_1500)
         assert read_frames(conn, LinkProtocol.GVPROXY, 1) == [ETHERNET_1500]
     assert tunsetmtu.calls == []
@@ -826,7 +827,7 @@ def test_agent_tap_refusing_the_parents_mtu_drops_larger_frames_and_keeps_the_li
     parent: FakeParent, make_agent: Callable[..., AgentRig], caplog: pytest.LogCaptureFixture
 ) -> None:
     rig = make_agent(reply_wait=30.0, set_mtu=FakeMtu(refuse=True))
-    with link_from_a_parent_at_mtu_1500(parent, rig) as conn:
+    with link_from_a_parent_stating(parent, rig) as conn:
         rig.tap.send(GIANT)
         rig.tap.send(ETHERNET_1500)
         assert read_frames(conn, LinkProtocol.GVPROXY, 1) == [ETHERNET_1500]
@@ -846,10 +847,7 @@ def test_agent_tap_refusing_to_go_back_below_a_parents_larger_mtu_is_warned_abou
     tunsetmtu = FakeMtu()
     rig = make_agent(reply_wait=30.0, set_mtu=tunsetmtu, mtu=1500)
     for stated in ("9000", "1500"):
-        with parent.accept() as conn:
-            read_request(conn)
-            conn.sendall(build_connect_reply({HEADER_MTU: stated}))
-            wait_for(lambda: rig.link_ups, "link up")
+        with link_from_a_parent_stating(parent, rig, stated):
             rig.link_ups.clear()
             tunsetmtu.refuse = True
     assert tunsetmtu.calls == [9000, 1500]
@@ -868,10 +866,7 @@ def test_agent_tap_refusing_an_mtu_it_took_before_is_warned_about_again(
     tunsetmtu = FakeMtu()
     rig = make_agent(reply_wait=30.0, set_mtu=tunsetmtu, mtu=1500)
     for stated in ("4000", "9000", "4000"):
-        with parent.accept() as conn:
-            read_request(conn)
-            conn.sendall(build_connect_reply({HEADER_MTU: stated}))
-            wait_for(lambda: rig.link_ups, "link up")
+        with link_from_a_parent_stating(parent, rig, stated):
             rig.link_ups.clear()
             tunsetmtu.refuse = stated == "9000"  # (from the third link on)
     assert tunsetmtu.calls == [4000, 9000, 4000]
@@ -886,10 +881,7 @@ def test_agent_tap_keeps_its_own_mtu_when_the_parent_states_an_unusable_one(
 ) -> None:
     tunsetmtu = FakeMtu()
     rig = make_agent(reply_wait=30.0, set_mtu=tunsetmtu)
-    with parent.accept() as conn:
-        read_request(conn)
-        conn.sendall(build_connect_reply({HEADER_MTU: "70000"}))
-        wait_for(lambda: rig.link_ups, "link up")
+    with link_from_a_parent_stating(parent, rig, "70000") as conn:
         rig.tap.send(GIANT)
         assert read_frames(conn, LinkProtocol.GVPROXY, 1) == [GIANT]
     assert tunsetmtu.calls == []
