@@ -94,6 +94,10 @@ METRICS: Final = (
     Metric("tcp_down_1", "TCP world→enclave (-R), 1 stream", "Gbit/s", True, "throughput"),
     Metric("tcp_up_8", "TCP enclave→world, 8 streams", "Gbit/s", True, "throughput"),
     Metric("tcp_down_8", "TCP world→enclave (-R), 8 streams", "Gbit/s", True, "throughput"),
+    Metric("tcp_up_1_late", "TCP enclave→world, 1 stream, after 1 s", "Gbit/s", True, "late"),
+    Metric("tcp_down_1_late", "TCP world→enclave, 1 stream, after 1 s", "Gbit/s", True, "late"),
+    Metric("tcp_up_8_late", "TCP enclave→world, 8 streams, after 1 s", "Gbit/s", True, "late"),
+    Metric("tcp_down_8_late", "TCP world→enclave, 8 streams, after 1 s", "Gbit/s", True, "late"),
     Metric("rr_p50_us", "TCP 1-byte round trip p50", "µs", False, "latency"),
     Metric("rr_p99_us", "TCP 1-byte round trip p99", "µs", False, "latency"),
     Metric("crr_per_s", "TCP connect+round trip+close", "conn/s", True, "connections"),
@@ -530,6 +534,20 @@ class Context:
 # -- workloads ----------------------------------------------------------------------------
 
 
+LATE_AFTER_S: Final = 1.0
+"""The `_late` figures leave out the first second: how a peer ramps up with eight new flows
+(its first second) is kept apart from the rate it then holds."""
+
+
+def rate_after(intervals: list[dict[str, Any]], skip_s: float) -> float | None:
+    """Gbit/s over iperf3's intervals that start `skip_s` seconds in or later; None if none."""
+    late = [i["sum"] for i in intervals if i["sum"]["start"] >= skip_s - 1e-3]
+    seconds = sum(i["seconds"] for i in late)
+    if not late or seconds <= 0:
+        return None
+    return sum(i["bytes"] for i in late) * 8 / seconds / 1e9
+
+
 def workload_tcp(ctx: Context, metrics: dict[str, float], errors: dict[str, str]) -> None:
     for streams in (1, 8):
         for direction, extra in (("up", []), ("down", ["-R"])):
@@ -551,6 +569,9 @@ def workload_tcp(ctx: Context, metrics: dict[str, float], errors: dict[str, str]
             }
             received = report["end"]["sum_received"]
             metrics[key] = received["bits_per_second"] / 1e9
+            late = rate_after(report.get("intervals", []), LATE_AFTER_S)
+            if late is not None:
+                metrics[f"{key}_late"] = late
             gigabytes = received["bytes"] / 1e9
             if streams == 1 and gigabytes > 0:
                 if daemon0 is not None and daemon1 is not None:
@@ -848,6 +869,13 @@ def targets(
                     f"{peer} {what} 8 streams {fmt(eight.median)} vs 1 stream "
                     f"{fmt(one.median)} Gbit/s"
                 )
+                late_one = get(peer, f"tcp_{direction}_1_late")
+                late_eight = get(peer, f"tcp_{direction}_8_late")
+                if late_one is not None and late_eight is not None:
+                    text += (
+                        f" (after the first second {fmt(late_eight.median)} vs "
+                        f"{fmt(late_one.median)})"
+                    )
                 verdicts.append((eight.median >= one.median, text))
     out.append(line("8 parallel streams no slower in sum than one", verdicts))
     # 4. latency added over the kernel path, against passt's.
