@@ -536,7 +536,9 @@ class Context:
 
 LATE_AFTER_S: Final = 1.0
 """The `_late` figures leave out the first second: how a peer ramps up with eight new flows
-(its first second) is kept apart from the rate it then holds."""
+(its first second) is kept apart from the rate it then holds. They come from the client's
+intervals, which count what the enclave received world→enclave (-R) but what it sent
+enclave→world (the whole-run figures are the receiver's in both directions)."""
 
 
 def rate_after(intervals: list[dict[str, Any]], skip_s: float) -> float | None:
