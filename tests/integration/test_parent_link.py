@@ -28,6 +28,7 @@ from nitro_netd.link import (
 from nitro_netd.netstack import StackConfig
 from nitro_netd.parent.bridge import MAX_PENDING_LINKS, Bridge, LinkFlapping
 from nitro_netd.parent.session import not_live_log
+from nitro_netd.transport import tune_link_socket
 from tests.support.fake_enclave import FakeEnclave
 from tests.support.link_agent import running_daemon
 
@@ -101,6 +102,55 @@ async def test_ping_gateway_over_link(tmp_path: Path, protocol: LinkProtocol) ->
     async with running_daemon(path):
         agent = await Agent.connect(path, protocol)
         await ping_roundtrip(agent)
+        agent.close()
+
+
+def _accepted_link_sockets(path: Path) -> list[socket.socket]:
+    """This process's connected unix sockets bound to `path`: dups of the in-process
+    daemon's accepted link socket (its transport's and its writer's descriptors; the caller
+    closes them)."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue
+        if (
+            sock.family == socket.AF_UNIX
+            and sock.getsockname() == str(path)
+            and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        ):
+            found.append(sock)
+        else:
+            sock.close()
+    return found
+
+
+@pytest.mark.parametrize("protocol", list(LinkProtocol))
+async def test_accepted_unix_link_gets_the_link_socket_buffers(
+    tmp_path: Path, protocol: LinkProtocol
+) -> None:
+    """An accepted unix socket does not inherit its listener's buffer sizes: the daemon's
+    sends to the agent were capped at the system default (208 KiB) until it set them."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as plain:
+        default = plain.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        tune_link_socket(plain)
+        tuned = plain.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    if tuned <= default:
+        pytest.skip("socket buffers cannot be raised here (not root, net.core.wmem_max low)")
+    path = tmp_path / "link.sock"
+    async with running_daemon(path):
+        agent = await Agent.connect(path, protocol)
+        await ping_roundtrip(agent)  # the link is up
+        accepted = _accepted_link_sockets(path)
+        try:
+            assert accepted
+            assert {sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) for sock in accepted} == {
+                tuned
+            }
+        finally:
+            for sock in accepted:
+                sock.close()
         agent.close()
 
 

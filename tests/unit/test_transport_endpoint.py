@@ -12,10 +12,15 @@ import pytest
 from nitro_netd.cli import parent as parent_cli
 from nitro_netd.transport import EndpointError, Scheme, parse_endpoint
 from nitro_netd.transport.endpoint import (
+    AF_VSOCK,
+    LINK_BUFFER_BYTES,
     MAX_UNIX_PATH,
     NO_VSOCK_ENV,
+    SO_RCVBUFFORCE,
+    SO_SNDBUFFORCE,
     connect,
     open_listener,
+    tune_accepted_link_socket,
 )
 
 
@@ -70,3 +75,29 @@ def test_the_suite_forbids_vsock_for_itself_and_what_it_starts(
         open_listener(parse_endpoint("vsock://:1024"))
     assert info.value.errno == errno.EPERM
     assert opened == []
+
+
+class RecordingSocket:
+    """A stand-in socket that records the options set on it."""
+
+    def __init__(self, family: int) -> None:
+        self.family = family
+        self.options: list[tuple[int, int, int]] = []
+
+    def setsockopt(self, level: int, optname: int, value: int, /) -> None:
+        self.options.append((level, optname, value))
+
+
+def test_an_accepted_unix_link_socket_gets_the_link_buffers() -> None:
+    sock = RecordingSocket(socket.AF_UNIX)
+    tune_accepted_link_socket(sock)
+    assert sock.options == [
+        (socket.SOL_SOCKET, SO_SNDBUFFORCE, LINK_BUFFER_BYTES),
+        (socket.SOL_SOCKET, SO_RCVBUFFORCE, LINK_BUFFER_BYTES),
+    ]
+
+
+def test_an_accepted_vsock_link_socket_keeps_what_it_inherited() -> None:
+    sock = RecordingSocket(AF_VSOCK)
+    tune_accepted_link_socket(sock)
+    assert sock.options == []

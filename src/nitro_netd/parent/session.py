@@ -48,6 +48,7 @@ from nitro_netd.link import (
 from nitro_netd.netstack.output import Frame
 from nitro_netd.parent.host import ThrottledWarning
 from nitro_netd.parent.link_writer import LinkWriter
+from nitro_netd.transport import tune_accepted_link_socket
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +219,10 @@ class LinkSession(asyncio.BufferedProtocol):
         assert self.protocol is not None
         assert self.transport is not None
         sock = self.transport.get_extra_info("socket")
+        try:
+            tune_accepted_link_socket(sock)
+        except OSError as exc:
+            logger.warning("link from %s: cannot enlarge its socket buffers: %s", self.peer, exc)
         self._writer = LinkWriter(
             asyncio.get_running_loop(), sock.fileno(), self.protocol, self._on_writable
         )

@@ -10,6 +10,7 @@ from nitro_netd.transport.endpoint import (
     open_listener,
     parse_endpoint,
     peer_cid,
+    tune_accepted_link_socket,
     tune_link_socket,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "open_listener",
     "parse_endpoint",
     "peer_cid",
+    "tune_accepted_link_socket",
     "tune_link_socket",
 ]

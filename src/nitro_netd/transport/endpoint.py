@@ -14,7 +14,7 @@ import os
 import socket
 import stat
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 from urllib.parse import urlsplit
 
 VMADDR_CID_ANY: Final = 0xFFFFFFFF
@@ -117,7 +117,17 @@ def vsock_socket_options(buffer_bytes: int = LINK_BUFFER_BYTES) -> list[tuple[in
     ]
 
 
-def tune_link_socket(sock: socket.socket, buffer_bytes: int = LINK_BUFFER_BYTES) -> None:
+class TunableSocket(Protocol):
+    """What `tune_link_socket` needs of a socket: a `socket.socket`, or the stand-in an
+    asyncio (or uvloop) transport gives for its socket."""
+
+    @property
+    def family(self) -> int: ...
+
+    def setsockopt(self, level: int, optname: int, value: int, /) -> None: ...
+
+
+def tune_link_socket(sock: TunableSocket, buffer_bytes: int = LINK_BUFFER_BYTES) -> None:
     """Give a link socket large buffers (forced past the sysctl caps when we may)."""
     if sock.family == AF_VSOCK:
         for level, option, value in vsock_socket_options(buffer_bytes):
@@ -161,7 +171,7 @@ def open_listener(endpoint: Endpoint, backlog: int = 8) -> socket.socket:
         sock = vsock_socket()
         address = (VMADDR_CID_ANY if endpoint.cid is None else endpoint.cid, endpoint.port)
     try:
-        tune_link_socket(sock)
+        tune_link_socket(sock)  # an accepted vsock socket inherits these; a unix one does not
         sock.bind(address)
         sock.listen(backlog)
     except OSError as exc:
@@ -191,6 +201,20 @@ def _remove_stale_unix_socket(path: str) -> None:
         f"{path} is in use by another listener (another nitro-netd-parent? stop it, or"
         " pass another --listen)",
     )
+
+
+def tune_accepted_link_socket(sock: TunableSocket) -> None:
+    """Give a link socket the daemon accepted the link's buffers, where it did not inherit
+    them from the listener: a unix socket starts with the system defaults (``wmem_default``,
+    208 KiB on most machines), which capped the bytes in flight to the agent and cost every
+    stream to the enclave 10 % in the simulator. An accepted vsock socket already has its
+    listener's sizes and is left alone.
+
+    Raises:
+        OSError: the buffers could not be set.
+    """
+    if sock.family == socket.AF_UNIX:
+        tune_link_socket(sock)
 
 
 def connect(endpoint: Endpoint, timeout: float | None = None) -> socket.socket:
