@@ -80,17 +80,24 @@ def test_tcp_ipv4_enclave_downloads_256_mib_intact(
     assert spliced["bytes"] > 200 * MiB if splice else spliced["bytes"] == 0
 
 
-def test_tcp_ipv4_two_downloads_at_once_copy_and_arrive_intact(
-    sim: Simulator, tmp_path: Path
+@pytest.mark.parametrize("limit", [None, 1], ids=["default", "limit-1"])
+def test_tcp_ipv4_two_downloads_at_once_arrive_intact(
+    sim: Simulator, tmp_path: Path, limit: int | None
 ) -> None:
-    """Splicing is for a lone download: with two at once, the one that began splicing goes
-    back to copying (status counts it) and neither loses, repeats or reorders a byte."""
-    start_bridge(sim, ("--state-dir", str(tmp_path)))
+    """By default two downloads at once both splice. With --splice-flows 1 the one that
+    began splicing goes back to copying (status counts it). Either way neither loses,
+    repeats or reorders a byte."""
+    flags = () if limit is None else ("--splice-flows", str(limit))
+    start_bridge(sim, ("--state-dir", str(tmp_path), *flags))
     outcome = client(sim, "downs", WORLD, PORT, 256 * MiB, 2)
     assert outcome["downloads"] == 2
     spliced = daemon_status(sim, tmp_path)["splice"]
-    assert spliced["flows"] >= 1
-    assert spliced["stopped"] >= 1
+    if limit is None:
+        assert (spliced["flows"], spliced["stopped"]) == (2, 0)
+        assert spliced["bytes"] > 400 * MiB
+    else:
+        assert spliced["flows"] >= 1
+        assert spliced["stopped"] >= 1
 
 
 def daemon_status(sim: Simulator, state_dir: Path) -> dict[str, Any]:

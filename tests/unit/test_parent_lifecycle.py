@@ -10,6 +10,7 @@ import pytest
 
 from nitro_netd.cli.parent import build_config, build_parser
 from nitro_netd.parent.daemon import DaemonConfig
+from nitro_netd.parent.host_tcp import SPLICE_FLOWS
 from nitro_netd.parent.lifecycle import (
     DEFAULT_STATE_ROOT,
     AlreadyRunning,
@@ -125,8 +126,8 @@ def test_bad_busy_poll_windows_are_rejected(value: str, capsys: pytest.CaptureFi
     assert "--busy-poll-us" in capsys.readouterr().err
 
 
-def test_one_bulk_flow_splices_by_default_and_zero_turns_splicing_off() -> None:
-    assert config().splice_flows == 1
+def test_every_bulk_flow_splices_by_default_and_zero_turns_splicing_off() -> None:
+    assert config().splice_flows == SPLICE_FLOWS == 1024
     assert config("--splice-flows", "4").splice_flows == 4
     assert config("--splice-flows", "0").splice_flows == 0
 
@@ -267,3 +268,11 @@ def test_the_open_files_limit_wanted_grows_with_the_exposed_ports() -> None:
     ranged = config("--state-dir", "/tmp/x", "-e", "10000-40000", "-e", "udp:53")
     assert files_wanted(ranged) == files_wanted(none) + 30002
     assert files_wanted(none) > none.stack.max_tcp_flows + none.stack.max_udp_flows
+
+
+def test_the_open_files_limit_wanted_has_room_for_the_pipes_of_splicing_flows() -> None:
+    from nitro_netd.parent.daemon import FILES_PER_SPLICING_FLOW, files_wanted
+
+    spliced = config("--state-dir", "/tmp/x", "--splice-flows", "1000")
+    copied = config("--state-dir", "/tmp/x", "--splice-flows", "0")
+    assert files_wanted(spliced) == files_wanted(copied) + 1000 * FILES_PER_SPLICING_FLOW

@@ -17,6 +17,7 @@ from nitro_netd.parent.busy_poll import MAX_WINDOW as MAX_BUSY_POLL
 from nitro_netd.parent.daemon import DaemonConfig, run
 from nitro_netd.parent.enclave_watch import DEFAULT_POLL
 from nitro_netd.parent.expose import parse_exposes
+from nitro_netd.parent.host_tcp import SPLICE_FLOWS
 from nitro_netd.parent.lifecycle import (
     DAEMON_OUTPUT,
     DEFAULT_NAME,
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--splice-flows",
         type=_splice_flows,
-        default=1,
+        default=SPLICE_FLOWS,
         metavar="N",
         help="at most N bulk flows to the enclave at a time move their bytes into the link by "
         "splice(2) instead of copying them (less daemon CPU per byte; needs the agent's "

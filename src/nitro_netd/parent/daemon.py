@@ -42,7 +42,7 @@ from nitro_netd.parent.control import ControlServer, StatusInputs, status_getter
 from nitro_netd.parent.enclave_watch import DEFAULT_POLL, EnclaveWatcher, PinVerdict, decide_pin
 from nitro_netd.parent.expose import ExposeSpec, TcpExposer, UdpExposer
 from nitro_netd.parent.host_ping import HostPing
-from nitro_netd.parent.host_tcp import READ_SIZE_LARGE, HostTcp, read_size_for
+from nitro_netd.parent.host_tcp import READ_SIZE_LARGE, SPLICE_FLOWS, HostTcp, read_size_for
 from nitro_netd.parent.host_udp import HostUdp
 from nitro_netd.parent.lifecycle import PidLock, Readiness, StatePaths
 from nitro_netd.parent.metrics import MetricsServer
@@ -85,7 +85,7 @@ class DaemonConfig:
     """Serve Prometheus metrics on this address (--metrics-listen)."""
     busy_poll: float = DEFAULT_WINDOW
     """Seconds the loop keeps polling after each burst of work (--busy-poll-us; 0: off)."""
-    splice_flows: int = 1
+    splice_flows: int = SPLICE_FLOWS
     """At most this many bulk flows to the enclave splice their bytes instead of copying
     them at a time (--splice-flows; 0: none)."""
 
@@ -343,13 +343,18 @@ def run(
 
 FILES_SPARE: Final = 256
 """Descriptors beyond one per flow and exposed port: listeners, the link, pipes, logs."""
+FILES_PER_SPLICING_FLOW: Final = 8
+"""A splicing flow's pipes: one for fresh bytes and those keeping unacknowledged ones
+(two to four of 1 MiB each were seen), two descriptors each."""
 
 
 def files_wanted(config: DaemonConfig) -> int:
     """The open-files limit the daemon asks for: a socket per flow (up to the flow
-    limits) and per exposed port (a wide range, 10000-40000, needs as many), plus spare."""
+    limits) and per exposed port (a wide range, 10000-40000, needs as many), the pipes of
+    the flows that may splice at once, plus spare."""
     stack = config.stack
-    return stack.max_tcp_flows + stack.max_udp_flows + len(config.exposes) + FILES_SPARE
+    sockets = stack.max_tcp_flows + stack.max_udp_flows + len(config.exposes)
+    return sockets + config.splice_flows * FILES_PER_SPLICING_FLOW + FILES_SPARE
 
 
 def raise_file_limit(wanted: int) -> int:
