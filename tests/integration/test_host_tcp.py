@@ -300,7 +300,7 @@ async def send_in_rounds(peer: socket.socket, streams: FlowStreams, flow: int, n
 
 
 async def test_a_splicing_flow_goes_back_to_copying_for_good_when_another_turns_bulk() -> None:
-    """Splicing is for a lone download: once a second flow has read `STOP_AFTER` bytes as
+    """Past the limit (one flow here): once a second flow has read `STOP_AFTER` bytes as
     bulk, the splicing one copies from its next read on, for good, and no byte of it is
     lost or reordered across the switch; the second does not splice while both are bulk.
     Once the enclave has acknowledged the first's spans its pipes are closed."""
@@ -471,7 +471,7 @@ async def test_a_stopped_flows_pipes_outlive_a_queued_resend_then_close() -> Non
 
 async def test_settled_bulk_flows_are_counted_until_they_end_or_go_idle() -> None:
     """`settled` counts the bulk flows that read `STOP_AFTER`: a leak would stop every
-    later lone download's splicing beside any short fetch."""
+    later download's splicing, under a limit of one, beside any short fetch."""
     loop = asyncio.get_running_loop()
     side = HostTcp(loop, Events().post)
     clock = FakeClock()

@@ -60,7 +60,7 @@ def test_render_status_table() -> None:
         "  to enclave    12 frames, 2000 bytes",
         "  drops         bad_checksum 2",
         "  busy poll     50 µs windows, 1.250 s awake in 300 windows",
-        "  splice        on for a lone download (at most 1 bulk flows); 4 flows spliced, 2 went back to copying, 123456 bytes so far",
+        "  splice        on (bulk-flow limit 1); 4 flows spliced, 2 went back to copying, 123456 bytes so far",
     ]
 
 

@@ -248,7 +248,7 @@ def _busy_poll_line(busy: dict[str, Any]) -> str:
 
 def _splice_line(splice: dict[str, Any]) -> str:
     if splice["enabled"]:
-        state = f"on for a lone download (at most {splice['limit']} bulk flows)"
+        state = f"on (bulk-flow limit {splice['limit']})"
     else:
         state = "off"
     stopped = f", {splice['stopped']} went back to copying" if splice.get("stopped") else ""
