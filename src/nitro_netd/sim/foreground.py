@@ -30,6 +30,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
+from nitro_netd.sim.host import stat_fields
+
 INTERRUPT_GRACE: Final = 10.0
 """Seconds a command may take to exit after SIGINT before it is killed."""
 SI_KERNEL: Final = 0x80
@@ -145,13 +147,10 @@ def kill_orphans() -> None:
 
 def _children() -> list[int]:
     """This process's children (any thread's), from /proc."""
-    me = os.getpid()
+    me = str(os.getpid())
     children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # gone meanwhile
-        if int(fields[1]) == me:
-            children.append(int(stat.parent.name))
+    for entry in Path("/proc").glob("[0-9]*"):
+        fields = stat_fields(entry.name)
+        if fields is not None and len(fields) > 1 and fields[1] == me:
+            children.append(int(entry.name))
     return children

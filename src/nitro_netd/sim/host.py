@@ -95,11 +95,9 @@ def netns_pids(netns: str) -> list[int]:
     return [int(word) for word in proc.stdout.split() if word.isdigit()]
 
 
-def process_start_time(pid: int) -> int | None:
-    """The start time of a process in clock ticks since boot, or None if it is gone.
-
-    A pid plus its start time names one process for good: pids are reused, start times
-    of the same pid are not.
+def stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name, or None if the process is
+    gone: ``[0]`` is field 3 (the state), ``[1]`` the parent's pid, ``[19]`` the start time.
     """
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
@@ -107,9 +105,18 @@ def process_start_time(pid: int) -> int | None:
     except OSError:
         return None
     # Field 2 (comm) may hold spaces and parentheses: split after the last ')'.
-    fields = text.rsplit(")", 1)[-1].split()
-    # fields[0] is field 3 (state); starttime is field 22.
-    if len(fields) < 20 or fields[0] == "Z":
+    _, paren, rest = text.rpartition(")")
+    return rest.split() if paren else None
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of a process in clock ticks since boot, or None if it is gone.
+
+    A pid plus its start time names one process for good: pids are reused, start times
+    of the same pid are not.
+    """
+    fields = stat_fields(pid)
+    if fields is None or len(fields) < 20 or fields[0] == "Z":
         return None
     return int(fields[19])
 
