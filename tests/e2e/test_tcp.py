@@ -100,6 +100,19 @@ def test_tcp_ipv4_two_downloads_at_once_arrive_intact(
         assert spliced["stopped"] >= 1
 
 
+def test_tcp_ipv4_sixteen_downloads_at_once_all_splice_and_arrive_intact(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """Every bulk flow splices by default: sixteen downloads at once share the link's
+    writer pipe and each its own pipes, and none loses, repeats or reorders a byte."""
+    start_bridge(sim, ("--state-dir", str(tmp_path)))
+    outcome = client(sim, "downs", WORLD, PORT, 32 * MiB, 16)
+    assert outcome["downloads"] == 16
+    spliced = daemon_status(sim, tmp_path)["splice"]
+    assert (spliced["flows"], spliced["stopped"]) == (16, 0)
+    assert spliced["bytes"] > 16 * 24 * MiB
+
+
 def daemon_status(sim: Simulator, state_dir: Path) -> dict[str, Any]:
     """The daemon's `status --json` (it was started with --state-dir `state_dir`)."""
     argv = [sys.executable, "-m", "nitro_netd.cli.status", "--state-dir", str(state_dir), "--json"]
