@@ -112,8 +112,13 @@ def _accepted_link_sockets(path: Path) -> list[socket.socket]:
     found = []
     for name in os.listdir("/proc/self/fd"):
         try:
-            sock = socket.socket(fileno=os.dup(int(name)))
+            fd = os.dup(int(name))
         except OSError:
+            continue  # (the listing's own descriptor, closed by now)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)  # not a socket
             continue
         if (
             sock.family == socket.AF_UNIX

@@ -207,7 +207,7 @@ def tune_accepted_link_socket(sock: TunableSocket) -> None:
     """Give a link socket the daemon accepted the link's buffers, where it did not inherit
     them from the listener: a unix socket starts with the system defaults (``wmem_default``,
     208 KiB on most machines), which capped the bytes in flight to the agent and cost every
-    stream to the enclave 10 % in the simulator. An accepted vsock socket already has its
+    stream to the enclave about 11 % in the simulator. An accepted vsock socket already has its
     listener's sizes and is left alone.
 
     Raises:
