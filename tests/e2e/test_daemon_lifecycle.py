@@ -20,6 +20,7 @@ import pytest
 
 from nitro_netd.parent.lifecycle import read_pid
 from nitro_netd.sim import Simulator
+from nitro_netd.sim.host import is_running
 
 from .helpers import LINK_TIMEOUT, assert_exit, wait_for_log, wait_until
 
@@ -81,7 +82,7 @@ class Daemons:
         """SIGTERM one daemon and wait until it is gone."""
         if self._ours(pid):
             os.kill(pid, signal.SIGTERM)
-        wait_until(self.sim, lambda: not _alive(pid), timeout, f"daemon {pid} exits on SIGTERM")
+        wait_until(self.sim, lambda: not is_running(pid), timeout, f"daemon {pid} exits on SIGTERM")
 
     def stop_all(self) -> None:
         for pid in self.started:
@@ -89,7 +90,7 @@ class Daemons:
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
         for pid in self.started:
-            while _alive(pid) and time.monotonic() < deadline:
+            while is_running(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             if self._ours(pid):
                 os.kill(pid, signal.SIGKILL)
@@ -100,16 +101,7 @@ class Daemons:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             return False
-        return str(self.state_dir).encode() in cmdline and _alive(pid)
-
-
-def _alive(pid: int) -> bool:
-    """Running, and not a zombie waiting for its reaper."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
+        return str(self.state_dir).encode() in cmdline and is_running(pid)
 
 
 @pytest.fixture
@@ -268,7 +260,7 @@ def test_exit_with_enclave_follows_fake_nitro_cli(sim: Simulator, daemons: Daemo
 
     enclaves.write_text("[]")
 
-    wait_until(sim, lambda: not _alive(pid), 10, "daemon exits once the enclave is gone")
+    wait_until(sim, lambda: not is_running(pid), 10, "daemon exits once the enclave is gone")
     assert not daemons.pidfile().exists()
     assert not daemons.control().exists()
     assert not sim.link_path.exists()

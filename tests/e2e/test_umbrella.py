@@ -16,9 +16,10 @@ import pytest
 from nitro_netd.cli.umbrella import main
 from nitro_netd.sim import GATEWAY_ADDRESS, Simulator, destroy, load_state
 from nitro_netd.sim.foreground import INTERRUPT_GRACE, SI_KERNEL
+from nitro_netd.sim.host import is_running as alive
 from nitro_netd.sim.host import list_netns
 from nitro_netd.sim.state import STATE_DIR
-from tests.support.stubborn import alive, stubborn_argv
+from tests.support.stubborn import stubborn_argv
 
 from .helpers import wait_until
 

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from nitro_netd.parent.lifecycle import read_pid
+from nitro_netd.sim.host import is_running as alive
 from tests.support.ports import free_port
 
 TIMEOUT = 15.0
@@ -33,14 +34,6 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout: float = TIMEOU
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout:g} s")
         time.sleep(0.02)
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def stop_cleanly(daemon: subprocess.Popen[Any]) -> None:

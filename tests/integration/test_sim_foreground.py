@@ -19,7 +19,8 @@ from typing import Final
 
 import pytest
 
-from tests.support.stubborn import alive, stubborn_argv
+from nitro_netd.sim.host import is_running as alive
+from tests.support.stubborn import stubborn_argv
 
 pytestmark = pytest.mark.timeout(60)
 

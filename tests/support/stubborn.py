@@ -18,12 +18,3 @@ wait
 def stubborn_argv(pid_file: Path) -> list[str]:
     """The command, writing its child's pid to `pid_file`."""
     return ["sh", "-c", STARTS_A_STUBBORN_CHILD, "sh", str(pid_file)]
-
-
-def alive(pid: int) -> bool:
-    """True if `pid` runs (a zombie, or no process, counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"

@@ -121,6 +121,12 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+def is_running(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie waiting for its reaper."""
+    fields = stat_fields(pid)
+    return fields is not None and len(fields) > 0 and fields[0] != "Z"
+
+
 def is_alive(pid: int, start_time: int | None) -> bool:
     """True if the process `pid` that started at `start_time` still runs."""
     return start_time is not None and process_start_time(pid) == start_time

@@ -22,7 +22,7 @@ import subprocess
 import time
 from typing import Final
 
-from nitro_netd.sim.host import SimError, ip, is_alive, netns_pids
+from nitro_netd.sim.host import SimError, ip, is_alive, is_running, netns_pids
 from nitro_netd.sim.state import ETC_NETNS, NETNS_NAME, SIM_NAME, Role, SimState
 
 PARENT_ADDRESS: Final = "198.18.0.1"
@@ -148,10 +148,10 @@ def stop_pids(pids: list[int], grace: float = STOP_GRACE_SECONDS) -> None:
     for pid in targets:
         _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_running(pid) for pid in targets):
+    while time.monotonic() < deadline and any(is_running(pid) for pid in targets):
         time.sleep(0.02)
     for pid in targets:
-        if _running(pid):
+        if is_running(pid):
             _signal(pid, signal.SIGKILL)
 
 
@@ -161,12 +161,3 @@ def _signal(pid: int, signum: signal.Signals) -> None:
             os.killpg(pid, signum)
         else:
             os.kill(pid, signum)
-
-
-def _running(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
-            return stat.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
